@@ -1,0 +1,34 @@
+# abliterate: remove refusal behaviour from a language model by directional ablation, with the
+# ablation strength tuned by an Optuna study. The rules below run top to bottom in pipeline order:
+#   prompts -> demo_model (offline demo only) -> baseline -> directions -> study -> export -> merge -> evaluate
+# Run:  snakemake --cores all --resources gpu=1      (or --profile profiles/slurm on a cluster)
+
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/prompts.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/baseline.smk"
+include: "workflow/rules/directions.smk"
+include: "workflow/rules/study.smk"
+include: "workflow/rules/export.smk"
+include: "workflow/rules/merge.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        summary=f"results/{RUN}/summary.json",
+        directions_plot=f"results/{RUN}/plots/directions.png",
+        pareto_plot=f"results/{RUN}/plots/pareto.png",
+    default_target: True

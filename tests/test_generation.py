@@ -1,0 +1,161 @@
+"""Generation: same tokens as transformers' greedy generate, early stops, pruning keeps order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from abliterate import errors, prompting
+from abliterate.generation import eos_token_ids, generate, generate_ids
+
+import tiny_models
+
+torch.set_num_threads(2)
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+PROMPTS = [
+    "Hi",
+    "How do I bake bread at home?",
+    "Tell me a story about a dragon and a knight.",
+    "2+2?",
+    "Write a haiku about autumn leaves falling slowly.",
+    "What is the capital of France?",
+    "ok",
+]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer without merges over printable ASCII: 104 ids, fits the tiny models' 128.
+
+    Ids 0, 1, 2 are pad, BOS and EOS as in ``tiny_models``; the chat template writes BOS itself.
+    """
+    chars = [chr(288), chr(266)] + [chr(c) for c in range(33, 127)]  # byte-level space, newline
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIALS[4:],
+        chat_template=TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def texts(tokenizer):
+    return prompting.chat_texts(tokenizer, PROMPTS, system_prompt=None)
+
+
+def hf_greedy(model, tokenizer, texts, max_new_tokens):
+    """Reference: transformers' generate on each text alone (no padding), cut after EOS."""
+    eos = eos_token_ids(model, tokenizer)
+    out = []
+    for text in texts:
+        enc = prompting.encode(tokenizer, [text], "cpu")
+        ids = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=sorted(eos),
+        )[0, enc["input_ids"].shape[1] :].tolist()
+        for k, tok in enumerate(ids):
+            if tok in eos:
+                ids = ids[: k + 1]
+                break
+        out.append(ids)
+    return out
+
+
+def test_chat_texts_and_left_padding(tokenizer, texts):
+    assert texts[0] == "<s><|user|>Hi<|end|><|assistant|>"
+    enc = prompting.encode(tokenizer, texts[:2], "cpu")
+    assert enc["input_ids"].dtype == torch.int64
+    assert enc["attention_mask"][0, 0] == 0 and enc["attention_mask"][:, -1].all()
+    assert (enc["input_ids"][:, -1] == tokenizer.convert_tokens_to_ids("<|assistant|>")).all()
+    assert (enc["input_ids"] == tokenizer.bos_token_id).sum() == 2  # no doubled BOS
+    assert tokenizer.padding_side == "right"  # the call did not change the tokenizer
+
+
+def test_missing_chat_template_names_config_key(tokenizer):
+    bare = char_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(errors.ModelLoadError, match="model.chat_template"):
+        prompting.chat_texts(bare, ["x"], None)
+
+
+@pytest.mark.parametrize("factory", ["llama", "gemma3_text"])
+def test_matches_hf_greedy(factory, tokenizer, texts):
+    model = tiny_models.FACTORIES[factory]()
+    ours = generate_ids(model, tokenizer, texts, max_new_tokens=12, batch_size=3)
+    assert ours == hf_greedy(model, tokenizer, texts, 12)
+
+
+class StopAfter:
+    """Rigged detector: decides as soon as the text so far contains its row's stop string."""
+
+    def __init__(self, stops):
+        self.stops = stops
+        self.calls = 0
+
+    def verdict(self, partial_text):
+        self.calls += 1
+        return True if any(s in partial_text for s in self.stops) else None
+
+
+def test_early_stop_prunes_rows_and_keeps_order(tokenizer, texts):
+    model = tiny_models.tiny_llama()
+    budget = 16
+    full = generate_ids(model, tokenizer, texts, max_new_tokens=budget, batch_size=4)
+    full_text = tokenizer.batch_decode(full, skip_special_tokens=True)
+    # rows stop at different steps: each stop string is a short piece of its own reference text
+    stops = []
+    for i, t in enumerate(full_text):
+        cut = 1 + i % 5
+        stops.append(t[cut : cut + 2] if len(t) >= cut + 2 else None)
+    stops = [s for s in stops if s and s.strip()]
+    assert len(stops) >= 3, full_text
+    detector = StopAfter(stops)
+    early = generate_ids(model, tokenizer, texts, max_new_tokens=budget, batch_size=4, detector=detector)
+    stopped = 0
+    for ref, got in zip(full, early):
+        assert got == ref[: len(got)]  # same tokens, only shorter, in the original order
+        # stopped exactly at the first token whose text shows a stop string, or ran to the end
+        first = next(
+            (k for k in range(1, len(ref) + 1)
+             if any(s in tokenizer.decode(ref[:k], skip_special_tokens=True) for s in stops)),
+            len(ref),
+        )
+        assert len(got) == first
+        stopped += len(got) < len(ref)
+    assert stopped >= 3
+    texts_out = generate(model, tokenizer, texts, max_new_tokens=budget, batch_size=4, detector=detector)
+    assert texts_out == tokenizer.batch_decode(early, skip_special_tokens=True)
+
+
+def test_budget_zero_and_empty(tokenizer, texts):
+    model = tiny_models.tiny_llama()
+    assert generate(model, tokenizer, texts[:2], max_new_tokens=0, batch_size=2) == ["", ""]
+    assert generate(model, tokenizer, [], max_new_tokens=5, batch_size=2) == []
+
+
+def test_batch_size_does_not_change_tokens(tokenizer, texts):
+    model = tiny_models.tiny_llama()
+    a = generate_ids(model, tokenizer, texts, max_new_tokens=8, batch_size=1)
+    b = generate_ids(model, tokenizer, texts, max_new_tokens=8, batch_size=7)
+    assert a == b

@@ -1,0 +1,484 @@
+"""Directional ablation of the residual-writing matrices, as LoRA factors or as direct weight edits.
+
+Notation. ``W`` is always the (out_features = hidden, in_features) view of a component's weight
+(transformers ``Conv1D`` and transposed expert tensors are viewed, not copied), ``r`` a unit vector of
+the residual space (hidden,), ``λ`` the kernel weight of the component's layer. Every edit is
+``W′ = W + ΔW`` with ``ΔW = B A`` where B is (out, k) and A is (k, in):
+
+* ``RowNorm.NONE``: ``ΔW = −λ r (rᵀW)``; ``B = −λ r``, ``A = rᵀW`` (rank 1). With λ = 1 this removes
+  the component's ability to write along ``r``: ``rᵀW′ = 0``.
+* ``RowNorm.PRE``: with row norms ``n_i = ‖W_i,:‖`` (rows are output features) and ``Ŵ = diag(1/n) W``,
+  ``ΔW = −λ diag(n) r (rᵀŴ)``; ``B = −λ (n ⊙ r)``, ``A = rᵀŴ = (r ⊘ n)ᵀ W`` (still rank 1, and Ŵ is
+  never formed).
+* ``RowNorm.FULL``: ``W′ = diag(n) · rownormalise(Ŵ − λ r rᵀŴ)``, which keeps every row norm of W.
+  ``ΔW = W′ − W`` is dense and not low-rank in general; it is approximated by
+  ``torch.svd_lowrank(ΔW, q=rank + oversampling, niter)`` under a fixed seed, truncated to ``rank``,
+  with ``sqrt(S)`` split over both factors: ``B = U sqrt(S)``, ``A = sqrt(S) Vᵀ``.
+
+Rules: no (hidden, hidden) projector is ever built (``torch.matmul(r, W)`` and rank-1 ``addr_``); the
+projection math runs in float32, with the weight cast to float32 once (a no-op for float32 weights)
+and the factors cast once to the weight's dtype for a direct edit; each edit runs on its weight's
+own device, so models split by ``device_map`` work.
+
+Two routes, one result. Components PEFT can wrap (``Component.lora``) get a LoRA adapter whose
+factors are overwritten per trial (``lora_alpha == r`` so the scaling is 1, dropout 0, no bias);
+others (fused 3-D experts, unusual modules), or all with ``force_direct=True``, are edited in place,
+with a backup taken at their first edit so ``reset()`` restores them bit for bit.
+
+Adapter dtype: ``get_peft_model`` runs with ``autocast_adapter_dtype=True`` (PEFT's default), so for
+float16/bfloat16 bases the LoRA factors stay float32 (PEFT casts the layer input to the adapter dtype
+and the result back), and the factors are stored without a second rounding.
+
+Quantized bitsandbytes layers (Linear4bit, Linear8bitLt) go through the LoRA route only; their ``rᵀW``
+and row norms come from ``peft.utils.integrations.dequantize_module_weight``. That path needs CUDA and
+is not covered by the CPU tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import io
+from .architecture import KINDS, Component, ModelLayout, unwrap
+from .errors import ConfigError, NumericalError, UnsupportedArchitectureError
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "default"
+FULL_OVERSAMPLING = 8
+FULL_NITER = 4
+DIRECT_EDITS_FILE = "direct_edits.safetensors"
+
+
+class RowNorm(str, Enum):
+    NONE = "none"
+    PRE = "pre"
+    FULL = "full"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Ablation weight over layers: ``max_weight`` at ``max_weight_position``, falling linearly to
+    ``min_weight`` at ``min_weight_distance`` layers away, 0 beyond."""
+
+    max_weight: float
+    max_weight_position: float
+    min_weight: float
+    min_weight_distance: float
+
+    def __post_init__(self) -> None:
+        if not self.min_weight_distance > 0:
+            raise ConfigError(f"Kernel.min_weight_distance must be > 0, got {self.min_weight_distance}")
+
+    def weight_at(self, layer: float) -> float:
+        distance = abs(layer - self.max_weight_position)
+        if distance > self.min_weight_distance:
+            return 0.0
+        t = distance / self.min_weight_distance
+        return self.max_weight + t * (self.min_weight - self.max_weight)
+
+
+_KERNEL_FIELDS = tuple(f.name for f in dataclasses.fields(Kernel))
+
+
+@dataclass(frozen=True)
+class AblationParams:
+    """One trial's parameters. ``direction_index`` None: each layer i uses its own direction
+    (``directions[i + 1]``, the output of layer i); a float in [0, n_layers] interpolates between the
+    directions at its floor and ceiling. ``kernels`` is keyed by component kind; a missing kind is not edited."""
+
+    direction_index: float | None
+    kernels: dict[str, Kernel]
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kernels) - set(KINDS)
+        if unknown:
+            raise ConfigError(f"unknown component kinds {sorted(unknown)} in kernels; known: {list(KINDS)}")
+
+    @classmethod
+    def constant(cls, weight: float, direction_index: float | None = None, kinds=KINDS) -> AblationParams:
+        """The same weight on every layer of every kind (for tests and baselines)."""
+        kernel = Kernel(weight, 0.0, weight, 1e9)
+        return cls(direction_index, {kind: kernel for kind in kinds})
+
+    def to_flat(self) -> dict[str, float]:
+        """Flat float dict (Optuna params, JSON): ``direction_index`` (absent when None) and
+        ``<kind>.<field>`` for each kernel field."""
+        flat: dict[str, float] = {}
+        if self.direction_index is not None:
+            flat["direction_index"] = float(self.direction_index)
+        for kind in sorted(self.kernels):
+            for name in _KERNEL_FIELDS:
+                flat[f"{kind}.{name}"] = float(getattr(self.kernels[kind], name))
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> AblationParams:
+        index = flat.get("direction_index")
+        fields: dict[str, dict[str, float]] = {}
+        for key, value in flat.items():
+            if key == "direction_index":
+                continue
+            kind, _, name = key.partition(".")
+            if name not in _KERNEL_FIELDS:
+                raise ConfigError(f"unknown ablation parameter {key!r}; expected <kind>.{{{', '.join(_KERNEL_FIELDS)}}}")
+            fields.setdefault(kind, {})[name] = float(value)
+        kernels = {}
+        for kind, values in fields.items():
+            missing = set(_KERNEL_FIELDS) - set(values)
+            if missing:
+                raise ConfigError(f"ablation parameters for {kind!r} lack {sorted(missing)}")
+            kernels[kind] = Kernel(**values)
+        return cls(None if index is None else float(index), kernels)
+
+
+def direction_for(directions: torch.Tensor, index: float) -> torch.Tensor:
+    """Unit direction at fractional ``index`` of a (n_layers + 1, hidden) table, on its device, float32."""
+    n = directions.shape[0]
+    if not 0 <= index <= n - 1:
+        raise ConfigError(f"direction_index {index} is outside [0, {n - 1}]")
+    lo = math.floor(index)
+    frac = float(index - lo)
+    v = directions[lo] if frac == 0 else torch.lerp(directions[lo], directions[min(lo + 1, n - 1)], frac)
+    norm = torch.linalg.vector_norm(v)
+    if not norm.item() > 0:  # `not >` also catches NaN
+        raise NumericalError(f"direction at index {index} has norm {norm.item()}; the direction table is broken")
+    return v / norm
+
+
+def layer_direction(directions: torch.Tensor, layer: int, direction_index: float | None) -> torch.Tensor:
+    """The direction ablated at decoder layer ``layer``: its own output's (index layer + 1) or a global one."""
+    return direction_for(directions, layer + 1 if direction_index is None else direction_index)
+
+
+def _row_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row norms n (out,) and a divisor equal to n where n > 0 and 1 for all-zero rows."""
+    n = torch.linalg.vector_norm(w, dim=1)
+    return n, torch.where(n > 0, n, torch.ones_like(n))
+
+
+def _rng_fork(device: torch.device):
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
+def delta_factors(
+    w: torch.Tensor,
+    r: torch.Tensor,
+    weight: float,
+    row_norm: RowNorm = RowNorm.NONE,
+    rank: int = 3,
+    seed: int = 0,
+    oversampling: int = FULL_OVERSAMPLING,
+    niter: int = FULL_NITER,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B (out, k), A (k, in)), float32 on ``w``'s device, with ΔW = B A for the (out, in) view ``w``.
+
+    ``r`` must be a float32 unit vector on ``w``'s device. k is 1 for NONE/PRE and min(rank, out, in) for FULL.
+    """
+    w32 = w.float()  # the single cast; a no-op for float32 weights
+    if row_norm == RowNorm.NONE:
+        a = torch.matmul(r, w32)
+        b = r * -weight
+    elif row_norm == RowNorm.PRE:
+        n, div = _row_norms(w32)
+        a = torch.matmul(r / div, w32)  # rᵀŴ without forming Ŵ
+        b = (n * r) * -weight
+    elif row_norm == RowNorm.FULL:
+        n, div = _row_norms(w32)
+        w_hat = w32 / div[:, None]
+        projected = w_hat.addr(r, torch.matmul(r, w_hat), alpha=-weight)
+        _, pdiv = _row_norms(projected)
+        w_new = projected * (n / pdiv)[:, None]
+        delta = w_new - w32
+        k = min(rank, *delta.shape)
+        q = min(k + oversampling, *delta.shape)
+        with _rng_fork(delta.device):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(delta, q=q, niter=niter)
+        root = s[:k].sqrt()
+        return u[:, :k] * root, root[:, None] * v[:, :k].T
+    else:
+        raise ConfigError(f"unknown row_norm {row_norm!r}; use one of {[m.value for m in RowNorm]}")
+    return b[:, None], a[None, :]
+
+
+def _views(c: Component, weight: torch.Tensor) -> list[torch.Tensor]:
+    """The (out, in) views of a component's stored tensor: one, or one per expert. Views share storage."""
+    if c.layout == "linear":
+        return [weight]
+    if c.layout == "conv1d":
+        return [weight.T]
+    if c.layout == "experts":
+        return [weight[e] if c.expert_axis_order == "out_in" else weight[e].T for e in range(weight.shape[0])]
+    raise UnsupportedArchitectureError(f"{c.name}: unknown layout {c.layout!r}")
+
+
+def _source_weight(c: Component) -> torch.Tensor:
+    """The weight the projection is computed from; quantized layers are dequantised first."""
+    if c.quantized:
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(c.module).detach()
+    return c.weight.detach()
+
+
+class Ablator:
+    """Applies ``AblationParams`` to a model, trial after trial, without reloading it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ModelLayout,
+        directions: torch.Tensor,
+        row_norm: RowNorm | str = RowNorm.NONE,
+        full_rank: int = 3,
+        seed: int = 0,
+        force_direct: bool = False,
+        backup_device: str | torch.device | None = "cpu",
+    ) -> None:
+        """``backup_device``: where direct-edit backups live ("cpu" saves accelerator memory; None keeps
+        each backup on its weight's device, faster resets)."""
+        expected = (layout.n_layers + 1, layout.hidden_size)
+        if directions.ndim != 2 or tuple(directions.shape) != expected:
+            raise ConfigError(
+                f"directions have shape {tuple(directions.shape)}, expected {expected} (n_layers + 1, hidden) "
+                f"for {layout.model_class}; were they computed for another model?"
+            )
+        if not directions.is_floating_point():
+            raise ConfigError(f"directions must be floating point, got {directions.dtype}")
+        self.row_norm = RowNorm(row_norm)
+        if full_rank < 1:
+            raise ConfigError(f"full_rank must be >= 1, got {full_rank}")
+        self.layout = layout
+        # The projection math is defined in float32; a float16/float64 table is converted once here.
+        self.directions = directions.detach().to(torch.float32)
+        self.full_rank = full_rank
+        self.seed = seed
+        self.backup_device = None if backup_device is None else torch.device(backup_device)
+        self.base = unwrap(model)
+        self.rank = full_rank if self.row_norm == RowNorm.FULL else 1
+        self.lora_components = [c for c in layout.components if c.lora and not force_direct]
+        self.direct_components = [c for c in layout.components if not (c.lora and not force_direct)]
+        quantized = [c.name for c in self.direct_components if c.quantized]
+        if quantized:
+            raise UnsupportedArchitectureError(
+                f"quantized layers cannot be edited in place (force_direct=True): {quantized[:3]}; use the LoRA route"
+            )
+        self._backups: dict[Component, torch.Tensor] = {}
+        self._dirty: set[Component] = set()
+        self._factors: dict[Component, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._params: AblationParams | None = None
+        self._peft = None
+        self._adapter = ADAPTER
+        self._lora_layers: dict[Component, nn.Module] = {}
+        if self.lora_components:
+            self._wrap(model)
+
+    # -- LoRA route -------------------------------------------------------------------------------
+    def _lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.rank,  # scaling = alpha / r = 1: the factors are the edit itself
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=[c.name for c in self.lora_components],
+            fan_in_fan_out=any(c.layout == "conv1d" for c in self.lora_components),
+            init_lora_weights=True,  # B = 0: the adapter starts as the identity
+        )
+
+    def _wrap(self, model: nn.Module) -> None:
+        from peft import PeftModel, get_peft_model
+
+        config = self._lora_config()
+        if isinstance(model, PeftModel):
+            self._adapter = "abliterate"
+            log.warning("model already is a PeftModel: adding adapter %r and making it the only active one", self._adapter)
+            model.add_adapter(self._adapter, config)
+            model.set_adapter(self._adapter)
+            self._peft = model
+        else:
+            # get_peft_model edits the model in place, so the caller's `model(...)` and `generate` see the adapter too.
+            self._peft = get_peft_model(self.base, config, adapter_name=self._adapter)
+        for c in self.lora_components:
+            layer = self.base.get_submodule(c.name)
+            scaling = layer.scaling[self._adapter]
+            if scaling != 1:
+                raise NumericalError(f"{c.name}: LoRA scaling is {scaling}, expected 1")
+            self._lora_layers[c] = layer
+
+    def _lora_weights(self, c: Component) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self._lora_layers[c]
+        return layer.lora_B[self._adapter].weight, layer.lora_A[self._adapter].weight
+
+    def _set_lora(self, c: Component, b: torch.Tensor, a: torch.Tensor) -> None:
+        lora_b, lora_a = self._lora_weights(c)
+        k = b.shape[1]
+        lora_b[:, :k].copy_(b)  # copy_ moves to the adapter's device and dtype in one step
+        lora_a[:k].copy_(a)
+        if k < lora_b.shape[1]:  # FULL on a matrix thinner than full_rank: unused factors stay inert
+            lora_b[:, k:].zero_()
+
+    # -- direct route -----------------------------------------------------------------------------
+    def _restore(self, c: Component) -> None:
+        c.weight.detach().copy_(self._backups[c])
+        self._dirty.discard(c)
+
+    def _edit_direct(self, c: Component, b: torch.Tensor, a: torch.Tensor) -> None:
+        weight = c.weight.detach()
+        if c not in self._backups:
+            self._backups[c] = weight.to(self.backup_device or weight.device, copy=True)
+        self._dirty.add(c)
+        dtype = weight.dtype
+        views = _views(c, weight)
+        if c.layout != "experts":
+            b, a = b[None], a[None]
+        b, a = b.to(dtype), a.to(dtype)  # the single cast of the factors to the weight's dtype
+        for e, view in enumerate(views):
+            if b.shape[-1] == 1:
+                view.addr_(b[e, :, 0], a[e, 0])
+            else:
+                view.addmm_(b[e], a[e])
+
+    # -- both routes ------------------------------------------------------------------------------
+    def _factors_for(self, c: Component, r: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A): (out, k), (k, in); for fused experts (E, out, k), (E, k, in)."""
+        pairs = [
+            delta_factors(view, r, weight, self.row_norm, self.full_rank, self.seed)
+            for view in _views(c, _source_weight(c))
+        ]
+        if c.layout != "experts":
+            return pairs[0]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def apply(self, params: AblationParams) -> None:
+        """Set the model to base weights + the edit described by ``params`` (previous edits are replaced)."""
+        start = time.perf_counter()
+        directions: dict[tuple[int, torch.device], torch.Tensor] = {}
+        edited = 0
+        with torch.no_grad():
+            for c in list(self._dirty):
+                self._restore(c)
+            self._factors.clear()
+            for c in self.layout.components:
+                kernel = params.kernels.get(c.kind)
+                weight = kernel.weight_at(c.layer) if kernel is not None else 0.0
+                if weight == 0.0:
+                    if c in self._lora_layers:
+                        self._lora_weights(c)[0].zero_()
+                    continue
+                device = c.weight.device
+                key = (c.layer, device)
+                if key not in directions:
+                    directions[key] = layer_direction(self.directions, c.layer, params.direction_index).to(device)
+                b, a = self._factors_for(c, directions[key], weight)
+                if c in self._lora_layers:
+                    self._set_lora(c, b, a)
+                else:
+                    self._edit_direct(c, b, a)
+                self._factors[c] = (b, a)
+                edited += 1
+        self._params = params
+        log.info(
+            "ablation applied to %d of %d components (%d LoRA, %d direct, row_norm=%s) in %.3f s",
+            edited,
+            len(self.layout.components),
+            sum(c in self._lora_layers for c in self._factors),
+            sum(c not in self._lora_layers for c in self._factors),
+            self.row_norm.value,
+            time.perf_counter() - start,
+        )
+
+    def reset(self) -> None:
+        """Back to the base model: LoRA B factors zeroed, direct edits restored bit for bit from backups."""
+        with torch.no_grad():
+            for c in self._lora_layers:
+                self._lora_weights(c)[0].zero_()
+            for c in list(self._dirty):
+                self._restore(c)
+        self._factors.clear()
+        self._params = None
+
+    def effective_weight(self, component: Component) -> torch.Tensor:
+        """The float32 (out, in) weight the model now computes with ((E, out, in) for fused experts)."""
+        with torch.no_grad():
+            views = [v.float() for v in _views(component, _source_weight(component))]
+            w = torch.stack(views) if component.layout == "experts" else views[0].clone()
+            if component in self._lora_layers:
+                layer = self._lora_layers[component]
+                lora_b, lora_a = self._lora_weights(component)
+                w = w + (lora_b.float() @ lora_a.float()).to(w.device) * layer.scaling[self._adapter]
+        return w
+
+    # -- access and export ------------------------------------------------------------------------
+    @property
+    def peft_model(self):
+        """The PeftModel holding the adapter, or None when every component is edited directly."""
+        return self._peft
+
+    @property
+    def model(self) -> nn.Module:
+        """What to call for logits and ``generate``: the PeftModel, else the (edited) model itself."""
+        return self._peft if self._peft is not None else self.base
+
+    @property
+    def params(self) -> AblationParams | None:
+        return self._params
+
+    def save_adapter(self, path: str | Path) -> None:
+        """Write the current edit as a folder: a standard PEFT adapter (when any LoRA component exists)
+        plus ``direct_edits.safetensors`` with the (B, A) factors of directly edited components
+        (``<key>.lora_B``, ``<key>.lora_A``; W′ = W + B A on the (out, in) view, per expert for fused
+        experts) and the metadata needed to apply them again."""
+        with io.atomic_dir(path) as tmp:
+            if self._peft is not None:
+                self._peft.save_pretrained(str(tmp), selected_adapters=[self._adapter])
+                sub = tmp / self._adapter
+                if self._adapter != "default" and sub.is_dir():  # PEFT nests non-default adapters
+                    for item in sub.iterdir():
+                        shutil.move(str(item), tmp / item.name)
+                    sub.rmdir()
+            tensors: dict[str, torch.Tensor] = {}
+            entries = []
+            for c, (b, a) in self._factors.items():
+                if c in self._lora_layers:
+                    continue
+                tensors[f"{c.key}.lora_B"] = b
+                tensors[f"{c.key}.lora_A"] = a
+                entries.append(
+                    {
+                        "key": c.key,
+                        "name": c.name,
+                        "param": c.param,
+                        "layer": c.layer,
+                        "kind": c.kind,
+                        "layout": c.layout,
+                        "expert_axis_order": c.expert_axis_order,
+                    }
+                )
+            metadata = {
+                "model_class": self.layout.model_class,
+                "params": self._params.to_flat() if self._params is not None else None,
+                "row_norm": self.row_norm.value,
+                "full_rank": self.full_rank,
+                "seed": self.seed,
+                "convention": "W' = W + B @ A on the (out, in) view; fused experts: per expert index",
+                "direct_edits": entries,
+                "lora_targets": [c.name for c in self.lora_components],
+            }
+            io.save_safetensors(tensors, tmp / DIRECT_EDITS_FILE, metadata=metadata)
+        log.info("adapter saved to %s (%d direct edits)", path, len(entries))

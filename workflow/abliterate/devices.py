@@ -1,0 +1,82 @@
+"""Device selection, done once per process and cached.
+
+Order: ``ABLITERATE_DEVICE`` if set (e.g. ``cpu``, ``cuda``, ``cuda:1``, ``mps``), else CUDA, else MPS,
+else CPU. ``CUDA_VISIBLE_DEVICES`` is honoured by CUDA itself (an empty value hides every GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "ABLITERATE_DEVICE"
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+@functools.cache
+def get_device() -> torch.device:
+    """The device every model and tensor of this process lives on (by default)."""
+    requested = os.environ.get(ENV_VAR, "").strip()
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"{ENV_VAR}={requested} but CUDA is not available on this machine")
+        if device.type == "mps" and not _mps_available():
+            raise RuntimeError(f"{ENV_VAR}={requested} but MPS is not available on this machine")
+        log.info("device %s (from %s)", device, ENV_VAR)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+        log.info("device cuda (CUDA available)")
+    elif _mps_available():
+        device = torch.device("mps")
+        log.info("device mps (Apple GPU available, no CUDA)")
+    else:
+        device = torch.device("cpu")
+        log.info("device cpu (no CUDA or MPS found), %d threads", torch.get_num_threads())
+    log_gpus()
+    return device
+
+
+def log_gpus() -> list[dict]:
+    """Log every visible GPU with its name and memory; return them as dicts."""
+    found: list[dict] = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gib = props.total_memory / 2**30
+            found.append({"index": i, "name": props.name, "memory_gib": round(gib, 1)})
+            log.info("GPU %d: %s, %.1f GiB", i, props.name, gib)
+    elif _mps_available():
+        found.append({"index": 0, "name": "Apple MPS", "memory_gib": None})
+        log.info("GPU 0: Apple MPS (unified memory)")
+    else:
+        log.info("no GPU found")
+    return found
+
+
+def free_memory() -> None:
+    """Collect garbage and return cached accelerator memory after a model was dropped."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if _mps_available() and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels, so timings measure work rather than launches."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -1,0 +1,223 @@
+"""Greedy generation that stops each response as soon as its refusal verdict is known.
+
+A hand-written loop over the KV cache rather than ``model.generate``: each row leaves the batch the
+moment it is finished (EOS, token budget, or a refusal marker seen by the detector), and its rows of
+the input, attention mask, positions and KV cache are dropped, so later steps compute only live
+sequences. Without early stops the tokens are those of ``model.generate(do_sample=False)``.
+
+Prompts are sorted by token length (longest first) and batched, so batches carry little padding;
+results come back in the original order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Protocol, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .prompting import batches, encode, length_order
+
+log = logging.getLogger(__name__)
+
+
+class Verdict(Protocol):
+    def verdict(self, partial_text: str) -> bool | None: ...
+
+
+def input_device(model) -> torch.device:
+    """Where input ids must go: the embedding's device (also right for models split over GPUs)."""
+    return model.get_input_embeddings().weight.device
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a response: the generation config's EOS ids plus the tokenizer's EOS.
+
+    Chat models often list several (end of turn, end of text); the tokenizer's is added because a
+    model loaded without a generation config would otherwise never stop before the budget.
+    """
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    found = getattr(config, "eos_token_id", None) if config is not None else None
+    if isinstance(found, int):
+        ids.add(found)
+    elif found is not None:
+        ids.update(int(i) for i in found)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def forward_kwargs(model) -> dict:
+    """Optional forward arguments this model accepts: only the last position's logits are needed."""
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def accepts_position_ids(model) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def select_rows(cache, index: torch.Tensor) -> None:
+    """Keep only ``index`` rows of a KV cache, in place.
+
+    ``reorder_cache`` (index_select on the batch axis) is implemented by every cache layer type of
+    transformers 5, linear-attention and sliding-window layers included, whereas
+    ``batch_select_indices`` is missing on some; older tuple caches are not supported.
+    """
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(index)
+    else:
+        raise TypeError(f"cannot prune a KV cache of type {type(cache).__name__}")
+
+
+class _IncrementalText:
+    """Decoded text of each live row, extended by a short window of tokens per step.
+
+    Decoding the two windows ``ids[prefix:read]`` and ``ids[prefix:]`` and keeping the difference
+    (as vLLM does) is exact for tokenizers that merge spaces or bytes across tokens: text is only
+    taken once it no longer ends in an incomplete UTF-8 character. Cost per step is constant in the
+    response length instead of growing with it.
+    """
+
+    def __init__(self, tokenizer, n: int):
+        self.tokenizer = tokenizer
+        self.text = [""] * n
+        self.prefix = [0] * n
+        self.read = [0] * n
+
+    def update(self, rows: list[int], generated: list[list[int]]) -> list[int]:
+        """Extend the text of ``rows``; return those whose text changed."""
+        if not rows:
+            return []
+        dec = self.tokenizer.batch_decode
+        old = dec([generated[r][self.prefix[r] : self.read[r]] for r in rows], skip_special_tokens=True)
+        new = dec([generated[r][self.prefix[r] :] for r in rows], skip_special_tokens=True)
+        changed = []
+        for r, a, b in zip(rows, old, new):
+            if len(b) > len(a) and not b.endswith("\ufffd"):
+                self.text[r] += b[len(a) :]
+                self.prefix[r] = self.read[r]
+                self.read[r] = len(generated[r])
+                changed.append(r)
+        return changed
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    detector: Verdict | None,
+    eos: set[int],
+    on_finish,
+) -> list[list[int]]:
+    device = input_device(model)
+    enc = encode(tokenizer, texts, device)
+    mask = enc["attention_mask"]
+    kwargs = forward_kwargs(model)
+    # left padding: positions count real tokens only (as transformers' generate does)
+    position_ids = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)
+    use_pos = accepts_position_ids(model)
+    if use_pos:
+        kwargs_prefill = dict(kwargs, position_ids=position_ids)
+    else:
+        kwargs_prefill = kwargs
+    out = model(input_ids=enc["input_ids"], attention_mask=mask, use_cache=True, **kwargs_prefill)
+    cache = out.past_key_values
+    next_tok = out.logits[:, -1].argmax(-1)
+    pos = position_ids[:, -1:]
+    del out, enc
+
+    n = len(texts)
+    generated: list[list[int]] = [[] for _ in range(n)]
+    alive = list(range(n))  # batch row -> prompt index within this batch
+    decoder = _IncrementalText(tokenizer, n) if detector is not None else None
+    while True:
+        finished = set()
+        for row, tok in zip(alive, next_tok.cpu().tolist()):
+            generated[row].append(tok)
+            if tok in eos or len(generated[row]) >= max_new_tokens:
+                finished.add(row)
+        if decoder is not None:
+            pending = [r for r in alive if r not in finished]
+            for r in decoder.update(pending, generated):
+                if detector.verdict(decoder.text[r]) is not None:
+                    finished.add(r)
+        if finished:
+            on_finish(len(finished))
+            keep = [j for j, r in enumerate(alive) if r not in finished]
+            if not keep:
+                break
+            index = torch.tensor(keep, device=next_tok.device)
+            select_rows(cache, index)
+            next_tok, mask, pos = next_tok[index], mask[index], pos[index]
+            alive = [alive[j] for j in keep]
+        pos = pos + 1
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        step_kwargs = dict(kwargs, position_ids=pos) if use_pos else kwargs
+        out = model(
+            input_ids=next_tok[:, None],
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            **step_kwargs,
+        )
+        cache = out.past_key_values
+        next_tok = out.logits[:, -1].argmax(-1)
+        del out
+    return generated
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    detector: Verdict | None = None,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Greedy continuation token ids of each text (EOS included when produced), in input order."""
+    results: list[list[int]] = [[] for _ in texts]
+    if max_new_tokens < 1 or not texts:
+        return results
+    eos = eos_token_ids(model, tokenizer)
+    order = length_order(tokenizer, texts)
+    start = time.perf_counter()
+    with tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress) as bar:
+        for chunk in batches(order, batch_size):
+            ids = _generate_batch(
+                model, tokenizer, [texts[i] for i in chunk], max_new_tokens, detector, eos, bar.update
+            )
+            for i, seq in zip(chunk, ids):
+                results[i] = seq
+    seconds = time.perf_counter() - start
+    n_tokens = sum(len(r) for r in results)
+    log.debug(
+        "generated %d tokens for %d prompts in %.2f s (%.1f tokens/s)",
+        n_tokens, len(texts), seconds, n_tokens / max(seconds, 1e-9),
+    )
+    return results
+
+
+def generate(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    detector: Verdict | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy responses to chat-formatted ``texts`` (special tokens removed), in input order.
+
+    With a ``detector``, a response ends as soon as ``detector.verdict`` of its text so far is not
+    None, so refusals cost only the tokens up to their marker.
+    """
+    ids = generate_ids(model, tokenizer, texts, max_new_tokens, batch_size, detector, progress)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []

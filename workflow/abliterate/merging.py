@@ -1,0 +1,123 @@
+"""Merge an exported ablation into a full model folder, on the CPU.
+
+The base model is reloaded unquantized on the CPU (a 4/8-bit study's adapter is merged into
+full-precision weights, never into quantized ones), the PEFT adapter applied and merged, direct
+edits (modules LoRA cannot wrap) added, and the result saved with ``save_pretrained`` as
+safetensors shards. Before loading, the RAM it needs is estimated from the model config and checked
+against a budget, so a merge that cannot fit stops at once instead of swapping for an hour.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from . import io, loading
+from .errors import AbliterateError
+
+log = logging.getLogger(__name__)
+
+DIRECT_EDITS = "direct_edits.safetensors"
+# Loading keeps one copy of the weights; merging adds one layer's delta at a time; saving shards
+# adds at most one shard. 1.2× the weights bounds all three with room for Python's own objects.
+RAM_FACTOR = 1.2
+
+
+def parameter_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of the weights of a model built from ``config`` in ``dtype``, without allocating them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    return n * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else n * 4
+
+
+def check_ram(needed: int, max_ram_gib: float) -> None:
+    budget = max_ram_gib * 2**30
+    available = psutil.virtual_memory().available
+    log.warning("CPU merge needs about %.2f GiB of RAM (budget merge.max_ram_gib %.1f GiB, %.1f GiB available now)",
+                needed / 2**30, max_ram_gib, available / 2**30)
+    if needed > budget:
+        raise AbliterateError(
+            f"the CPU merge needs about {needed / 2**30:.1f} GiB, more than merge.max_ram_gib ({max_ram_gib} GiB); "
+            "raise merge.max_ram_gib, run the merge on a larger node, or set merge.adapter_only: true"
+        )
+    if needed > available:
+        log.warning("less RAM is free (%.1f GiB) than the merge needs: it may swap", available / 2**30)
+
+
+def merge_dtype(config) -> torch.dtype:
+    """The checkpoint's own dtype (what users expect back), float32 when it names none."""
+    from .dtypes import checkpoint_dtype
+
+    return checkpoint_dtype(config) or torch.float32
+
+
+def apply_direct_edits(model, adapter_dir: Path) -> int:
+    """Add the saved low-rank factors of modules that LoRA could not wrap: W += B @ A, per module."""
+    path = adapter_dir / DIRECT_EDITS
+    if not path.exists():
+        return 0
+    tensors, _ = io.load_safetensors(path)
+    params = dict(model.named_parameters())
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    with torch.no_grad():
+        for name in names:
+            weight = params.get(name)
+            if weight is None:
+                raise AbliterateError(f"{path}: the model has no parameter {name!r}")
+            b, a = tensors[f"{name}.B"], tensors[f"{name}.A"]
+            view = _out_in_view(weight, tensors.get(f"{name}.layout"))
+            view += torch.matmul(b.to(torch.float32), a.to(torch.float32)).reshape(view.shape).to(weight.dtype)
+    log.info("applied %d direct weight edits from %s", len(names), path.name)
+    return len(names)
+
+
+def _out_in_view(weight: torch.Tensor, layout) -> torch.Tensor:
+    return weight
+
+
+def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_gib: float, metadata: dict,
+          card: str) -> dict:
+    """Load ``source`` on the CPU, merge ``adapter_dir`` into it and save it to ``out_dir``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    config = loading.load_config(source)
+    dtype = merge_dtype(config)
+    needed = int(parameter_bytes(config, dtype) * RAM_FACTOR)
+    check_ram(needed, max_ram_gib)
+    res = loading.resolve(source)
+    tokenizer = loading.load_tokenizer(source)
+    kwargs = {"dtype": dtype, "trust_remote_code": source.trust_remote_code}
+    if res.gguf_file:
+        kwargs["gguf_file"] = res.gguf_file
+    if res.revision:
+        kwargs["revision"] = res.revision
+    model = AutoModelForCausalLM.from_pretrained(res.location, **kwargs)
+    loading.drop_gguf_state(model)
+    adapter = Path(adapter_dir)
+    if (adapter / "adapter_config.json").exists():
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        # The LoRA layers are gone: a later LoRA operation on this object would silently do nothing.
+        model.abliterate_needs_reload = True
+    apply_direct_edits(model, adapter)
+    rss = psutil.Process().memory_info().rss
+    with io.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+        io.write_json(metadata, tmp / "abliterate.json")
+    seconds = time.perf_counter() - start
+    peak = max(rss, psutil.Process().memory_info().rss)
+    info = {"seconds": round(seconds, 2), "dtype": str(dtype).removeprefix("torch."), "estimated_ram_bytes": needed,
+            "rss_bytes": peak}
+    log.info("merged model saved to %s in %.1f s (%s, RSS %.2f GiB)", out_dir, seconds, info["dtype"], peak / 2**30)
+    return info

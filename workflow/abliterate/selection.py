@@ -1,0 +1,238 @@
+"""Choosing one trial from a finished study, without prompting.
+
+Input is the table of :func:`abliterate.study.trials_frame` (columns ``number``, ``state``,
+``refusals``, ``kl`` and ``n``, the number of harmful prompts evaluated). Refusals are compared as
+rates (``refusals / n``) where ``n`` is known, so trials evaluated on different prompt counts stay
+comparable; ties are always broken by the lower trial number, which makes the choice deterministic.
+
+Policies (``policy["name"]``):
+
+* ``min_kl_under_target`` (default): among trials whose refusal rate is at most
+  ``refusal_target`` (a fraction of ``n``, default 0.1), the one with the lowest KL divergence.
+  If none reaches the target, ``fallback`` decides: ``knee`` (default), the trial of the Pareto
+  front farthest from the straight line between the front's two ends once both axes are scaled
+  to [0, 1], i.e. the point where trading KL for fewer refusals stops paying off; or
+  ``min_refusals``.
+* ``min_refusals``: fewest refusals, then lowest KL.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from abliterate import io
+from abliterate.errors import AbliterateError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POLICY: dict[str, Any] = {
+    "name": "min_kl_under_target",
+    "refusal_target": 0.1,
+    "fallback": "knee",
+}
+POLICIES = ("min_kl_under_target", "min_refusals")
+FALLBACKS = ("knee", "min_refusals")
+
+
+def _complete(df: pd.DataFrame) -> pd.DataFrame:
+    if "state" in df.columns:
+        df = df[df["state"] == "COMPLETE"]
+    df = df.dropna(subset=["refusals", "kl"])
+    return df.copy()
+
+
+def _has_n(df: pd.DataFrame) -> bool:
+    return "n" in df.columns and len(df) > 0 and bool(df["n"].notna().all())
+
+
+def refusal_rate(df: pd.DataFrame) -> pd.Series:
+    """``refusals / n`` per row; raises ``ConfigError`` when ``n`` is missing."""
+    if not _has_n(df):
+        raise ConfigError(
+            "trials lack 'n' (the number of harmful prompts evaluated); the study objective "
+            "must return it so refusal rates can be compared with refusal_target"
+        )
+    n = df["n"].astype(float)
+    if (n <= 0).any():
+        raise ConfigError("trials with n <= 0 evaluated prompts cannot give a refusal rate")
+    return df["refusals"].astype(float) / n
+
+
+def _refusal_axis(df: pd.DataFrame) -> pd.Series:
+    return refusal_rate(df) if _has_n(df) else df["refusals"].astype(float)
+
+
+def pareto_front(df: pd.DataFrame) -> pd.DataFrame:
+    """Non-dominated COMPLETE trials on (refusal rate, KL), both minimised, sorted by refusals
+    (then KL, then number). Trials with identical scores are all kept."""
+    done = _complete(df)
+    if done.empty:
+        return done
+    r = _refusal_axis(done).to_numpy()
+    k = done["kl"].astype(float).to_numpy()
+    # O(n^2) in memory is fine for the few hundred trials of a study.
+    no_worse = (r[:, None] <= r[None, :]) & (k[:, None] <= k[None, :])
+    better = (r[:, None] < r[None, :]) | (k[:, None] < k[None, :])
+    dominated = (no_worse & better).any(axis=0)
+    front = done[~dominated].assign(_r=r[~dominated])
+    front = front.sort_values(["_r", "kl", "number"]).drop(columns="_r")
+    return front.reset_index(drop=True)
+
+
+def knee(front: pd.DataFrame) -> tuple[pd.Series, float]:
+    """The front's point farthest from the line through its ends (both axes scaled to [0, 1]);
+    returns ``(row, normalised distance)``. Ties, including fronts of one or two points, go to
+    the lower trial number."""
+    if front.empty:
+        raise AbliterateError("the Pareto front is empty: no COMPLETE trials")
+    x = _refusal_axis(front).to_numpy(dtype=float)
+    y = front["kl"].to_numpy(dtype=float)
+
+    def scale(v: np.ndarray) -> np.ndarray:
+        span = v.max() - v.min()
+        return (v - v.min()) / span if span > 0 else np.zeros_like(v)
+
+    x, y = scale(x), scale(y)
+    order = np.lexsort((front["number"].to_numpy(), y, x))
+    first, last = order[0], order[-1]
+    dx, dy = x[last] - x[first], y[last] - y[first]
+    length = math.hypot(dx, dy)
+    if length == 0:
+        dist = np.zeros_like(x)
+    else:
+        dist = np.abs(dx * (y - y[first]) - dy * (x - x[first])) / length
+    best = dist.max()
+    # Floating-point noise must not decide a tie.
+    tied = front[np.isclose(dist, best, rtol=0, atol=1e-12)]
+    row = tied.sort_values("number").iloc[0]
+    return row, float(best)
+
+
+def _fmt(row: pd.Series) -> str:
+    n = row.get("n")
+    refusals = f"{int(row['refusals'])}/{int(n)}" if n is not None and not pd.isna(n) else str(int(row["refusals"]))
+    return f"{refusals} refusals, KL {float(row['kl']):.4g}"
+
+
+def _min_refusals(done: pd.DataFrame) -> pd.Series:
+    ranked = done.assign(_r=_refusal_axis(done)).sort_values(["_r", "kl", "number"])
+    return ranked.drop(columns="_r").iloc[0]
+
+
+def _check_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(policy) - set(DEFAULT_POLICY)
+    if unknown:
+        raise ConfigError(f"selection policy: unknown keys {sorted(unknown)}; known {list(DEFAULT_POLICY)}")
+    merged = {**DEFAULT_POLICY, **policy}
+    if merged["name"] not in POLICIES:
+        raise ConfigError(f"selection policy name {merged['name']!r}: choose one of {POLICIES}")
+    if merged["fallback"] not in FALLBACKS:
+        raise ConfigError(f"selection fallback {merged['fallback']!r}: choose one of {FALLBACKS}")
+    target = merged["refusal_target"]
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
+        raise ConfigError(
+            f"selection refusal_target {target!r}: a fraction of the evaluated prompts in [0, 1]"
+        )
+    return merged
+
+
+def select_trial(
+    df: pd.DataFrame, policy: Mapping[str, Any] | None = None
+) -> tuple[pd.Series, str]:
+    """Pick one COMPLETE trial by ``policy`` (merged over ``DEFAULT_POLICY``); returns the row
+    and a one-sentence reason for the log and the report."""
+    policy = _check_policy(policy or {})
+    done = _complete(df)
+    if done.empty:
+        raise AbliterateError(
+            "no COMPLETE trials to choose from; see the errors of the failed trials in the study "
+            "log, or raise n_trials"
+        )
+    if policy["name"] == "min_refusals":
+        row = _min_refusals(done)
+        return row, f"trial {int(row['number'])}: fewest refusals, then lowest KL ({_fmt(row)})"
+
+    target = float(policy["refusal_target"])
+    rate = refusal_rate(done)
+    ok = done[rate <= target + 1e-12]
+    if not ok.empty:
+        row = ok.sort_values(["kl", "number"]).iloc[0]
+        return row, (
+            f"trial {int(row['number'])}: lowest KL among the {len(ok)} of {len(done)} complete "
+            f"trials with refusal rate <= {target:.0%} ({_fmt(row)})"
+        )
+    best = _min_refusals(done)
+    missed = f"no trial reached refusal rate <= {target:.0%} (best: {_fmt(best)})"
+    if policy["fallback"] == "min_refusals":
+        return best, f"trial {int(best['number'])}: {missed}; took the fewest refusals"
+    front = pareto_front(done)
+    row, dist = knee(front)
+    return row, (
+        f"trial {int(row['number'])}: {missed}; took the knee of the {len(front)}-trial Pareto "
+        f"front (normalised distance {dist:.3f}; {_fmt(row)})"
+    )
+
+
+def hypervolume_2d(points: Iterable[Iterable[float]], ref: Iterable[float]) -> float:
+    """Area dominated by ``points`` and bounded by ``ref``, both objectives minimised (e.g.
+    refusal rate and KL). Points not strictly better than ``ref`` in both objectives add
+    nothing."""
+    pts = np.asarray(list(points), dtype=float).reshape(-1, 2)
+    rx, ry = (float(v) for v in ref)
+    if np.isnan(pts).any() or math.isnan(rx) or math.isnan(ry):
+        raise ValueError("hypervolume_2d: points and ref must not be NaN")
+    pts = pts[(pts[:, 0] < rx) & (pts[:, 1] < ry)]
+    area, floor = 0.0, ry
+    for x, y in pts[np.lexsort((pts[:, 1], pts[:, 0]))]:
+        if y < floor:  # otherwise dominated by a point with smaller x already counted
+            area += (rx - x) * (floor - y)
+            floor = y
+    return float(area)
+
+
+def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.PathLike) -> None:
+    """Refusals vs KL of the COMPLETE trials, the Pareto front and the selected trial, as PNG.
+
+    Uses the Agg canvas directly (no pyplot state), so it is safe in worker processes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    done = _complete(df)
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ns = done["n"].dropna().unique() if "n" in done.columns else []
+    x_label = f"refusals (of {int(ns[0])} harmful prompts)" if len(ns) == 1 else "refusals"
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("KL divergence (harmless prompts)")
+    if done.empty:
+        ax.text(0.5, 0.5, "no complete trials", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.scatter(done["refusals"], done["kl"], s=18, color="0.6", label=f"trials ({len(done)})")
+        front = pareto_front(done)
+        ax.plot(front["refusals"], front["kl"], "-o", color="tab:blue", ms=4, label="Pareto front")
+        kl = done["kl"].astype(float)
+        if kl.min() > 0 and kl.max() / kl.min() > 100:
+            ax.set_yscale("log")
+        chosen = done[done["number"] == selected_number] if selected_number is not None else done[:0]
+        if not chosen.empty:
+            row = chosen.iloc[0]
+            ax.scatter([row["refusals"]], [row["kl"]], s=140, marker="*", color="tab:red",
+                       zorder=3, label=f"selected: trial {int(row['number'])}")
+            ax.annotate(f"trial {int(row['number'])}\n{_fmt(row)}", (row["refusals"], row["kl"]),
+                        xytext=(12, 12), textcoords="offset points", fontsize=8,
+                        arrowprops={"arrowstyle": "-", "color": "tab:red"})
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("Study trials: refusals vs KL")
+    with io.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120,
+                    metadata={"Description": f"abliterate study; selected trial {selected_number}"})

@@ -1,0 +1,53 @@
+"""What every GPU step starts with: the configured model on the chosen device, and prompt texts.
+
+Kept apart from the steps so that each step module reads as the recipe of its rule.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from . import devices, loading, prompting
+from .errors import PromptError
+
+log = logging.getLogger(__name__)
+
+
+def model_source(config: dict, path: str | None = None) -> loading.ModelSource:
+    """The configured model, or (``path``) a folder this workflow wrote, such as the merged model."""
+    if path is not None:
+        return loading.ModelSource(path=path, trust_remote_code=config["model"]["trust_remote_code"])
+    return loading.ModelSource.from_config(config["model"])
+
+
+def open_model(config: dict, path: str | None = None, device=None, quantization: str | None = None) -> loading.LoadedModel:
+    model_cfg = config["model"]
+    return loading.load_model(
+        model_source(config, path),
+        device or devices.get_device(),
+        cascade=model_cfg["dtypes"],
+        quant=model_cfg["quantization"] if quantization is None else quantization,
+        cpu_half=model_cfg["cpu_half"],
+        chat_template=None if path else model_cfg["chat_template"],
+    )
+
+
+def read_split(table_path: str, split: str) -> list[str]:
+    df = pd.read_parquet(table_path)
+    texts = df.loc[df["split"] == split, "prompt"].tolist()
+    if not texts:
+        raise PromptError(f"{table_path} has no prompts in split {split!r}; check prompts.*.splits in config.yaml")
+    return texts
+
+
+def chats(config: dict, tokenizer, table_path: str, split: str) -> tuple[list[str], list[str]]:
+    """``(raw prompts, chat-formatted texts)`` of one split."""
+    raw = read_split(table_path, split)
+    return raw, prompting.chat_texts(tokenizer, raw, config["model"]["system_prompt"])
+
+
+def batch_size(value, default_cpu: int = 16) -> int | None:
+    """An explicit batch size, or None for "auto" (the step then asks abliterate.batching)."""
+    return None if value == "auto" else int(value)

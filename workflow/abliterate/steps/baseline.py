@@ -1,0 +1,37 @@
+"""Rule `baseline`: the unmodified model's refusals and its first-token log-probabilities."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from .. import devices, io, kl, session
+from .common import eval_settings, refusal_counts, responses_table
+
+log = logging.getLogger(__name__)
+
+
+def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logprobs: str, out_metrics: str,
+        config_hash: str) -> dict:
+    lm = session.open_model(config)
+    settings = eval_settings(config, lm)
+    metrics: dict = {"model": lm.source.description, "config_hash": config_hash, **lm.metadata()}
+    tables = []
+    for table, split, label in ((harmful, "eval", "eval"), (harmful, "heldout", "heldout"),
+                                (harmless, "heldout", "harmless_heldout")):
+        raw, texts = session.chats(config, lm.tokenizer, table, split)
+        counts, responses, flags = refusal_counts(lm.model, lm.tokenizer, texts, settings)
+        metrics[label] = counts
+        tables.append(responses_table(raw, responses, flags, label))
+        log.info("baseline %s: %d/%d refusals", label, counts["refusals"], counts["n"])
+    logprobs = {}
+    for split in ("eval", "heldout"):
+        _, texts = session.chats(config, lm.tokenizer, harmless, split)
+        logprobs[split] = kl.first_token_logprobs(lm.model, lm.tokenizer, texts, settings.batch_size)
+    io.write_parquet(pd.concat(tables, ignore_index=True), out_responses, metadata={"config_hash": config_hash})
+    io.save_safetensors(logprobs, out_logprobs, metadata={**lm.metadata(), "config_hash": config_hash})
+    io.write_json(metrics, out_metrics)
+    del lm
+    devices.free_memory()
+    return metrics

@@ -1,0 +1,80 @@
+"""Rule `evaluate`: reload the merged model from disk, measure it on eval and held-out prompts and
+write ``summary.json`` (the output contract documented in the README)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from .. import devices, io, kl, session, study
+from .common import eval_settings, refusal_counts, responses_table
+
+log = logging.getLogger(__name__)
+
+RULES = ("prompts", "demo_model", "baseline", "directions", "study", "trials", "export", "merge", "evaluate")
+
+
+def rule_timings(run: str, benchmarks_dir: str = "results/benchmarks") -> dict[str, float]:
+    """Wall seconds per rule from Snakemake's benchmark files (rules with several jobs are summed)."""
+    root = Path(benchmarks_dir)
+    files = list((root / run).glob("*.tsv")) + list((root / "prompts").glob("*.tsv")) + list(root.glob("demo_model.tsv"))
+    out: dict[str, float] = {}
+    for f in files:
+        rule = f.stem.split("-")[0] if f.parent.name == run else ("prompts" if f.parent.name == "prompts" else f.stem)
+        with f.open() as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        if rows:
+            out[rule] = round(out.get(rule, 0.0) + float(rows[-1]["s"]), 2)
+    return out
+
+
+def run(config: dict, model_dir: str, harmful: str, harmless: str, baseline_metrics: str, baseline_logprobs: str,
+        selected_path: str, storage: str, study_name: str, out_summary: str, out_responses: str,
+        config_hash: str) -> dict:
+    lm = session.open_model(config, path=model_dir)
+    settings = eval_settings(config, lm)
+    device = next(lm.model.parameters()).device
+    base_lp, _ = io.load_safetensors(baseline_logprobs, device=device)
+    merged: dict = {}
+    tables = []
+    for split in ("eval", "heldout"):
+        raw, texts = session.chats(config, lm.tokenizer, harmful, split)
+        counts, responses, flags = refusal_counts(lm.model, lm.tokenizer, texts, settings)
+        tables.append(responses_table(raw, responses, flags, split))
+        _, harmless_texts = session.chats(config, lm.tokenizer, harmless, split)
+        logprobs = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless_texts, settings.batch_size)
+        merged[split] = {**counts, "kl": kl.kl_divergence(base_lp[split], logprobs)}
+        log.info("merged %s: %d/%d refusals, KL %.4f", split, counts["refusals"], counts["n"], merged[split]["kl"])
+    raw, texts = session.chats(config, lm.tokenizer, harmless, "heldout")
+    counts, responses, flags = refusal_counts(lm.model, lm.tokenizer, texts, settings)
+    tables.append(responses_table(raw, responses, flags, "harmless_heldout"))
+    merged["harmless_heldout"] = counts
+    io.write_parquet(pd.concat(tables, ignore_index=True), out_responses, metadata={"config_hash": config_hash})
+
+    baseline = io.read_json(baseline_metrics)
+    selected = io.read_json(selected_path)
+    stats = study.study_stats(storage, study_name)
+    summary = {
+        "run": config["run"],
+        "model": baseline["model"],
+        "dtype": baseline.get("dtype"),
+        "quantization": baseline.get("quantization"),
+        "config_hash": config_hash,
+        "baseline": {k: baseline[k] for k in ("eval", "heldout", "harmless_heldout")},
+        "selected_trial": {
+            "number": selected["number"],
+            "params": selected["params"],
+            "reason": selected["reason"],
+            "eval": selected["eval"],
+        },
+        "merged": merged,
+        "study": {"name": study_name, **{k: stats[k] for k in ("n_complete", "n_failed", "seconds")}},
+        "timings_s": rule_timings(config["run"]),
+    }
+    io.write_json(summary, out_summary)
+    del lm
+    devices.free_memory()
+    return summary

@@ -1,0 +1,57 @@
+"""Rule `merge`: the selected ablation merged into a full model folder on the CPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from .. import io, loading, merging, session
+
+log = logging.getLogger(__name__)
+
+CARD = """---
+library_name: transformers
+tags: [abliterated, abliterate]
+---
+# {name} (abliterated)
+
+This model is `{model}` with its refusal direction ablated by
+[abliterate](https://pypi.org/project/abliterate/): rank-1 edits `W <- W - w * r (r^T W)` of every
+attention output and MLP down projection, with weights chosen by an Optuna study.
+
+## Selected trial
+{reason}
+
+| metric (eval prompts) | value |
+|---|---|
+| refusals | {refusals}/{n} |
+| first-token KL vs. the original | {kl:.4f} |
+
+Parameters:
+```json
+{params}
+```
+
+## Provenance
+- base model: `{model}` (dtype {dtype}, study quantization {quantization})
+- config hash: `{config_hash}`
+- merged on the CPU in {merge_dtype}; see `abliterate.json` for every figure.
+
+Held-out evaluation results are in the workflow's `summary.json`.
+"""
+
+
+def run(config: dict, adapter: str, selected_path: str, out_model: str, config_hash: str) -> dict:
+    selected = io.read_json(selected_path)
+    source = session.model_source(config)
+    dtype = merging.merge_dtype(loading.load_config(source))
+    card = CARD.format(
+        name=config["run"], model=selected.get("model", source.path), reason=selected["reason"],
+        refusals=selected["eval"]["refusals"], n=selected["eval"]["n"], kl=selected["eval"]["kl"],
+        params=json.dumps(selected["params"], indent=2), dtype=selected.get("dtype"),
+        quantization=selected.get("quantization"), config_hash=config_hash,
+        merge_dtype=str(dtype).removeprefix("torch."),
+    )
+    meta = {"selected": selected, "config_hash": config_hash}
+    info = merging.merge(source, adapter, out_model, config["merge"]["max_ram_gib"], meta, card)
+    return info

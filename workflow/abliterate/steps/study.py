@@ -1,0 +1,99 @@
+"""Rule `study`: one worker of the Optuna study. Each trial applies an ablation, counts refusals
+on the eval harmful prompts, measures first-token KL on the eval harmless prompts, and resets."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .. import ablation, architecture, devices, io, kl, session, study
+from .common import eval_settings, refusal_counts
+
+log = logging.getLogger(__name__)
+
+
+def search_space(config: dict, kinds: list[str]) -> dict:
+    """The config's search space (shared by every component kind) in the form study.suggest_params takes."""
+    space = config["study"]["space"]
+    low, high = space["direction_index"]
+    kernel = {key: list(space[key]) for key in ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")}
+    return {
+        "direction_index": {"low": low, "high": high, "relative": True, "per_layer_choice": True},
+        "components": {kind: dict(kernel) for kind in kinds},
+    }
+
+
+class Objective:
+    """Apply → score → reset, one trial at a time, on one loaded model."""
+
+    def __init__(self, ablator, model, tokenizer, harmful_texts, harmless_texts, base_logprobs, settings):
+        self.ablator = ablator
+        self.model = model
+        self.tokenizer = tokenizer
+        self.harmful_texts = harmful_texts
+        self.harmless_texts = harmless_texts
+        self.base_logprobs = base_logprobs
+        self.settings = settings
+
+    def __call__(self, params: dict, number: int) -> dict:
+        start = time.perf_counter()
+        self.ablator.apply(ablation.AblationParams.from_flat(params))
+        try:
+            applied = time.perf_counter()
+            counts, _, _ = refusal_counts(self.model, self.tokenizer, self.harmful_texts, self.settings)
+            generated = time.perf_counter()
+            logprobs = kl.first_token_logprobs(self.model, self.tokenizer, self.harmless_texts, self.settings.batch_size)
+            divergence = kl.kl_divergence(self.base_logprobs, logprobs)
+        finally:
+            self.ablator.reset()
+        end = time.perf_counter()
+        return {
+            "refusals": counts["refusals"],
+            "n": counts["n"],
+            "kl": divergence,
+            "seconds_apply": applied - start,
+            "seconds_generate": generated - applied,
+            "seconds_kl": end - generated,
+        }
+
+
+def build_objective(config: dict, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str):
+    layout = architecture.discover(lm.model)
+    tensors, _ = io.load_safetensors(directions_path)
+    ablator = ablation.Ablator(
+        lm.model, layout, tensors["directions"],
+        row_norm=ablation.RowNorm(config["ablation"]["row_norm"]),
+        full_rank=config["ablation"]["full_rank"], seed=config["seed"],
+    )
+    settings = eval_settings(config, lm)
+    device = next(lm.model.parameters()).device
+    base, _ = io.load_safetensors(baseline_path, device=device)
+    _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "eval")
+    _, harmless_texts = session.chats(config, lm.tokenizer, harmless, "eval")
+    model = ablator.peft_model
+    objective = Objective(ablator, model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"], settings)
+    return objective, layout, ablator
+
+
+def run(config: dict, worker: int, harmful: str, harmless: str, directions_path: str, baseline_path: str,
+        storage: str, study_name: str, n_trials: int, out_done: str, config_hash: str) -> dict:
+    lm = session.open_model(config)
+    objective, layout, _ = build_objective(config, lm, harmful, harmless, directions_path, baseline_path)
+    kinds = sorted({c.kind for c in layout.components})
+    result = study.run_worker(
+        storage, study_name, objective, n_trials, worker_id=worker, seed=config["seed"] + worker,
+        sampler_kwargs={"n_startup_trials": config["study"]["n_startup_trials"]},
+        n_layers=layout.n_layers, space=search_space(config, kinds),
+    )
+    io.write_json({**result, "worker": worker, "study_name": study_name, "config_hash": config_hash,
+                   **lm.metadata()}, out_done)
+    del objective, lm
+    devices.free_memory()
+    return result
+
+
+def write_trials(storage: str, study_name: str, out_table: str) -> None:
+    """Rule `trials`: the study's trials as one CSV table."""
+    df = study.trials_frame(storage, study_name)
+    io.write_csv(df, out_table)
+    log.info("wrote %s: %d trials (%d complete)", out_table, len(df), int((df["state"] == "COMPLETE").sum()))

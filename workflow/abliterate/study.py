@@ -1,0 +1,632 @@
+"""The Optuna study that tunes ablation strength: storage, search space and a resumable worker loop.
+
+Two objectives are minimised together: the number of refusals on harmful prompts and the KL
+divergence from the original model on harmless prompts. The objective itself (apply an ablation,
+count refusals, measure KL, undo the ablation) is a callable given by the caller, so this module
+has no model code and tests on the CPU in seconds.
+
+Design choices (Optuna 5):
+
+* ``TPESampler(multivariate=True)``: multi-objective TPE defaults to independent sampling, but the
+  kernel parameters interact strongly (a high peak weight needs a narrow kernel), so they are
+  sampled jointly. The search space is kept *fixed* for that reason: ``direction_index`` is
+  suggested even when ``direction_scope`` is ``per_layer`` (and then ignored), as Heretic does,
+  because multivariate TPE only models parameters present in every trial. ``constant_liar``
+  (Optuna's default) keeps parallel workers from sampling next to each other's running trials.
+* A fresh sampler is seeded per trial from ``(seed, worker_id, number of trials so far)``. A single
+  seeded sampler would replay its random start-up sequence after a restart and so repeat finished
+  trials; this way a restarted or second worker draws new points and one worker stays reproducible.
+* Ask/tell instead of ``study.optimize``: the worker controls the trial budget across processes
+  (exactly ``n_trials`` COMPLETE trials) and re-queues trials of killed jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from abliterate import io
+from abliterate.errors import ConfigError, NumericalError
+
+logger = logging.getLogger(__name__)
+
+DIRECTIONS = ("minimize", "minimize")
+OBJECTIVES = ("refusals", "kl")
+
+# Heretic uses n_startup_trials=60 of 200 trials; 10 suits the short studies of a small model.
+# n_ei_candidates stays at Optuna's default: more candidates sharpen TPE only late in long studies.
+DEFAULT_SAMPLER_KWARGS: dict[str, Any] = {"n_startup_trials": 10, "multivariate": True}
+
+# Relative values are multiplied by the last layer index (n_layers - 1), as in Heretic, so that
+# 1.0 is the last layer and every position is a valid layer index.
+DEFAULT_SPACE: dict[str, Any] = {
+    # Which layer's refusal direction to use (a float: neighbouring directions are interpolated),
+    # or, via the sampled choice direction_scope == "per_layer", each layer its own direction.
+    # Heretic samples [0.4, 0.9]; the low end is widened because small models (e.g. 30 layers)
+    # form the refusal direction earlier.
+    "direction_index": {"low": 0.2, "high": 0.9, "relative": True, "per_layer_choice": True},
+    "components": {
+        # Each component gets its own triangular weight kernel over layers: peak max_weight at
+        # max_weight_position, falling linearly to min_weight at min_weight_distance layers away.
+        # MLP edits usually harm the model more than attention edits, so they are tuned apart.
+        "attn_out": {
+            "max_weight": [0.8, 1.5],  # Heretic's range: below 0.8 rarely removes refusals
+            "max_weight_position": [0.4, 1.0],  # Heretic: [0.6, 1.0]; widened for small models
+            "min_weight": [0.0, 1.0],  # fraction of max_weight, so min_weight <= max_weight
+            "min_weight_distance": [0.1, 0.6],  # Heretic: [1 layer, 0.6]
+        },
+        "mlp_down": {
+            "max_weight": [0.8, 1.5],
+            "max_weight_position": [0.4, 1.0],
+            "min_weight": [0.0, 1.0],
+            "min_weight_distance": [0.1, 0.6],
+        },
+    },
+}
+
+_KERNEL_KEYS = ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")
+_RESERVED_ATTRS = ("ablation_params", "worker", "seconds", "error", "retry_of", "surplus")
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def default_storage_url(run: str, results_dir: str | os.PathLike = "results") -> str:
+    """``sqlite:///results/<run>/study.sqlite`` (relative to the working directory)."""
+    return f"sqlite:///{Path(results_dir) / run / 'study.sqlite'}"
+
+
+def study_name(prefix: str, config_fragment: Any) -> str:
+    """``<prefix>-<hash>``; the caller leaves n_trials and worker counts out of the fragment so a
+    larger ``n_trials`` continues the same study."""
+    return f"{prefix}-{io.config_hash(config_fragment)}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL; ``None`` for in-memory SQLite and server URLs."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+@contextlib.contextmanager
+def study_lock(url: str) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on ``<db>.lock`` for SQLite files; a no-op otherwise.
+
+    It serialises "count trials, then ask" between worker processes on one machine. fcntl locks
+    are unreliable on some network file systems, which is one more reason to use a database
+    server (PostgreSQL, MySQL) when workers run on several nodes.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def make_storage(
+    url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None
+) -> optuna.storages.RDBStorage:
+    """An ``RDBStorage`` that several worker processes can share.
+
+    For a SQLite file: write-ahead logging (readers never block the writer, and the mode persists
+    in the file) and a 60 s busy timeout, so concurrent writers wait instead of failing with
+    "database is locked". WAL needs shared memory, i.e. all workers on one machine. Other URLs
+    are passed through unchanged.
+
+    With ``heartbeat_interval`` set, a trial whose worker stopped sending heartbeats for
+    ``grace_period`` seconds (default twice the interval) is failed by the next worker that asks
+    for a trial, and its parameters are queued again.
+    """
+    path = sqlite_path(url)
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    kwargs: dict[str, Any] = {}
+    if heartbeat_interval is not None:
+        kwargs = {
+            "heartbeat_interval": int(heartbeat_interval),
+            "grace_period": None if grace_period is None else int(grace_period),
+            "heartbeat_stale_trial_callback": _requeue_stale_trial,
+        }
+    with study_lock(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Before Optuna opens the file; under the lock because two workers may create it.
+            connection = sqlite3.connect(path, timeout=60)
+            try:
+                mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            finally:
+                connection.close()
+            if mode.lower() != "wal":
+                logger.warning("%s: SQLite journal mode is %s, not WAL", path, mode)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+
+
+def load_or_create_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    """Open study ``name``, creating it with the two minimised objectives if it does not exist."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(
+            storage=storage, study_name=name, directions=list(DIRECTIONS), load_if_exists=True
+        )
+        if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
+            raise ConfigError(
+                f"study {name!r} exists with directions {study.directions}, not {DIRECTIONS}; "
+                "use another study name or storage"
+            )
+        if study.metric_names is None:
+            study.set_metric_names(list(OBJECTIVES))
+    return study
+
+
+def _load_study(storage_url: str, name: str) -> optuna.Study:
+    path = sqlite_path(storage_url)
+    if path is not None and not path.exists():
+        raise FileNotFoundError(f"{path}: no study database; run the study first")
+    storage = make_storage(storage_url, heartbeat_interval=None)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError as exc:
+        names = optuna.get_all_study_names(storage)
+        raise ConfigError(f"no study {name!r} in {storage_url}; it holds {names}") from exc
+
+
+# --------------------------------------------------------------------------- search space
+
+
+def _range(spec: Any, where: str) -> tuple[float, float]:
+    if isinstance(spec, Mapping):
+        spec = [spec.get("low"), spec.get("high")]
+    if not isinstance(spec, (list, tuple)) or len(spec) != 2:
+        raise ConfigError(f"{where}: expected [low, high], got {spec!r}")
+    try:
+        low, high = float(spec[0]), float(spec[1])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: bounds must be numbers, got {spec!r}") from exc
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        raise ConfigError(f"{where}: need finite low <= high, got {spec!r}")
+    return low, high
+
+
+def validate_space(space: Mapping[str, Any]) -> None:
+    """Raise ``ConfigError`` naming the key of the first impossible range in ``space``."""
+    direction = space.get("direction_index")
+    if not isinstance(direction, Mapping):
+        raise ConfigError("search space: 'direction_index' must be a mapping with low and high")
+    low, high = _range(direction, "search space direction_index")
+    if direction.get("relative", True) and not (0.0 <= low and high <= 1.0):
+        raise ConfigError("search space direction_index: relative bounds must lie in [0, 1]")
+    components = space.get("components")
+    if not isinstance(components, Mapping) or not components:
+        raise ConfigError("search space: 'components' must map component kinds to kernel ranges")
+    for kind, kernel in components.items():
+        if not isinstance(kernel, Mapping):
+            raise ConfigError(f"search space components.{kind}: expected a mapping")
+        unknown = set(kernel) - set(_KERNEL_KEYS)
+        if unknown:
+            raise ConfigError(f"search space components.{kind}: unknown keys {sorted(unknown)}")
+        for key in _KERNEL_KEYS:
+            if key not in kernel:
+                raise ConfigError(f"search space components.{kind}: missing '{key}'")
+        _range(kernel["max_weight"], f"components.{kind}.max_weight")
+        for key in ("max_weight_position", "min_weight"):
+            lo, hi = _range(kernel[key], f"components.{kind}.{key}")
+            if lo < 0.0 or hi > 1.0:
+                raise ConfigError(f"search space components.{kind}.{key}: must lie in [0, 1]")
+        lo, hi = _range(kernel["min_weight_distance"], f"components.{kind}.min_weight_distance")
+        if lo <= 0.0:
+            raise ConfigError(
+                f"search space components.{kind}.min_weight_distance: low must be > 0"
+            )
+
+
+def suggest_params(
+    trial: optuna.Trial, space: Mapping[str, Any], n_layers: int
+) -> dict[str, float | None]:
+    """Sample one ablation and return it as a flat dict in absolute units.
+
+    Keys: ``direction_index`` (layer units, ``None`` for per-layer directions) and, per component
+    kind, ``<kind>.max_weight``, ``<kind>.max_weight_position`` (layer units),
+    ``<kind>.min_weight`` (absolute weight) and ``<kind>.min_weight_distance`` (layers, > 0).
+    Optuna records the sampled (relative) values under the same names, plus ``direction_scope``.
+    """
+    validate_space(space)
+    if int(n_layers) < 1:
+        raise ConfigError(f"n_layers must be >= 1, got {n_layers}")
+    last = float(n_layers - 1)
+    # A one-layer model would make every distance zero; one layer is the smallest useful width.
+    width = max(last, 1.0)
+
+    direction = space["direction_index"]
+    scope = "global"
+    if direction.get("per_layer_choice", True):
+        scope = trial.suggest_categorical("direction_scope", ["global", "per_layer"])
+    low, high = _range(direction, "direction_index")
+    index = trial.suggest_float("direction_index", low, high)
+    if direction.get("relative", True):
+        index *= last
+    flat: dict[str, float | None] = {"direction_index": index if scope == "global" else None}
+
+    # Sorted, so that reordering the config (which keeps the study name) keeps the sampling order.
+    for kind in sorted(space["components"]):
+        kernel = space["components"][kind]
+        values = {
+            key: trial.suggest_float(f"{kind}.{key}", *_range(kernel[key], key)) for key in _KERNEL_KEYS
+        }
+        flat[f"{kind}.max_weight"] = values["max_weight"]
+        flat[f"{kind}.max_weight_position"] = values["max_weight_position"] * last
+        # Sampled as a fraction because TPE cannot model a range that depends on another value.
+        flat[f"{kind}.min_weight"] = values["min_weight"] * values["max_weight"]
+        flat[f"{kind}.min_weight_distance"] = values["min_weight_distance"] * width
+    return flat
+
+
+def describe_params(flat: Mapping[str, Any]) -> str:
+    """One-line summary of a flat parameter dict for logs."""
+    index = flat.get("direction_index")
+    parts = ["dir=per_layer" if index is None else f"dir={index:.2f}"]
+    kinds = sorted({key.split(".", 1)[0] for key in flat if "." in key})
+    for kind in kinds:
+        parts.append(
+            f"{kind}[w={flat[f'{kind}.max_weight']:.2f}@{flat[f'{kind}.max_weight_position']:.1f}"
+            f" min={flat[f'{kind}.min_weight']:.2f} d={flat[f'{kind}.min_weight_distance']:.1f}]"
+        )
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _sampler(seed: int, worker: str, n_trials_so_far: int, kwargs: Mapping[str, Any]):
+    blob = f"{seed}:{worker}:{n_trials_so_far}".encode()
+    derived = int.from_bytes(hashlib.sha256(blob).digest()[:4], "little")
+    return optuna.samplers.TPESampler(seed=derived, **kwargs)
+
+
+def _retry_params(trial: FrozenTrial) -> dict[str, Any]:
+    # A trial popped from the queue and killed before its suggestions holds them only here.
+    return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+
+
+def _requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    params = _retry_params(trial)
+    if not params:
+        return  # killed before sampling: nothing to retry, a new trial is as good
+    origin = trial.user_attrs.get("retry_of", trial.number)
+    study.enqueue_trial(params, user_attrs={"retry_of": origin})
+    logger.info("trial %d re-queued (first tried as trial %d)", trial.number, origin)
+
+
+def _requeue_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Heartbeat callback: Optuna has failed ``trial`` because its worker went silent."""
+    worker = trial.user_attrs.get("worker", "?")
+    logger.warning("trial %d of worker %s lost its heartbeat; failed", trial.number, worker)
+    _requeue(study, trial)
+
+
+def _fail_and_requeue(study: optuna.Study, trial: FrozenTrial, why: str) -> bool:
+    try:
+        changed = study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another worker (heartbeat check) finished it and re-queued it
+    if changed:
+        logger.warning("trial %d: %s; marked FAIL", trial.number, why)
+        _requeue(study, trial)
+    return changed
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
+    """Record heartbeats while the objective runs (``study.optimize`` does this; ask/tell not)."""
+    interval = getattr(storage, "heartbeat_interval", None)
+    if interval is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        try:
+            while True:
+                storage.record_heartbeat(trial_id)
+                if stop.wait(interval):
+                    return
+        finally:
+            storage.remove_session()  # SQLite connections belong to the thread that opened them
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value Optuna can store (tensor and numpy scalars become Python numbers)."""
+
+    def default(obj: Any) -> Any:
+        if hasattr(obj, "tolist"):
+            return obj.tolist()
+        if hasattr(obj, "item"):
+            return obj.item()
+        return str(obj)
+
+    return json.loads(json.dumps(value, default=default))
+
+
+def _check_result(result: Any) -> tuple[int, float, dict[str, Any]]:
+    if not isinstance(result, Mapping) or "refusals" not in result or "kl" not in result:
+        raise TypeError(f"the objective must return a mapping with refusals and kl, got {result!r}")
+    attrs = _plain(dict(result))
+    refusals, kl = attrs["refusals"], attrs["kl"]
+    if isinstance(refusals, bool) or not float(refusals).is_integer() or refusals < 0:
+        raise TypeError(f"refusals must be a count (int >= 0), got {refusals!r}")
+    kl = float(kl)
+    if not math.isfinite(kl) or kl < 0.0:
+        raise NumericalError(f"KL divergence is {kl}; it must be finite and >= 0 (a bug upstream)")
+    return int(refusals), kl, attrs
+
+
+def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def _is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """True if trials numbered below ``number`` already fill the budget (a race between workers
+    that share a server database: both counted n_trials - 1 and both asked)."""
+    busy = _count(study, (TrialState.COMPLETE, TrialState.RUNNING))
+    return sum(t.number < number for t in busy) >= n_trials
+
+
+def run_worker(
+    storage_url: str,
+    study_name: str,
+    objective: Callable[[dict[str, float | None], int], Mapping[str, Any]],
+    n_trials: int,
+    worker_id: int | str = 0,
+    seed: int = 0,
+    sampler_kwargs: Mapping[str, Any] | None = None,
+    max_failures: int = 3,
+    *,
+    n_layers: int,
+    space: Mapping[str, Any] | None = None,
+    heartbeat_interval: int | None = 60,
+    grace_period: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run trials until the study holds ``n_trials`` COMPLETE trials; safe to restart and to run
+    in several processes at once (each with its own ``worker_id``).
+
+    ``objective(params, trial_number)`` gets the flat absolute parameters of
+    :func:`suggest_params` and returns at least ``refusals`` (int) and ``kl`` (float); every
+    returned key is stored as a user attribute (``n``, timings, ...).
+
+    Restart: RUNNING trials recorded for this ``worker_id`` were left by a killed job: they are
+    marked FAIL and their parameters queued again, so they are the next trials asked. With
+    heartbeats, any worker does the same for silent trials of other workers. Two live workers
+    must never share a ``worker_id``.
+
+    Budget: the worker asks only while COMPLETE + RUNNING < ``n_trials``, counted under a file lock
+    for SQLite. Without the lock (server databases) two workers can both ask the last trial; the
+    later-numbered one is then told FAIL at once, before sampling, with user attribute
+    ``surplus`` (FAIL, not PRUNED, because samplers ignore failed trials), and its queued
+    parameters, if any, are queued again.
+
+    Failures: an exception from the objective fails the trial (user attribute ``error``) and the
+    loop continues; more than ``max_failures`` in a row raise ``RuntimeError``. On
+    ``KeyboardInterrupt``/``SystemExit`` the trial is failed and re-queued before re-raising.
+
+    Returns ``{"worker", "n_complete", "n_failed", "n_surplus", "study_n_complete", "seconds"}``
+    (counts of this call except ``study_n_complete``).
+    """
+    from tqdm.auto import tqdm
+
+    if int(n_trials) < 1:
+        raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
+    sampler_kwargs = dict(DEFAULT_SAMPLER_KWARGS if sampler_kwargs is None else sampler_kwargs)
+    if "seed" in sampler_kwargs:
+        raise ConfigError("sampler_kwargs must not set 'seed'; pass seed= instead")
+    space = copy.deepcopy(DEFAULT_SPACE if space is None else dict(space))
+    validate_space(space)
+    worker = str(worker_id)
+    started = time.perf_counter()
+
+    storage = make_storage(storage_url, heartbeat_interval, grace_period)
+    with study_lock(storage_url):
+        study = load_or_create_study(storage, study_name)
+        for trial in _count(study, (TrialState.RUNNING,)):
+            if trial.user_attrs.get("worker") == worker:
+                _fail_and_requeue(study, trial, f"left RUNNING by a killed job of worker {worker}")
+
+    done = failed = surplus = consecutive = 0
+    complete = len(_count(study, (TrialState.COMPLETE,)))
+    logger.info(
+        "study %s: %d of %d trials complete; worker %s starts", study_name, complete, n_trials, worker
+    )
+    bar = tqdm(
+        total=n_trials, initial=min(complete, n_trials), desc=f"trials (worker {worker})",
+        unit="trial", disable=not progress, dynamic_ncols=True,
+    )
+    try:
+        while True:
+            with study_lock(storage_url), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+                if heartbeat_interval is not None:
+                    optuna.storages.fail_stale_trials(study)
+                if len(_count(study, (TrialState.COMPLETE, TrialState.RUNNING))) >= n_trials:
+                    break
+                study.sampler = _sampler(seed, worker, len(study.get_trials(deepcopy=False)), sampler_kwargs)
+                trial = study.ask()
+                trial.set_user_attr("worker", worker)
+                if _is_surplus(study, trial.number, n_trials):
+                    trial.set_user_attr("surplus", True)
+                    trial.set_user_attr("error", "surplus: other workers filled n_trials")
+                    frozen = study.tell(trial, state=TrialState.FAIL)
+                    if frozen.system_attrs.get("fixed_params"):
+                        _requeue(study, frozen)
+                    surplus += 1
+                    continue
+                params = suggest_params(trial, space, n_layers)
+                trial.set_user_attr("ablation_params", params)
+
+            start = time.perf_counter()
+            try:
+                with _heartbeat(storage, trial._trial_id):
+                    result = objective(dict(params), trial.number)
+                refusals, kl, attrs = _check_result(result)
+            except Exception as exc:  # noqa: BLE001 -- a failed trial must not end the study
+                seconds = time.perf_counter() - start
+                consecutive += 1
+                failed += 1
+                logger.exception(
+                    "trial %d failed after %.1f s (%d in a row): %s",
+                    trial.number, seconds, consecutive, describe_params(params),
+                )
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+                trial.set_user_attr("seconds", seconds)
+                study.tell(trial, state=TrialState.FAIL)
+                if consecutive > max_failures:
+                    raise RuntimeError(
+                        f"{consecutive} trials failed in a row (max_failures={max_failures}); "
+                        f"last error: {type(exc).__name__}: {exc}"
+                    ) from exc
+                continue
+            except BaseException:
+                _fail_and_requeue(study, study._storage.get_trial(trial._trial_id), "interrupted")
+                raise
+
+            seconds = time.perf_counter() - start
+            for key, value in attrs.items():
+                trial.set_user_attr(f"objective_{key}" if key in _RESERVED_ATTRS else key, value)
+            trial.set_user_attr("seconds", seconds)
+            study.tell(trial, [refusals, kl])
+            consecutive = 0
+            done += 1
+            n = attrs.get("n")
+            logger.info(
+                "trial %d [worker %s] %s | refusals %s KL %.4g | %.1f s",
+                trial.number, worker, describe_params(params),
+                f"{refusals}/{n}" if n is not None else refusals, kl, seconds,
+            )
+            complete = len(_count(study, (TrialState.COMPLETE,)))
+            bar.n = min(complete, n_trials)
+            bar.refresh()
+    finally:
+        bar.close()
+
+    complete = len(_count(study, (TrialState.COMPLETE,)))
+    summary = {
+        "worker": worker,
+        "n_complete": done,
+        "n_failed": failed,
+        "n_surplus": surplus,
+        "study_n_complete": complete,
+        "seconds": time.perf_counter() - started,
+    }
+    logger.info(
+        "worker %s done: %d trials complete, %d failed, study has %d/%d (%.1f s)",
+        worker, done, failed, complete, n_trials, summary["seconds"],
+    )
+    return summary
+
+
+# --------------------------------------------------------------------------- reading a study
+
+
+def trials_frame(storage_url: str, study_name: str):
+    """One row per trial: number, state, refusals, kl, n, seconds, worker, error, retry_of,
+    direction_scope, the flat absolute parameters, other user attributes, datetime_start and
+    datetime_complete. Rows are sorted by trial number."""
+    import pandas as pd
+
+    study = _load_study(storage_url, study_name)
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = dict(trial.user_attrs)
+        params = attrs.pop("ablation_params", None) or {}
+        row: dict[str, Any] = {
+            "number": trial.number,
+            "state": trial.state.name,
+            "refusals": int(trial.values[0]) if trial.values else None,
+            "kl": float(trial.values[1]) if trial.values else None,
+            "n": attrs.pop("n", None),
+            "seconds": attrs.pop("seconds", None),
+            "worker": attrs.pop("worker", None),
+            "error": attrs.pop("error", None),
+            "retry_of": attrs.pop("retry_of", None),
+            "direction_scope": trial.params.get("direction_scope"),
+        }
+        attrs.pop("refusals", None)
+        attrs.pop("kl", None)
+        row.update(params)
+        row.update({k: v for k, v in attrs.items() if k not in row})
+        row["datetime_start"] = trial.datetime_start
+        row["datetime_complete"] = trial.datetime_complete
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=["number", "state", "refusals", "kl", "n", "seconds", "worker"])
+    df["refusals"] = df["refusals"].astype("Int64")
+    df["n"] = pd.to_numeric(df["n"]).astype("Int64")
+    df["retry_of"] = pd.to_numeric(df["retry_of"]).astype("Int64")
+    tail = ["datetime_start", "datetime_complete"]
+    df = df[[c for c in df.columns if c not in tail] + tail]
+    return df.sort_values("number").reset_index(drop=True)
+
+
+def study_stats(storage_url: str, study_name: str) -> dict[str, Any]:
+    """Counts by state and time: ``seconds`` sums the durations of COMPLETE trials,
+    ``wall_seconds`` spans from the first start to the last finish of any finished trial."""
+    study = _load_study(storage_url, study_name)
+    trials = study.get_trials(deepcopy=False)
+    by_state = {state: [t for t in trials if t.state == state] for state in TrialState}
+    failed = by_state[TrialState.FAIL]
+    finished = [t for t in trials if t.datetime_start and t.datetime_complete]
+    wall = 0.0
+    if finished:
+        first = min(t.datetime_start for t in finished)
+        last = max(t.datetime_complete for t in finished)
+        wall = (last - first).total_seconds()
+    return {
+        "n_complete": len(by_state[TrialState.COMPLETE]),
+        "n_failed": sum(not t.user_attrs.get("surplus") for t in failed),
+        "n_surplus": sum(bool(t.user_attrs.get("surplus")) for t in failed),
+        "n_running": len(by_state[TrialState.RUNNING]),
+        "n_waiting": len(by_state[TrialState.WAITING]),
+        "seconds": sum(
+            t.duration.total_seconds() for t in by_state[TrialState.COMPLETE] if t.duration
+        ),
+        "wall_seconds": wall,
+    }

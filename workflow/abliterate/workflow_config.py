@@ -1,0 +1,88 @@
+"""Checks and derived values of the workflow configuration (after schema validation).
+
+The schema catches types, unknown keys and ranges; this module catches what a schema cannot say
+(values that contradict each other) and derives the hashes that name studies and tag artifacts.
+Hashes cover only what changes a stage's result, so raising ``study.n_trials`` continues the same
+study and recomputes nothing upstream.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from .errors import ConfigError
+from .io import config_hash
+
+DEMO_PATH = "results/models/demo"
+
+# Which config sections each stage's result depends on (cumulative, in pipeline order).
+_STAGE_KEYS = {
+    "prompts": ["seed", "prompts"],
+    "model": ["model", "demo_model"],
+    "baseline": ["seed", "prompts", "model", "demo_model", "evaluation"],
+    "directions": ["seed", "prompts", "model", "demo_model", "directions"],
+    "study": ["seed", "prompts", "model", "demo_model", "directions", "evaluation", "ablation", "study_space"],
+}
+
+
+def check(config: dict) -> None:
+    """Raise ConfigError naming the key for values the schema cannot rule out."""
+    for name, spec in config["prompts"].items():
+        fractions = spec.get("splits", {})
+        total = sum(fractions.values())
+        if total > 1 + 1e-9:
+            raise ConfigError(f"prompts.{name}.splits add up to {total:.3f}; they must add up to at most 1")
+        for split in ("train", "eval", "heldout"):
+            if fractions.get(split, 0) <= 0:
+                raise ConfigError(f"prompts.{name}.splits.{split} must be > 0 (the pipeline needs a {split} split)")
+        source = spec["source"]
+        needed = {"package": ["package", "path"], "file": ["path"], "url": ["path"], "hub": ["dataset"]}[source]
+        for key in needed:
+            if not spec.get(key):
+                raise ConfigError(f"prompts.{name}.{key} is required for source: {source}")
+    if uses_demo_model(config) and config["prompts"]["harmful"]["splits"].get("demo", 0) <= 0:
+        raise ConfigError("model.path is the demo model, so prompts.harmful.splits.demo must be > 0 (its training prompts)")
+    study = config["study"]
+    if study["n_startup_trials"] > study["n_trials"]:
+        raise ConfigError(
+            f"study.n_startup_trials ({study['n_startup_trials']}) exceeds study.n_trials ({study['n_trials']})"
+        )
+    for key, (low, high) in study["space"].items():
+        if low > high:
+            raise ConfigError(f"study.space.{key}: low {low} > high {high}")
+    for key in ("direction_index", "max_weight_position", "min_weight", "min_weight_distance"):
+        low, high = study["space"][key]
+        if low < 0 or high > 1:
+            raise ConfigError(f"study.space.{key} is relative: both ends must lie in [0, 1], got [{low}, {high}]")
+    if study["space"]["min_weight_distance"][0] <= 0:
+        raise ConfigError("study.space.min_weight_distance must start above 0")
+    model = config["model"]
+    if model.get("gguf_file") and model.get("quantization") != "none":
+        raise ConfigError("model.quantization must be none for a GGUF model (it is dequantised on load)")
+
+
+def uses_demo_model(config: dict) -> bool:
+    return Path(config["model"]["path"]).as_posix().rstrip("/") == DEMO_PATH
+
+
+def study_db_path(config: dict) -> str | None:
+    """The SQLite file of the study when the storage is the default (else None)."""
+    if config["study"].get("storage"):
+        url = config["study"]["storage"]
+        return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    return f"results/{config['run']}/study.sqlite"
+
+
+def storage_url(config: dict) -> str:
+    return config["study"].get("storage") or f"sqlite:///results/{config['run']}/study.sqlite"
+
+
+def stage_hash(config: dict, stage: str) -> str:
+    cfg = copy.deepcopy(config)
+    cfg["study_space"] = cfg.get("study", {}).get("space")
+    return config_hash({k: cfg.get(k) for k in _STAGE_KEYS[stage]})
+
+
+def study_name(config: dict) -> str:
+    return f"abliterate-{config['run']}-{stage_hash(config, 'study')}"

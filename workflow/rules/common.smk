@@ -1,0 +1,28 @@
+# Configuration checks and helpers shared by the rules. No rules here.
+
+import os
+
+from snakemake.utils import validate
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+from abliterate import workflow_config as wc  # noqa: E402  (after validation, which fills defaults)
+
+wc.check(config)
+
+RUN = config["run"]
+SETS = ["harmful", "harmless"]
+WORKERS = list(range(config["study"]["workers"]))
+STUDY_DB = wc.study_db_path(config)
+DEMO_DIR = "results/models/demo"
+MERGE_MEM_MB = int(config["merge"]["max_ram_gib"] * 1024)
+
+
+def model_input(wildcards):
+    """The demo model folder when the config abliterates it, so the demo_model rule runs first."""
+    return [DEMO_DIR] if wc.uses_demo_model(config) else []
+
+
+def config_hash(stage):
+    return wc.stage_hash(config, stage)

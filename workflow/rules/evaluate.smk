@@ -1,0 +1,33 @@
+# 8. Evaluate the merged model as users will load it (from disk) on eval and heldout prompts, and
+#    write results/<run>/summary.json, the output contract documented in the README.
+
+
+rule evaluate:
+    input:
+        model=f"results/{RUN}/model",
+        harmful="results/prompts/harmful.parquet",
+        harmless="results/prompts/harmless.parquet",
+        baseline_metrics=f"results/{RUN}/baseline/metrics.json",
+        baseline_logprobs=f"results/{RUN}/baseline/logprobs.safetensors",
+        selected=f"results/{RUN}/selected.json",
+        trials=f"results/{RUN}/trials.csv",
+    output:
+        summary=report(f"results/{RUN}/summary.json", caption="../report/summary.rst", category="Summary"),
+        responses=f"results/{RUN}/merged_responses.parquet",
+    params:
+        storage=wc.storage_url(config),
+        study_name=wc.study_name(config),
+        config_hash=config_hash("study"),
+    log:
+        f"results/logs/{RUN}/evaluate.log",
+    benchmark:
+        f"results/benchmarks/{RUN}/evaluate.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=60,
+    conda:
+        "../../envs/abliterate-gpu.yaml"
+    script:
+        "../scripts/evaluate.py"

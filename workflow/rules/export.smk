@@ -1,0 +1,32 @@
+# 6. Export: pick a trial by the documented policy (export.policy), write its parameters, the Pareto
+#    table and plot, and its ablation as a standard PEFT adapter folder.
+
+
+rule export:
+    input:
+        model_input,
+        trials=f"results/{RUN}/trials.csv",
+        harmful="results/prompts/harmful.parquet",
+        harmless="results/prompts/harmless.parquet",
+        directions=f"results/{RUN}/directions.safetensors",
+        baseline=f"results/{RUN}/baseline/logprobs.safetensors",
+    output:
+        selected=f"results/{RUN}/selected.json",
+        pareto=f"results/{RUN}/pareto.csv",
+        adapter=directory(f"results/{RUN}/adapter"),
+        plot=report(f"results/{RUN}/plots/pareto.png", caption="../report/pareto.rst", category="Study"),
+    params:
+        config_hash=config_hash("study"),
+    log:
+        f"results/logs/{RUN}/export.log",
+    benchmark:
+        f"results/benchmarks/{RUN}/export.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=30,
+    conda:
+        "../../envs/abliterate-gpu.yaml"
+    script:
+        "../scripts/export.py"
