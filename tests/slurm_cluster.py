@@ -81,7 +81,9 @@ def ensure_slurm() -> str | None:
             ["apt-get", "update", "-qq"],
             ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES],
         ):
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            done = subprocess.run(
+                cmd, env=env, check=False, capture_output=True, text=True, timeout=900
+            )
             if done.returncode != 0:
                 return f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}"
     # slurmd must run as root to start jobs as their users, and the config must sit in /etc.
@@ -102,7 +104,9 @@ def _free_port() -> int:
 
 def _hardware() -> dict[str, int]:
     """The node line slurmd itself detects (`slurmd -C`), so the node registers cleanly."""
-    out = subprocess.run([which("slurmd"), "-C"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [which("slurmd"), "-C"], check=False, capture_output=True, text=True, timeout=30
+    )
     fields = dict(re.findall(r"(\w+)=(\d+)", out.stdout.splitlines()[0] if out.stdout else ""))
     cpus = int(fields.get("CPUs", os.cpu_count() or 1))
     memory = int(fields.get("RealMemory", 1024))
@@ -154,6 +158,7 @@ class LocalSlurmCluster:
         cpus = self.cpus or hw["cpus"]
         memory = self.memory_mb or int(hw["memory_mb"] * 0.85)
         ctld_port, slurmd_port = _free_port(), _free_port()
+        gpus = f"gpu:{len(FAKE_GPUS)}"
         conf = f"""{MARKER}
 # root: {self.root}
 ClusterName=abliterate
@@ -196,11 +201,13 @@ JobCompLoc={p["jobcomp"]}
 MinJobAge=300
 ReturnToService=2
 KillWait=5
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} Gres=gpu:{len(FAKE_GPUS)} State=UNKNOWN
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} Gres={gpus} State=UNKNOWN
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """
         # slurmd drops a GPU without File=, and wants character devices: see module docstring.
-        gres = MARKER + "\n" + "".join(f"NodeName={self.node} Name=gpu File={f}\n" for f in FAKE_GPUS)
+        gres = (
+            MARKER + "\n" + "".join(f"NodeName={self.node} Name=gpu File={f}\n" for f in FAKE_GPUS)
+        )
         ETC.mkdir(parents=True, exist_ok=True)
         for name, text in (("slurm.conf", conf), ("gres.conf", gres)):
             tmp = ETC / f".{name}.tmp"
@@ -215,9 +222,17 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
         p = self._paths()
         self.write_config()
         # --force: munged otherwise refuses root and world-writable parents such as /tmp.
-        _run([which("munged"), "--force", f"--socket={p['munge_socket']}",
-              f"--key-file={p['munge_key']}", f"--pid-file={p['munged_pid']}",
-              f"--log-file={p['log'] / 'munged.log'}", f"--seed-file={self.root / 'munge' / 'seed'}"])
+        _run(
+            [
+                which("munged"),
+                "--force",
+                f"--socket={p['munge_socket']}",
+                f"--key-file={p['munge_key']}",
+                f"--pid-file={p['munged_pid']}",
+                f"--log-file={p['log'] / 'munged.log'}",
+                f"--seed-file={self.root / 'munge' / 'seed'}",
+            ]
+        )
         conf = str(ETC / "slurm.conf")
         # -c: a fresh cluster, ignore any state left by a killed run.
         _run([which("slurmctld"), "-c", "-f", conf])
@@ -225,20 +240,31 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
         deadline = time.monotonic() + timeout
         state = ""
         while time.monotonic() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-N", "-n", self.node, "-o", "%t"],
-                                 capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                ["sinfo", "-h", "-N", "-n", self.node, "-o", "%t"],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             state = out.stdout.strip()
             if state == "idle":
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"node {self.node} not idle after {timeout} s (state {state!r}):\n"
-                           + self.log_tail())
+        raise RuntimeError(
+            f"node {self.node} not idle after {timeout} s (state {state!r}):\n" + self.log_tail()
+        )
 
     def stop(self) -> None:
         """Cancel this cluster's jobs, stop the daemons, remove /etc/slurm files we wrote."""
         p = self._paths()
         if p["slurmctld_pid"].exists() and which("scancel"):
-            subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, timeout=10)
+            subprocess.run(
+                ["scancel", "--full", "--user", "root"],
+                check=False,
+                capture_output=True,
+                timeout=10,
+            )
         for name in ("slurmd_pid", "slurmctld_pid", "munged_pid"):
             _kill_pidfile(p[name])
         for name in ("slurm.conf", "gres.conf"):
@@ -261,7 +287,7 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
 
 
 def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
 
@@ -273,34 +299,44 @@ def _kill_pidfile(pidfile: Path, timeout: float = 15) -> None:
     except (FileNotFoundError, ValueError, IndexError):
         return
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
+        if not _signal(pid, sig):
             break
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
+        while time.monotonic() < deadline and _signal(pid, 0):
             time.sleep(0.1)
-        else:
-            continue
-        break
+        if not _signal(pid, 0):
+            break
     pidfile.unlink(missing_ok=True)
 
 
-def running_cluster() -> LocalSlurmCluster | None:
-    """The cluster described by our /etc/slurm/slurm.conf if its controller answers."""
+def _signal(pid: int, sig: int) -> bool:
+    """Send `sig`; False when the process is gone."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def configured_cluster() -> LocalSlurmCluster | None:
+    """The cluster our /etc/slurm/slurm.conf describes, running or not."""
     conf = ETC / "slurm.conf"
-    if not conf.exists() or not conf.read_text().startswith(MARKER) or which("sinfo") is None:
+    if not conf.exists() or not conf.read_text().startswith(MARKER):
         return None
-    found = re.search(r"^# root: (.+)$", conf.read_text(), re.MULTILINE)
-    node = re.search(r"^NodeName=(\S+)", conf.read_text(), re.MULTILINE)
-    if not found or not node:
+    text = conf.read_text()
+    root = re.search(r"^# root: (.+)$", text, re.MULTILINE)
+    node = re.search(r"^NodeName=(\S+)", text, re.MULTILINE)
+    if not root or not node:
         return None
-    cluster = LocalSlurmCluster(root=Path(found.group(1)), node=node.group(1))
-    alive = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=10)
+    return LocalSlurmCluster(root=Path(root.group(1)), node=node.group(1))
+
+
+def running_cluster() -> LocalSlurmCluster | None:
+    """The configured cluster if its controller answers."""
+    cluster = configured_cluster()
+    if cluster is None or which("sinfo") is None:
+        return None
+    alive = subprocess.run(["sinfo", "-h"], check=False, capture_output=True, text=True, timeout=10)
     return cluster if alive.returncode == 0 else None
 
 
@@ -320,18 +356,27 @@ def run_snakemake_on_slurm(
     env = dict(os.environ)
     env.update((cluster or LocalSlurmCluster(root=CLI_ROOT)).env)
     cmd = [
-        sys.executable, "-m", "snakemake",
-        "--profile", str(SLURM_PROFILE),
-        "--snakefile", str(snakefile),
-        "--directory", str(workdir),
-        "--slurm-status-command", "squeue",
-        "--slurm-init-seconds-before-status-checks", "2",
-        "--seconds-between-status-checks", "2",
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        str(SLURM_PROFILE),
+        "--snakefile",
+        str(snakefile),
+        "--directory",
+        str(workdir),
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--seconds-between-status-checks",
+        "2",
         "--slurm-keep-successful-logs",
         *extra_args,
     ]
-    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=workdir, env=env, check=False, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def submitted_job_ids(snakemake_output: str) -> dict[str, str]:
@@ -351,6 +396,9 @@ def slurm_cluster(tmp_path_factory):
         # Brought up by hand (`python tests/slurm_cluster.py up`): use it, leave it running.
         yield existing
         return
+    stale = configured_cluster()
+    if stale is not None:  # a killed session's daemons and /etc files
+        stale.stop()
     cluster = LocalSlurmCluster(root=tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
@@ -371,17 +419,18 @@ def main(argv: list[str]) -> int:
             print(f"cannot start SLURM: {reason}", file=sys.stderr)
             return 1
         if running_cluster() is None:
-            cluster = LocalSlurmCluster(root=CLI_ROOT)
-            cluster.stop()  # leftovers of a killed run
-            cluster.start()
+            stale = configured_cluster()
+            if stale is not None:  # a killed session's daemons and /etc files
+                stale.stop()
+            LocalSlurmCluster(root=CLI_ROOT).start()
         cluster = running_cluster()
         print(f"up: node {cluster.node}, state in {cluster.root}; for profiles/slurm:")
-        print(" ".join(f"export {k}={v}" for k, v in cluster.env.items()))
+        for key, value in cluster.env.items():
+            print(f"export {key}={value}")
         print("and add --slurm-status-command squeue (no slurmdbd here)")
         return 0
     if command == "down":
-        cluster = running_cluster() or LocalSlurmCluster(root=CLI_ROOT)
-        cluster.stop()
+        (configured_cluster() or LocalSlurmCluster(root=CLI_ROOT)).stop()
         print("down")
         return 0
     if command == "status":

@@ -7,12 +7,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from abliterate import errors, prompting
+from abliterate import batching, errors, prompting
 from abliterate.generation import eos_token_ids, generate, generate_ids
 
 import tiny_models
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TEMPLATE = (
@@ -61,6 +61,11 @@ def texts(tokenizer):
     return prompting.chat_texts(tokenizer, PROMPTS, system_prompt=None)
 
 
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_models.tiny_llama()
+
+
 def hf_greedy(model, tokenizer, texts, max_new_tokens):
     """Reference: transformers' generate on each text alone (no padding), cut after EOS."""
     eos = eos_token_ids(model, tokenizer)
@@ -100,8 +105,9 @@ def test_missing_chat_template_names_config_key(tokenizer):
 
 
 @pytest.mark.parametrize("factory", ["llama", "gemma3_text"])
-def test_matches_hf_greedy(factory, tokenizer, texts):
-    model = tiny_models.FACTORIES[factory]()
+def test_matches_hf_greedy(factory, tokenizer, texts, llama):
+    # gemma3 has sliding-window layers (window 8 < sequence): a second kind of cache layer to prune
+    model = llama if factory == "llama" else tiny_models.FACTORIES[factory]()
     ours = generate_ids(model, tokenizer, texts, max_new_tokens=12, batch_size=3)
     assert ours == hf_greedy(model, tokenizer, texts, 12)
 
@@ -118,8 +124,8 @@ class StopAfter:
         return True if any(s in partial_text for s in self.stops) else None
 
 
-def test_early_stop_prunes_rows_and_keeps_order(tokenizer, texts):
-    model = tiny_models.tiny_llama()
+def test_early_stop_prunes_rows_and_keeps_order(tokenizer, texts, llama):
+    model = llama
     budget = 16
     full = generate_ids(model, tokenizer, texts, max_new_tokens=budget, batch_size=4)
     full_text = tokenizer.batch_decode(full, skip_special_tokens=True)
@@ -148,14 +154,46 @@ def test_early_stop_prunes_rows_and_keeps_order(tokenizer, texts):
     assert texts_out == tokenizer.batch_decode(early, skip_special_tokens=True)
 
 
-def test_budget_zero_and_empty(tokenizer, texts):
-    model = tiny_models.tiny_llama()
+def test_budget_zero_and_empty(tokenizer, texts, llama):
+    model = llama
     assert generate(model, tokenizer, texts[:2], max_new_tokens=0, batch_size=2) == ["", ""]
     assert generate(model, tokenizer, [], max_new_tokens=5, batch_size=2) == []
 
 
-def test_batch_size_does_not_change_tokens(tokenizer, texts):
-    model = tiny_models.tiny_llama()
+def test_batch_size_does_not_change_tokens(tokenizer, texts, llama):
+    model = llama
     a = generate_ids(model, tokenizer, texts, max_new_tokens=8, batch_size=1)
     b = generate_ids(model, tokenizer, texts, max_new_tokens=8, batch_size=7)
     assert a == b
+
+
+def test_auto_batch_size_off_cuda_uses_default(tmp_path):
+    def probe(size):
+        raise AssertionError("no probe off CUDA")
+
+    assert batching.auto_batch_size(probe, "cpu", "m", tmp_path / "b.json", 1, 64) == 16
+    assert batching.auto_batch_size(probe, "cpu", "m", tmp_path / "b.json", 1, 8) == 8
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_auto_batch_size_doubles_until_oom_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setattr(batching, "_device_id", lambda device: "FakeGPU|80000MiB")
+    freed = []
+    monkeypatch.setattr(batching, "free_memory", lambda: freed.append(1))
+    tried = []
+
+    def probe(size):
+        tried.append(size)
+        if size > 12:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    cache = tmp_path / "batch_sizes.json"
+    assert batching.auto_batch_size(probe, "cuda", "m", cache, start=1, max_size=64) == 8
+    assert tried == [1, 2, 4, 8, 16] and freed
+    assert batching.auto_batch_size(probe, "cuda", "m", cache, start=1, max_size=64) == 8
+    assert len(tried) == 5  # second call answered from the cache
+    assert batching.auto_batch_size(probe, "cuda", "m", cache, start=1, max_size=4) == 4
+    assert batching.auto_batch_size(probe, "cuda", "other", cache, start=2, max_size=6) == 6
+    assert tried[5:] == [2, 4, 6]
+    with pytest.raises(errors.ConfigError, match="out of GPU memory"):
+        batching.auto_batch_size(probe, "cuda", "big", cache, start=16, max_size=64)

@@ -10,10 +10,9 @@ import time
 
 import optuna
 import pytest
-from optuna.trial import TrialState
-
 from abliterate import study as st
 from abliterate.errors import ConfigError
+from optuna.trial import TrialState
 
 N_LAYERS = 8
 FAST = {"n_startup_trials": 3, "multivariate": True}  # TPE proper after 3 trials
@@ -22,7 +21,7 @@ FAST = {"n_startup_trials": 3, "multivariate": True}  # TPE proper after 3 trial
 def cheap_objective(params: dict, number: int) -> dict:
     """A pure function of the parameters: stronger ablation, fewer refusals, more KL."""
     strength = params["attn_out.max_weight"] + params["mlp_down.max_weight"]
-    refusals = max(0, round(20 * (3.0 - strength)))
+    refusals = min(20, max(0, round(20 * (3.0 - strength))))
     kl = 0.05 * strength**2 + 0.01 * params["attn_out.min_weight"]
     return {"refusals": refusals, "kl": kl, "n": 20}
 
@@ -41,8 +40,17 @@ class SlowObjective:
 
 def _worker_process(url, name, n_trials, worker_id, objective, heartbeat, grace):
     st.run_worker(
-        url, name, objective, n_trials, worker_id=worker_id, seed=0, sampler_kwargs=FAST,
-        n_layers=N_LAYERS, heartbeat_interval=heartbeat, grace_period=grace, progress=False,
+        url,
+        name,
+        objective,
+        n_trials,
+        worker_id=worker_id,
+        seed=0,
+        sampler_kwargs=FAST,
+        n_layers=N_LAYERS,
+        heartbeat_interval=heartbeat,
+        grace_period=grace,
+        progress=False,
     )
 
 
@@ -52,22 +60,25 @@ def _spawn(*args):
     return proc
 
 
-def _trials(url, name):
-    storage = st.make_storage(url, heartbeat_interval=None)
+def _trials(url, name, storage=None):
+    storage = storage or st.make_storage(url, heartbeat_interval=None)
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
 
 
 def _wait_for_hang(proc, url, name, n_complete, timeout=60.0):
     """Wait until the worker has ``n_complete`` trials done and a sampled one RUNNING."""
+    storage = st.make_storage(url, heartbeat_interval=None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.is_alive(), "worker exited early"
         try:
-            trials = _trials(url, name)
-        except (KeyError, FileNotFoundError):
+            trials = _trials(url, name, storage)
+        except KeyError:  # the worker has not created the study yet
             trials = []
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        running = [t for t in trials if t.state == TrialState.RUNNING and "ablation_params" in t.user_attrs]
+        running = [
+            t for t in trials if t.state == TrialState.RUNNING and "ablation_params" in t.user_attrs
+        ]
         if len(done) >= n_complete and running:
             return running[0]
         time.sleep(0.2)
@@ -101,7 +112,9 @@ def test_study_name_ignores_key_order_and_changes_with_config():
 
 def test_storage_urls(tmp_path):
     assert st.default_storage_url("r1") == "sqlite:///results/r1/study.sqlite"
-    assert st.sqlite_path("sqlite:///results/r1/study.sqlite").as_posix() == "results/r1/study.sqlite"
+    assert (
+        st.sqlite_path("sqlite:///results/r1/study.sqlite").as_posix() == "results/r1/study.sqlite"
+    )
     assert st.sqlite_path("sqlite:////abs/s.db").as_posix() == "/abs/s.db"
     assert st.sqlite_path("sqlite:///:memory:") is None
     assert st.sqlite_path("postgresql://u:p@host/db") is None
@@ -114,24 +127,40 @@ def test_storage_urls(tmp_path):
 
 
 def test_suggest_params_maps_relative_ranges_to_layers():
-    trial = optuna.trial.FixedTrial({
-        "direction_scope": "global", "direction_index": 0.5,
-        "attn_out.max_weight": 1.2, "attn_out.max_weight_position": 1.0,
-        "attn_out.min_weight": 0.5, "attn_out.min_weight_distance": 0.5,
-        "mlp_down.max_weight": 1.0, "mlp_down.max_weight_position": 0.5,
-        "mlp_down.min_weight": 0.0, "mlp_down.min_weight_distance": 0.2,
-    })
+    trial = optuna.trial.FixedTrial(
+        {
+            "direction_scope": "global",
+            "direction_index": 0.5,
+            "attn_out.max_weight": 1.2,
+            "attn_out.max_weight_position": 1.0,
+            "attn_out.min_weight": 0.5,
+            "attn_out.min_weight_distance": 0.5,
+            "mlp_down.max_weight": 1.0,
+            "mlp_down.max_weight_position": 0.5,
+            "mlp_down.min_weight": 0.0,
+            "mlp_down.min_weight_distance": 0.2,
+        }
+    )
     flat = st.suggest_params(trial, st.DEFAULT_SPACE, n_layers=N_LAYERS)
-    assert flat == pytest.approx({
-        "direction_index": 3.5, "attn_out.max_weight": 1.2, "attn_out.max_weight_position": 7.0,
-        "attn_out.min_weight": 0.6, "attn_out.min_weight_distance": 3.5,
-        "mlp_down.max_weight": 1.0, "mlp_down.max_weight_position": 3.5,
-        "mlp_down.min_weight": 0.0, "mlp_down.min_weight_distance": 1.4,
-    })
+    assert flat == pytest.approx(
+        {
+            "direction_index": 3.5,
+            "attn_out.max_weight": 1.2,
+            "attn_out.max_weight_position": 7.0,
+            "attn_out.min_weight": 0.6,
+            "attn_out.min_weight_distance": 3.5,
+            "mlp_down.max_weight": 1.0,
+            "mlp_down.max_weight_position": 3.5,
+            "mlp_down.min_weight": 0.0,
+            "mlp_down.min_weight_distance": 1.4,
+        }
+    )
 
 
 def test_suggest_params_stays_in_range_and_samples_per_layer():
-    study = optuna.create_study(directions=list(st.DIRECTIONS), sampler=optuna.samplers.RandomSampler(0))
+    study = optuna.create_study(
+        directions=list(st.DIRECTIONS), sampler=optuna.samplers.RandomSampler(0)
+    )
     seen = []
     for _ in range(40):
         flat = st.suggest_params(study.ask(), st.DEFAULT_SPACE, n_layers=N_LAYERS)
@@ -147,12 +176,32 @@ def test_suggest_params_stays_in_range_and_samples_per_layer():
     assert any(f["direction_index"] is not None for f in seen)
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"direction_index": {"low": 0.9, "high": 0.2}}, "direction_index"),
-    ({"components": {"attn_out": {"max_weight": [1, 2]}}}, "missing"),
-    ({"components": {"attn_out": {**st.DEFAULT_SPACE["components"]["attn_out"], "min_weight_distance": [0, 1]}}}, "min_weight_distance"),
-    ({"components": {"attn_out": {**st.DEFAULT_SPACE["components"]["attn_out"], "min_weight": [0, 2]}}}, "min_weight"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"direction_index": {"low": 0.9, "high": 0.2}}, "direction_index"),
+        ({"components": {"attn_out": {"max_weight": [1, 2]}}}, "missing"),
+        (
+            {
+                "components": {
+                    "attn_out": {
+                        **st.DEFAULT_SPACE["components"]["attn_out"],
+                        "min_weight_distance": [0, 1],
+                    }
+                }
+            },
+            "min_weight_distance",
+        ),
+        (
+            {
+                "components": {
+                    "attn_out": {**st.DEFAULT_SPACE["components"]["attn_out"], "min_weight": [0, 2]}
+                }
+            },
+            "min_weight",
+        ),
+    ],
+)
 def test_validate_space_names_the_bad_key(change, key):
     with pytest.raises(ConfigError, match=key):
         st.validate_space({**st.DEFAULT_SPACE, **change})
@@ -160,15 +209,35 @@ def test_validate_space_names_the_bad_key(change, key):
 
 def test_exact_budget_and_raising_n_trials_continues(db):
     url, name = db
-    summary = st.run_worker(url, name, cheap_objective, 6, seed=1, sampler_kwargs=FAST,
-                            n_layers=N_LAYERS, progress=False)
+    summary = st.run_worker(
+        url,
+        name,
+        cheap_objective,
+        6,
+        seed=1,
+        sampler_kwargs=FAST,
+        n_layers=N_LAYERS,
+        progress=False,
+    )
     assert summary["n_complete"] == 6 and summary["study_n_complete"] == 6
     first = _assert_distinct_complete(_trials(url, name), 6)
     # Rerunning with the same budget does nothing; a larger budget adds only the difference.
-    assert st.run_worker(url, name, cheap_objective, 6, sampler_kwargs=FAST, n_layers=N_LAYERS,
-                         progress=False)["n_complete"] == 0
-    st.run_worker(url, name, cheap_objective, 9, seed=1, sampler_kwargs=FAST, n_layers=N_LAYERS,
-                  progress=False)
+    assert (
+        st.run_worker(
+            url, name, cheap_objective, 6, sampler_kwargs=FAST, n_layers=N_LAYERS, progress=False
+        )["n_complete"]
+        == 0
+    )
+    st.run_worker(
+        url,
+        name,
+        cheap_objective,
+        9,
+        seed=1,
+        sampler_kwargs=FAST,
+        n_layers=N_LAYERS,
+        progress=False,
+    )
     done = _assert_distinct_complete(_trials(url, name), 9)
     assert [t.params for t in done[:6]] == [t.params for t in first]
     attrs = done[0].user_attrs
@@ -177,8 +246,18 @@ def test_exact_budget_and_raising_n_trials_continues(db):
 
     df = st.trials_frame(url, name)
     assert len(df) == 9 and (df["state"] == "COMPLETE").all()
-    for column in ("number", "refusals", "kl", "n", "seconds", "worker", "direction_index",
-                   "attn_out.max_weight", "mlp_down.min_weight_distance", "datetime_complete"):
+    for column in (
+        "number",
+        "refusals",
+        "kl",
+        "n",
+        "seconds",
+        "worker",
+        "direction_index",
+        "attn_out.max_weight",
+        "mlp_down.min_weight_distance",
+        "datetime_complete",
+    ):
         assert column in df.columns
     stats = st.study_stats(url, name)
     assert stats["n_complete"] == 9 and stats["n_failed"] == 0 and stats["n_running"] == 0
@@ -193,18 +272,24 @@ def test_failing_trials_are_recorded_and_too_many_raise(db):
             raise ValueError(f"boom {number}")
         return cheap_objective(params, number)
 
-    summary = st.run_worker(url, name, flaky, 4, sampler_kwargs=FAST, n_layers=N_LAYERS,
-                            progress=False)
+    summary = st.run_worker(
+        url, name, flaky, 4, sampler_kwargs=FAST, n_layers=N_LAYERS, progress=False
+    )
     assert summary["n_failed"] == 2
     df = st.trials_frame(url, name)
     assert (df["state"] == "COMPLETE").sum() == 4
-    assert df.loc[df["state"] == "FAIL", "error"].tolist() == ["ValueError: boom 1", "ValueError: boom 3"]
+    assert df.loc[df["state"] == "FAIL", "error"].tolist() == [
+        "ValueError: boom 1",
+        "ValueError: boom 3",
+    ]
 
     def broken(params, number):
         return {"refusals": 1, "kl": -0.1}
 
     with pytest.raises(RuntimeError, match="3 trials failed in a row"):
-        st.run_worker(url, name + "-2", broken, 4, max_failures=2, n_layers=N_LAYERS, progress=False)
+        st.run_worker(
+            url, name + "-2", broken, 4, max_failures=2, n_layers=N_LAYERS, progress=False
+        )
     assert st.study_stats(url, name + "-2")["n_failed"] == 3
 
 
@@ -224,8 +309,16 @@ def test_resume_after_kill_reasks_the_killed_trial(db):
         _kill(proc)
     assert killed.user_attrs["worker"] == "0"
 
-    st.run_worker(url, name, cheap_objective, 6, worker_id=0, sampler_kwargs=FAST,
-                  n_layers=N_LAYERS, progress=False)
+    st.run_worker(
+        url,
+        name,
+        cheap_objective,
+        6,
+        worker_id=0,
+        sampler_kwargs=FAST,
+        n_layers=N_LAYERS,
+        progress=False,
+    )
     trials = _trials(url, name)
     done = _assert_distinct_complete(trials, 6)
     assert [t.state for t in trials if t.number == killed.number] == [TrialState.FAIL]
@@ -236,14 +329,24 @@ def test_resume_after_kill_reasks_the_killed_trial(db):
 
 def test_stale_trial_of_a_dead_worker_is_requeued_via_heartbeat(db):
     url, name = db
-    proc = _spawn(url, name, 4, "a", SlowObjective(hang_on_call=2), 1, 2)
+    proc = _spawn(url, name, 4, "a", SlowObjective(hang_on_call=2), 1, 1)
     try:
         killed = _wait_for_hang(proc, url, name, n_complete=1)
     finally:
         _kill(proc)
-    time.sleep(3.5)  # let the heartbeat go stale (grace period 2 s)
-    st.run_worker(url, name, cheap_objective, 4, worker_id="b", sampler_kwargs=FAST,
-                  n_layers=N_LAYERS, heartbeat_interval=1, grace_period=2, progress=False)
+    time.sleep(2.5)  # let the heartbeat go stale (grace period 1 s, timestamps in whole seconds)
+    st.run_worker(
+        url,
+        name,
+        cheap_objective,
+        4,
+        worker_id="b",
+        sampler_kwargs=FAST,
+        n_layers=N_LAYERS,
+        heartbeat_interval=1,
+        grace_period=1,
+        progress=False,
+    )
     trials = _trials(url, name)
     done = _assert_distinct_complete(trials, 4)
     assert [t.state for t in trials if t.number == killed.number] == [TrialState.FAIL]
@@ -254,11 +357,48 @@ def test_stale_trial_of_a_dead_worker_is_requeued_via_heartbeat(db):
 
 def test_two_worker_processes_share_one_study(db):
     url, name = db
-    procs = [_spawn(url, name, 12, w, SlowObjective(delay=0.05), 60, None) for w in (0, 1)]
+    procs = [_spawn(url, name, 10, w, SlowObjective(delay=0.4), 60, None) for w in (0, 1)]
     for proc in procs:
         proc.join(120)
     assert [p.exitcode for p in procs] == [0, 0], "a worker crashed (database is locked?)"
     trials = _trials(url, name)
-    done = _assert_distinct_complete(trials, 12)
+    done = _assert_distinct_complete(trials, 10)
     assert {t.user_attrs["worker"] for t in done} == {"0", "1"}
-    assert len(trials) == 12, "surplus or failed trials were created"
+    assert len(trials) == 10, "surplus or failed trials were created"
+
+
+def test_result_of_a_trial_failed_by_another_worker_is_dropped(db):
+    url, name = db
+    storage = st.make_storage(url, heartbeat_interval=None)
+
+    def taken_over(params, number):
+        if number == 1:  # what a heartbeat check of another worker does to a silent trial
+            study = optuna.load_study(study_name=name, storage=storage)
+            trial = study.get_trials(deepcopy=False)[number]
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            st._requeue(study, trial)
+        return cheap_objective(params, number)
+
+    summary = st.run_worker(
+        url, name, taken_over, 3, sampler_kwargs=FAST, n_layers=N_LAYERS, progress=False
+    )
+    assert summary["n_complete"] == 3  # the dropped result is not counted
+    trials = _trials(url, name)
+    done = _assert_distinct_complete(trials, 3)
+    assert [t.state for t in trials if t.number == 1] == [TrialState.FAIL]
+    assert [t.user_attrs.get("retry_of") for t in done].count(1) == 1
+
+
+def test_interrupt_fails_and_requeues_the_trial(db):
+    url, name = db
+
+    def interrupted(params, number):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        st.run_worker(url, name, interrupted, 3, n_layers=N_LAYERS, progress=False)
+    st.run_worker(url, name, cheap_objective, 3, n_layers=N_LAYERS, progress=False)
+    trials = _trials(url, name)
+    assert trials[0].state == TrialState.FAIL
+    done = _assert_distinct_complete(trials, 3)
+    assert done[0].user_attrs["retry_of"] == 0 and done[0].params == trials[0].params

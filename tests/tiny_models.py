@@ -20,20 +20,20 @@ VOCAB = 128
 LAYERS = 3
 SEED = 0
 
-_COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=HIDDEN,
-    intermediate_size=INTERMEDIATE,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=HEADS,
-    num_key_value_heads=KV_HEADS,
-    head_dim=HEAD_DIM,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTERMEDIATE,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "head_dim": HEAD_DIM,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 def _build(model_cls, config, seed: int = SEED):
@@ -101,16 +101,11 @@ def tiny_gpt_oss(seed: int = SEED):
         num_local_experts=4,
         num_experts_per_tok=2,
         sliding_window=8,
+        # the YaRN defaults assume 131k positions and warn at this size
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     config._experts_implementation = "eager"
-    model = _build(GptOssForCausalLM, config, seed)
-    # GPT-OSS initialises expert weights with torch.empty in some paths; make them finite and seeded.
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if "experts" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
+    return _build(GptOssForCausalLM, config, seed)
 
 
 def tiny_multimodal(seed: int = SEED):

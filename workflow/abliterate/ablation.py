@@ -36,15 +36,17 @@ is not covered by the CPU tests.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,7 +81,9 @@ class Kernel:
 
     def __post_init__(self) -> None:
         if not self.min_weight_distance > 0:
-            raise ConfigError(f"Kernel.min_weight_distance must be > 0, got {self.min_weight_distance}")
+            raise ConfigError(
+                f"Kernel.min_weight_distance must be > 0, got {self.min_weight_distance}"
+            )
 
     def weight_at(self, layer: float) -> float:
         distance = abs(layer - self.max_weight_position)
@@ -104,10 +108,14 @@ class AblationParams:
     def __post_init__(self) -> None:
         unknown = set(self.kernels) - set(KINDS)
         if unknown:
-            raise ConfigError(f"unknown component kinds {sorted(unknown)} in kernels; known: {list(KINDS)}")
+            raise ConfigError(
+                f"unknown component kinds {sorted(unknown)} in kernels; known: {list(KINDS)}"
+            )
 
     @classmethod
-    def constant(cls, weight: float, direction_index: float | None = None, kinds=KINDS) -> AblationParams:
+    def constant(
+        cls, weight: float, direction_index: float | None = None, kinds=KINDS
+    ) -> AblationParams:
         """The same weight on every layer of every kind (for tests and baselines)."""
         kernel = Kernel(weight, 0.0, weight, 1e9)
         return cls(direction_index, {kind: kernel for kind in kinds})
@@ -132,7 +140,9 @@ class AblationParams:
                 continue
             kind, _, name = key.partition(".")
             if name not in _KERNEL_FIELDS:
-                raise ConfigError(f"unknown ablation parameter {key!r}; expected <kind>.{{{', '.join(_KERNEL_FIELDS)}}}")
+                raise ConfigError(
+                    f"unknown ablation parameter {key!r}; expected <kind>.{{{', '.join(_KERNEL_FIELDS)}}}"
+                )
             fields.setdefault(kind, {})[name] = float(value)
         kernels = {}
         for kind, values in fields.items():
@@ -150,14 +160,22 @@ def direction_for(directions: torch.Tensor, index: float) -> torch.Tensor:
         raise ConfigError(f"direction_index {index} is outside [0, {n - 1}]")
     lo = math.floor(index)
     frac = float(index - lo)
-    v = directions[lo] if frac == 0 else torch.lerp(directions[lo], directions[min(lo + 1, n - 1)], frac)
+    v = (
+        directions[lo]
+        if frac == 0
+        else torch.lerp(directions[lo], directions[min(lo + 1, n - 1)], frac)
+    )
     norm = torch.linalg.vector_norm(v)
     if not norm.item() > 0:  # `not >` also catches NaN
-        raise NumericalError(f"direction at index {index} has norm {norm.item()}; the direction table is broken")
+        raise NumericalError(
+            f"direction at index {index} has norm {norm.item()}; the direction table is broken"
+        )
     return v / norm
 
 
-def layer_direction(directions: torch.Tensor, layer: int, direction_index: float | None) -> torch.Tensor:
+def layer_direction(
+    directions: torch.Tensor, layer: int, direction_index: float | None
+) -> torch.Tensor:
     """The direction ablated at decoder layer ``layer``: its own output's (index layer + 1) or a global one."""
     return direction_for(directions, layer + 1 if direction_index is None else direction_index)
 
@@ -222,7 +240,10 @@ def _views(c: Component, weight: torch.Tensor) -> list[torch.Tensor]:
     if c.layout == "conv1d":
         return [weight.T]
     if c.layout == "experts":
-        return [weight[e] if c.expert_axis_order == "out_in" else weight[e].T for e in range(weight.shape[0])]
+        return [
+            weight[e] if c.expert_axis_order == "out_in" else weight[e].T
+            for e in range(weight.shape[0])
+        ]
     raise UnsupportedArchitectureError(f"{c.name}: unknown layout {c.layout!r}")
 
 
@@ -272,11 +293,6 @@ class Ablator:
         self.rank = full_rank if self.row_norm == RowNorm.FULL else 1
         self.lora_components = [c for c in layout.components if c.lora and not force_direct]
         self.direct_components = [c for c in layout.components if not (c.lora and not force_direct)]
-        quantized = [c.name for c in self.direct_components if c.quantized]
-        if quantized:
-            raise UnsupportedArchitectureError(
-                f"quantized layers cannot be edited in place (force_direct=True): {quantized[:3]}; use the LoRA route"
-            )
         self._backups: dict[Component, torch.Tensor] = {}
         self._dirty: set[Component] = set()
         self._factors: dict[Component, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -286,6 +302,11 @@ class Ablator:
         self._lora_layers: dict[Component, nn.Module] = {}
         if self.lora_components:
             self._wrap(model)
+        quantized = [c.name for c in self.direct_components if c.quantized]
+        if quantized:
+            raise UnsupportedArchitectureError(
+                f"quantized layers cannot be edited in place: {quantized[:3]}; use the LoRA route (force_direct=False)"
+            )
 
     # -- LoRA route -------------------------------------------------------------------------------
     def _lora_config(self):
@@ -301,13 +322,53 @@ class Ablator:
             init_lora_weights=True,  # B = 0: the adapter starts as the identity
         )
 
+    def _peft_would_retarget(self, config) -> set[str]:
+        """Target names PEFT would silently rewrite for this model type.
+
+        On transformers v5, PEFT maps v4 MoE projection names (e.g. any ``*.down_proj`` of a Qwen-MoE
+        model, including dense layers and shared experts) to ``target_parameters`` of every fused expert
+        tensor. Probing a copy of the config tells which of our exact targets would be lost that way.
+        """
+        try:
+            from peft.utils.transformers_weight_conversion import (
+                convert_peft_config_for_transformers,
+                get_model_conversion_mapping,
+            )
+        except ImportError:  # older PEFT: no conversion, nothing rewritten
+            return set()
+        probe = copy.deepcopy(config)
+        convert_peft_config_for_transformers(
+            probe, model=self.base, conversions=get_model_conversion_mapping(self.base)
+        )
+        return set(config.target_modules) - set(probe.target_modules or [])
+
     def _wrap(self, model: nn.Module) -> None:
         from peft import PeftModel, get_peft_model
+        from peft.tuners.lora import LoraLayer
 
         config = self._lora_config()
+        retargeted = self._peft_would_retarget(config)
+        if retargeted:
+            log.info(
+                "%d modules go the direct route because PEFT would re-target them: %s",
+                len(retargeted),
+                sorted(retargeted)[:4],
+            )
+            self.direct_components += [c for c in self.lora_components if c.name in retargeted]
+            self.lora_components = [c for c in self.lora_components if c.name not in retargeted]
+            if not self.lora_components:
+                return
+            config = self._lora_config()
+            if self._peft_would_retarget(config):
+                raise UnsupportedArchitectureError(
+                    f"{self.layout.model_class}: PEFT re-targets the LoRA modules"
+                )
         if isinstance(model, PeftModel):
             self._adapter = "abliterate"
-            log.warning("model already is a PeftModel: adding adapter %r and making it the only active one", self._adapter)
+            log.warning(
+                "model already is a PeftModel: adding adapter %r and making it the only active one",
+                self._adapter,
+            )
             model.add_adapter(self._adapter, config)
             model.set_adapter(self._adapter)
             self._peft = model
@@ -316,6 +377,10 @@ class Ablator:
             self._peft = get_peft_model(self.base, config, adapter_name=self._adapter)
         for c in self.lora_components:
             layer = self.base.get_submodule(c.name)
+            if not isinstance(layer, LoraLayer) or self._adapter not in layer.lora_A:
+                raise UnsupportedArchitectureError(
+                    f"PEFT did not wrap {c.name} ({type(layer).__name__}) with LoRA"
+                )
             scaling = layer.scaling[self._adapter]
             if scaling != 1:
                 raise NumericalError(f"{c.name}: LoRA scaling is {scaling}, expected 1")
@@ -330,7 +395,8 @@ class Ablator:
         k = b.shape[1]
         lora_b[:, :k].copy_(b)  # copy_ moves to the adapter's device and dtype in one step
         lora_a[:k].copy_(a)
-        if k < lora_b.shape[1]:  # FULL on a matrix thinner than full_rank: unused factors stay inert
+        # FULL on a matrix thinner than full_rank: the unused factors stay inert
+        if k < lora_b.shape[1]:
             lora_b[:, k:].zero_()
 
     # -- direct route -----------------------------------------------------------------------------
@@ -355,7 +421,9 @@ class Ablator:
                 view.addmm_(b[e], a[e])
 
     # -- both routes ------------------------------------------------------------------------------
-    def _factors_for(self, c: Component, r: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factors_for(
+        self, c: Component, r: torch.Tensor, weight: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A): (out, k), (k, in); for fused experts (E, out, k), (E, k, in)."""
         pairs = [
             delta_factors(view, r, weight, self.row_norm, self.full_rank, self.seed)
@@ -384,7 +452,9 @@ class Ablator:
                 device = c.weight.device
                 key = (c.layer, device)
                 if key not in directions:
-                    directions[key] = layer_direction(self.directions, c.layer, params.direction_index).to(device)
+                    directions[key] = layer_direction(
+                        self.directions, c.layer, params.direction_index
+                    ).to(device)
                 b, a = self._factors_for(c, directions[key], weight)
                 if c in self._lora_layers:
                     self._set_lora(c, b, a)
@@ -421,7 +491,10 @@ class Ablator:
             if component in self._lora_layers:
                 layer = self._lora_layers[component]
                 lora_b, lora_a = self._lora_weights(component)
-                w = w + (lora_b.float() @ lora_a.float()).to(w.device) * layer.scaling[self._adapter]
+                w = (
+                    w
+                    + (lora_b.float() @ lora_a.float()).to(w.device) * layer.scaling[self._adapter]
+                )
         return w
 
     # -- access and export ------------------------------------------------------------------------

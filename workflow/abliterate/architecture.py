@@ -28,12 +28,25 @@ KINDS = ("attn_out", "mlp_down")
 LAYOUTS = ("linear", "conv1d", "experts")
 
 # Last name segment of the container that holds a layer's attention (or token mixer) and its MLP.
-_ATTN_CONTAINER = re.compile(r"^(self_attn|attn|attention|self_attention|mixer|linear_attn|temporal_block)$")
-_MLP_CONTAINER = re.compile(r"^(mlp|feed_forward|ffn|ff|block_sparse_moe|moe|mlp_block|feedforward)$")
+_ATTN_CONTAINER = re.compile(
+    r"^(self_attn|attn|attention|self_attention|mixer|linear_attn|temporal_block)$"
+)
+_MLP_CONTAINER = re.compile(
+    r"^(mlp|feed_forward|ffn|ff|block_sparse_moe|moe|mlp_block|feedforward)$"
+)
 # Output projections, in order of preference (the first found in a container wins).
 _ATTN_OUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo", "o", "proj", "output_proj")
 # Down projections: every match inside the MLP container is taken (dense MLP, each expert, shared experts).
-_MLP_DOWN_NAMES = {"down_proj", "c_proj", "fc2", "w2", "wo", "dense_4h_to_h", "output_linear", "fc_out"}
+_MLP_DOWN_NAMES = {
+    "down_proj",
+    "c_proj",
+    "fc2",
+    "w2",
+    "wo",
+    "dense_4h_to_h",
+    "output_linear",
+    "fc_out",
+}
 _QUANTIZED_CLASSES = {"Linear4bit", "Linear8bitLt"}
 _QUANTIZED_PARAMS = {"Params4bit", "Int8Params"}
 # Where a multimodal model keeps its text tower.
@@ -146,7 +159,9 @@ def _is_quantized(module: nn.Module) -> bool:
 
 def _text_scope(model: nn.Module) -> tuple[str, nn.Module]:
     """The text tower of a multimodal model (the outermost ``language_model``/``text_model``), else the model."""
-    towers = [(n, m) for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1] in _TEXT_TOWER_NAMES]
+    towers = [
+        (n, m) for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1] in _TEXT_TOWER_NAMES
+    ]
     return min(towers, key=lambda nm: nm[0].count(".")) if towers else ("", model)
 
 
@@ -158,7 +173,9 @@ def _hidden_size(model: nn.Module, scope: nn.Module) -> int | None:
             value = getattr(text, attr, None)
             if isinstance(value, int):
                 return value
-    get_emb = getattr(scope, "get_input_embeddings", None) or getattr(model, "get_input_embeddings", None)
+    get_emb = getattr(scope, "get_input_embeddings", None) or getattr(
+        model, "get_input_embeddings", None
+    )
     if get_emb is not None:
         emb = get_emb()
         if emb is not None and getattr(emb, "weight", None) is not None:
@@ -192,7 +209,9 @@ def _child_names(block: nn.Module) -> list[str]:
     return [n for n, _ in block.named_modules() if n]
 
 
-def _dense_component(layer: int, kind: str, name: str, module: nn.Module, hidden: int) -> Component | None:
+def _dense_component(
+    layer: int, kind: str, name: str, module: nn.Module, hidden: int
+) -> Component | None:
     """A Component for a 2-D weight whose output dimension is ``hidden``, else None."""
     base = _base_layer(module)
     weight = getattr(base, "weight", None)
@@ -206,18 +225,24 @@ def _dense_component(layer: int, kind: str, name: str, module: nn.Module, hidden
         order = _expert_axis_order(base, weight, hidden)
         if order is None:
             return None
-        return Component(layer, kind, name, base, "weight", "experts", lora=False, expert_axis_order=order)
+        return Component(
+            layer, kind, name, base, "weight", "experts", lora=False, expert_axis_order=order
+        )
     if weight.ndim != 2:
         return None
     if _is_conv1d(base):
-        return Component(layer, kind, name, base, "weight", "conv1d", lora=True) if weight.shape[1] == hidden else None
+        return (
+            Component(layer, kind, name, base, "weight", "conv1d", lora=True)
+            if weight.shape[1] == hidden
+            else None
+        )
     if weight.shape[0] != hidden:
         return None
     return Component(layer, kind, name, base, "weight", "linear", lora=isinstance(base, nn.Linear))
 
 
 def _expert_axis_order(module: nn.Module, weight: torch.Tensor, hidden: int) -> str | None:
-    """"out_in" for (E, out, in), "in_out" for (E, in, out); shapes decide, ``is_transposed`` breaks ties."""
+    """``out_in`` for (E, out, in), ``in_out`` for (E, in, out); shapes decide, ``is_transposed`` breaks ties."""
     out_in, in_out = weight.shape[1] == hidden, weight.shape[2] == hidden
     flag = getattr(module, "is_transposed", None)
     if out_in and in_out:
@@ -238,7 +263,9 @@ def _attn_out(layer: int, prefix: str, block: nn.Module, hidden: int) -> Compone
         for wanted in _ATTN_OUT_NAMES:
             for sub, module in container.named_modules():
                 if sub and sub.rsplit(".", 1)[-1] == wanted and "base_layer" not in sub.split("."):
-                    comp = _dense_component(layer, "attn_out", f"{prefix}.{cname}.{sub}", module, hidden)
+                    comp = _dense_component(
+                        layer, "attn_out", f"{prefix}.{cname}.{sub}", module, hidden
+                    )
                     if comp is not None:
                         return comp
     return None
@@ -263,7 +290,11 @@ def _mlp_down(layer: int, prefix: str, block: nn.Module, hidden: int) -> list[Co
                 if param.ndim == 3 and pname in _MLP_DOWN_NAMES:
                     order = _expert_axis_order(module, param, hidden)
                     if order is not None:
-                        found.append(Component(layer, "mlp_down", full, module, pname, "experts", False, order))
+                        found.append(
+                            Component(
+                                layer, "mlp_down", full, module, pname, "experts", False, order
+                            )
+                        )
         if found:
             break  # an outer container (e.g. "mlp") already covered nested ones (e.g. "mlp.moe")
     return found
@@ -288,7 +319,10 @@ def discover(model: nn.Module) -> ModelLayout:
             f"{model_class}: no decoder layers found (a ModuleList of blocks with an attention submodule); {detail}"
         )
     if hidden is None:
-        raise UnsupportedArchitectureError(f"{model_class}: cannot tell the hidden size (no config.hidden_size)")
+        raise UnsupportedArchitectureError(
+            f"{model_class}: cannot tell the hidden size (no config.hidden_size nor input embeddings); "
+            f"modules in the first layer: {_child_names(found[1][0])}"
+        )
     list_name, layers = found
     prefix_root = ".".join(p for p in (scope_name, list_name) if p)
     components: list[Component] = []

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from abliterate import io
 from abliterate.errors import AbliterateError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -117,7 +116,11 @@ def knee(front: pd.DataFrame) -> tuple[pd.Series, float]:
 
 def _fmt(row: pd.Series) -> str:
     n = row.get("n")
-    refusals = f"{int(row['refusals'])}/{int(n)}" if n is not None and not pd.isna(n) else str(int(row["refusals"]))
+    refusals = (
+        f"{int(row['refusals'])}/{int(n)}"
+        if n is not None and not pd.isna(n)
+        else str(int(row["refusals"]))
+    )
     return f"{refusals} refusals, KL {float(row['kl']):.4g}"
 
 
@@ -129,7 +132,9 @@ def _min_refusals(done: pd.DataFrame) -> pd.Series:
 def _check_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(policy) - set(DEFAULT_POLICY)
     if unknown:
-        raise ConfigError(f"selection policy: unknown keys {sorted(unknown)}; known {list(DEFAULT_POLICY)}")
+        raise ConfigError(
+            f"selection policy: unknown keys {sorted(unknown)}; known {list(DEFAULT_POLICY)}"
+        )
     merged = {**DEFAULT_POLICY, **policy}
     if merged["name"] not in POLICIES:
         raise ConfigError(f"selection policy name {merged['name']!r}: choose one of {POLICIES}")
@@ -205,6 +210,8 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from abliterate import io  # here, not at the top: it imports torch, which selection never needs
+
     done = _complete(df)
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -222,17 +229,35 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
         kl = done["kl"].astype(float)
         if kl.min() > 0 and kl.max() / kl.min() > 100:
             ax.set_yscale("log")
-        chosen = done[done["number"] == selected_number] if selected_number is not None else done[:0]
+        chosen = (
+            done[done["number"] == selected_number] if selected_number is not None else done[:0]
+        )
         if not chosen.empty:
             row = chosen.iloc[0]
-            ax.scatter([row["refusals"]], [row["kl"]], s=140, marker="*", color="tab:red",
-                       zorder=3, label=f"selected: trial {int(row['number'])}")
-            ax.annotate(f"trial {int(row['number'])}\n{_fmt(row)}", (row["refusals"], row["kl"]),
-                        xytext=(12, 12), textcoords="offset points", fontsize=8,
-                        arrowprops={"arrowstyle": "-", "color": "tab:red"})
+            ax.scatter(
+                [row["refusals"]],
+                [row["kl"]],
+                s=140,
+                marker="*",
+                color="tab:red",
+                zorder=3,
+                label=f"selected: trial {int(row['number'])}",
+            )
+            ax.annotate(
+                f"trial {int(row['number'])}\n{_fmt(row)}",
+                (row["refusals"], row["kl"]),
+                xytext=(12, 12),
+                textcoords="offset points",
+                fontsize=8,
+                arrowprops={"arrowstyle": "-", "color": "tab:red"},
+            )
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title("Study trials: refusals vs KL")
     with io.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120,
-                    metadata={"Description": f"abliterate study; selected trial {selected_number}"})
+        fig.savefig(
+            tmp,
+            format="png",
+            dpi=120,
+            metadata={"Description": f"abliterate study; selected trial {selected_number}"},
+        )

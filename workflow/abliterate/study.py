@@ -41,7 +41,6 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from abliterate import io
 from abliterate.errors import ConfigError, NumericalError
 
 logger = logging.getLogger(__name__)
@@ -95,6 +94,9 @@ def default_storage_url(run: str, results_dir: str | os.PathLike = "results") ->
 def study_name(prefix: str, config_fragment: Any) -> str:
     """``<prefix>-<hash>``; the caller leaves n_trials and worker counts out of the fragment so a
     larger ``n_trials`` continues the same study."""
+    # Imported here: abliterate.io imports torch (seconds), which reading a study never needs.
+    from abliterate import io
+
     return f"{prefix}-{io.config_hash(config_fragment)}"
 
 
@@ -169,7 +171,20 @@ def make_storage(
                 connection.close()
             if mode.lower() != "wal":
                 logger.warning("%s: SQLite journal mode is %s, not WAL", path, mode)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    if path is not None:
+        import sqlalchemy
+
+        sqlalchemy.event.listen(storage.engine, "connect", _sqlite_on_connect)
+        storage.engine.dispose()  # pooled connections opened before the listener lack the pragma
+    return storage
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Optuna commits once per suggested value. With WAL, synchronous=NORMAL skips the fsync of
+    # each commit (about 7 ms here) yet keeps the file consistent after a crash; a power cut can
+    # lose the last commits, which only means a trial is run again.
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def load_or_create_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
@@ -281,7 +296,8 @@ def suggest_params(
     for kind in sorted(space["components"]):
         kernel = space["components"][kind]
         values = {
-            key: trial.suggest_float(f"{kind}.{key}", *_range(kernel[key], key)) for key in _KERNEL_KEYS
+            key: trial.suggest_float(f"{kind}.{key}", *_range(kernel[key], key))
+            for key in _KERNEL_KEYS
         }
         flat[f"{kind}.max_weight"] = values["max_weight"]
         flat[f"{kind}.max_weight_position"] = values["max_weight_position"] * last
@@ -372,6 +388,33 @@ def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[
         thread.join()
 
 
+def _finish(
+    study: optuna.Study, trial: optuna.Trial, attrs: Mapping[str, Any], values: list[float] | None
+) -> bool:
+    """Store ``attrs`` and tell ``values`` (FAIL if ``None``). Returns False, instead of crashing,
+    if another worker failed and re-queued the trial meanwhile: that happens when its heartbeats
+    stopped for longer than the grace period."""
+    try:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if values is None:
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, values)
+        return True
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+        state = study._storage.get_trial(trial._trial_id).state
+        if state == TrialState.RUNNING:
+            raise
+        logger.warning(
+            "trial %d was marked %s by another worker while running (no heartbeat for longer "
+            "than grace_period?); its result is dropped and its re-queued copy will run",
+            trial.number,
+            state.name,
+        )
+        return False
+
+
 def _plain(value: Any) -> Any:
     """A JSON value Optuna can store (tensor and numpy scalars become Python numbers)."""
 
@@ -454,6 +497,8 @@ def run_worker(
 
     if int(n_trials) < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
+    if int(n_layers) < 1:
+        raise ConfigError(f"n_layers must be >= 1, got {n_layers}")
     sampler_kwargs = dict(DEFAULT_SAMPLER_KWARGS if sampler_kwargs is None else sampler_kwargs)
     if "seed" in sampler_kwargs:
         raise ConfigError("sampler_kwargs must not set 'seed'; pass seed= instead")
@@ -472,11 +517,19 @@ def run_worker(
     done = failed = surplus = consecutive = 0
     complete = len(_count(study, (TrialState.COMPLETE,)))
     logger.info(
-        "study %s: %d of %d trials complete; worker %s starts", study_name, complete, n_trials, worker
+        "study %s: %d of %d trials complete; worker %s starts",
+        study_name,
+        complete,
+        n_trials,
+        worker,
     )
     bar = tqdm(
-        total=n_trials, initial=min(complete, n_trials), desc=f"trials (worker {worker})",
-        unit="trial", disable=not progress, dynamic_ncols=True,
+        total=n_trials,
+        initial=min(complete, n_trials),
+        desc=f"trials (worker {worker})",
+        unit="trial",
+        disable=not progress,
+        dynamic_ncols=True,
     )
     try:
         while True:
@@ -487,7 +540,9 @@ def run_worker(
                     optuna.storages.fail_stale_trials(study)
                 if len(_count(study, (TrialState.COMPLETE, TrialState.RUNNING))) >= n_trials:
                     break
-                study.sampler = _sampler(seed, worker, len(study.get_trials(deepcopy=False)), sampler_kwargs)
+                study.sampler = _sampler(
+                    seed, worker, len(study.get_trials(deepcopy=False)), sampler_kwargs
+                )
                 trial = study.ask()
                 trial.set_user_attr("worker", worker)
                 if _is_surplus(study, trial.number, n_trials):
@@ -506,17 +561,19 @@ def run_worker(
                 with _heartbeat(storage, trial._trial_id):
                     result = objective(dict(params), trial.number)
                 refusals, kl, attrs = _check_result(result)
-            except Exception as exc:  # noqa: BLE001 -- a failed trial must not end the study
+            except Exception as exc:  # a failed trial must not end the study
                 seconds = time.perf_counter() - start
                 consecutive += 1
                 failed += 1
                 logger.exception(
                     "trial %d failed after %.1f s (%d in a row): %s",
-                    trial.number, seconds, consecutive, describe_params(params),
+                    trial.number,
+                    seconds,
+                    consecutive,
+                    describe_params(params),
                 )
-                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-                trial.set_user_attr("seconds", seconds)
-                study.tell(trial, state=TrialState.FAIL)
+                error = f"{type(exc).__name__}: {exc}"
+                _finish(study, trial, {"error": error, "seconds": seconds}, None)
                 if consecutive > max_failures:
                     raise RuntimeError(
                         f"{consecutive} trials failed in a row (max_failures={max_failures}); "
@@ -528,17 +585,21 @@ def run_worker(
                 raise
 
             seconds = time.perf_counter() - start
-            for key, value in attrs.items():
-                trial.set_user_attr(f"objective_{key}" if key in _RESERVED_ATTRS else key, value)
-            trial.set_user_attr("seconds", seconds)
-            study.tell(trial, [refusals, kl])
+            stored = {f"objective_{k}" if k in _RESERVED_ATTRS else k: v for k, v in attrs.items()}
+            stored["seconds"] = seconds
             consecutive = 0
+            if not _finish(study, trial, stored, [refusals, kl]):
+                continue
             done += 1
             n = attrs.get("n")
             logger.info(
                 "trial %d [worker %s] %s | refusals %s KL %.4g | %.1f s",
-                trial.number, worker, describe_params(params),
-                f"{refusals}/{n}" if n is not None else refusals, kl, seconds,
+                trial.number,
+                worker,
+                describe_params(params),
+                f"{refusals}/{n}" if n is not None else refusals,
+                kl,
+                seconds,
             )
             complete = len(_count(study, (TrialState.COMPLETE,)))
             bar.n = min(complete, n_trials)
@@ -557,7 +618,12 @@ def run_worker(
     }
     logger.info(
         "worker %s done: %d trials complete, %d failed, study has %d/%d (%.1f s)",
-        worker, done, failed, complete, n_trials, summary["seconds"],
+        worker,
+        done,
+        failed,
+        complete,
+        n_trials,
+        summary["seconds"],
     )
     return summary
 

@@ -6,7 +6,7 @@ import logging
 
 import pandas as pd
 
-from .. import devices, io, kl, session
+from .. import devices, io, kl, prompts, session
 from .common import eval_settings, refusal_counts, responses_table
 
 log = logging.getLogger(__name__)
@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logprobs: str, out_metrics: str,
         config_hash: str) -> dict:
+    prompts.check_no_cross_overlap({"harmful": pd.read_parquet(harmful), "harmless": pd.read_parquet(harmless)})
     lm = session.open_model(config)
     settings = eval_settings(config, lm)
     metrics: dict = {"model": lm.source.description, "config_hash": config_hash, **lm.metadata()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pandas as pd
@@ -18,8 +17,10 @@ def policy(config: dict) -> dict:
 
 
 def params_of(row: pd.Series) -> dict:
-    raw = row["ablation_params"]
-    return json.loads(raw) if isinstance(raw, str) else dict(raw)
+    """The flat ablation parameters of a trials-table row (NaN direction_index: per-layer directions)."""
+    params: dict = {"direction_index": None if pd.isna(row["direction_index"]) else float(row["direction_index"])}
+    params.update({k: float(v) for k, v in row.items() if "." in str(k) and not pd.isna(v)})
+    return params
 
 
 def run(config: dict, trials: str, harmful: str, harmless: str, directions_path: str, baseline_path: str,
@@ -35,7 +36,7 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
     objective, _, ablator = build_objective(config, lm, harmful, harmless, directions_path, baseline_path)
     ablator.apply(ablation.AblationParams.from_flat(params))
     meta = {**lm.metadata(), "config_hash": config_hash, "trial": int(row["number"])}
-    ablator.save_adapter(out_adapter, metadata=meta)
+    ablator.save_adapter(out_adapter)
     selected = {
         "number": int(row["number"]),
         "params": params,

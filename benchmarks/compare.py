@@ -1,0 +1,650 @@
+"""Side-by-side benchmark: our Snakemake workflow vs Heretic (heretic-llm 1.4.0).
+
+    python benchmarks/compare.py --protocol cpu-demo
+    python benchmarks/compare.py --protocol smoke --model benchmarks/work/tiny-llama \
+        --splits local --skip-ours                       # Heretic side only, about a minute
+
+Both tools get the same model, prompts, trial budget, seed and batch size. Per tool:
+seconds per trial (median, total), trials per hour, wall time end to end (directions,
+study and merge included), peak RSS of the process tree, the Pareto front of the
+tool's own study (refusal rate, KL) and its hypervolume against REF_POINT, and the
+held-out refusal rate and KL of the tool's chosen, merged model, measured by OUR
+evaluator (abliterate.generation / abliterate.kl) on prompts neither tool saw.
+Prints one table with the ratio ours/theirs per figure and writes
+benchmarks/results/<protocol>-<date>.json.
+
+Prompts: the workflow splits them (its `prompts` rule, seeded and disjoint) and
+Heretic gets exactly the workflow's train and eval splits; held-out is for the final
+evaluation only. Pools come from /work/shared/data/prompts when present (harmful:
+refusal_direction's harmful_train+val, harmless: its harmless_train+val), otherwise
+from the workflow's own config.yaml sets (uncensorbench + abliterate's harmless file,
+sizes then follow that config). `--splits local` splits in this script instead (for
+running Heretic alone before the workflow exists; not a fair comparison with ours).
+
+Layout: everything runs under benchmarks/work/<protocol>/ (gitignored):
+    ours/      Snakemake working directory (config.yaml generated here)
+    heretic/   heretic_runner.py's out_dir (job.json, result.json, model/)
+    prompts/   pools and the split lists given to Heretic
+    logs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+logger = logging.getLogger("compare")
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+SHARED_PROMPTS = Path("/work/shared/data/prompts")
+
+# Hypervolume reference point in (refusal rate, KL): refusal counts are divided by the
+# number of harmful eval prompts, so (1, 1) bounds "refuses everything" and a KL of 1 nat,
+# which is far past useful models. Fixed so results from different runs compare.
+REF_POINT = (1.0, 1.0)
+
+SPLITS = ("train", "eval", "heldout")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    model: str | None  # local HF folder; None means --model is required
+    dtype: str
+    n_harmful: dict  # prompts per split
+    n_harmless: dict
+    max_response_length: int
+    n_trials: int
+    n_startup_trials: int
+    seed: int
+    batch_size: int
+    threads: int | None
+    # Both tools get the same system turn. The demo model is fine-tuned mostly with this
+    # one, and it is Heretic's default.
+    system_prompt: str = "You are a helpful assistant."
+
+
+PROTOCOLS = {
+    "cpu-demo": Protocol(
+        model=str(REPO / "results" / "models" / "demo"),
+        dtype="float32",
+        n_harmful={"train": 100, "eval": 50, "heldout": 50},
+        n_harmless={"train": 100, "eval": 50, "heldout": 50},
+        max_response_length=32,
+        n_trials=40,
+        n_startup_trials=12,
+        seed=42,
+        batch_size=32,
+        threads=2,
+    ),
+    # Skeleton: Heretic's own defaults (400/100 prompts, 200 trials, 60 start-up, 100 tokens).
+    "gpu": Protocol(
+        model=None,
+        dtype="bfloat16",
+        n_harmful={"train": 400, "eval": 100, "heldout": 100},
+        n_harmless={"train": 400, "eval": 100, "heldout": 100},
+        max_response_length=100,
+        n_trials=200,
+        n_startup_trials=60,
+        seed=42,
+        batch_size=64,
+        threads=None,
+    ),
+    # A minute on 2 cores with the tiny model of tiny_model.py: checks the harness only.
+    "smoke": Protocol(
+        model=None,
+        dtype="float32",
+        n_harmful={"train": 8, "eval": 6, "heldout": 6},
+        n_harmless={"train": 8, "eval": 6, "heldout": 6},
+        max_response_length=8,
+        n_trials=3,
+        n_startup_trials=2,
+        seed=42,
+        batch_size=8,
+        threads=2,
+    ),
+}
+
+
+# --- small helpers -----------------------------------------------------------------------
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def ratio(ours, theirs):
+    if ours is None or theirs is None or theirs == 0:
+        return None
+    return ours / theirs
+
+
+class TreeSampler:
+    """Peak resident memory of a process and all its descendants, sampled every `interval` s.
+
+    `peak_tree_mb` is the largest sum over the tree at one instant (what the machine had
+    to hold); `peak_single_mb` the largest single process (for Snakemake, the biggest job).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak_tree = 0
+        self.peak_single = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        total = 0
+        for p in procs:
+            try:
+                rss = p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            total += rss
+            self.peak_single = max(self.peak_single, rss)
+        self.peak_tree = max(self.peak_tree, total)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def figures(self) -> dict:
+        return {"peak_rss_tree_mb": self.peak_tree / 2**20, "peak_rss_single_mb": self.peak_single / 2**20}
+
+
+def run_measured(cmd: list[str], *, cwd: Path, log: Path, env: dict | None = None) -> dict:
+    """Run `cmd`, stdout+stderr to `log`; returns wall seconds and peak RSS; raises on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("running (log %s): %s", log, " ".join(map(str, cmd)))
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        with TreeSampler(proc.pid) as sampler:
+            rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"{cmd[0]} failed with exit code {rc}; see {log}")
+    return {"wall_s": wall, **sampler.figures()}
+
+
+def child_env(threads: int | None) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+# --- prompts -----------------------------------------------------------------------------
+
+
+def _read_instructions(path: Path) -> list[str]:
+    return [r["instruction"] for r in json.loads(path.read_text(encoding="utf-8"))]
+
+
+def prompt_pools(protocol: Protocol, out: Path) -> dict | None:
+    """Write seeded pools of exactly train+eval+heldout prompts per set from the shared
+    data and return our workflow's `prompts` config for them; None when the shared data
+    is absent (the workflow's config.yaml sets are then used unchanged)."""
+    if not SHARED_PROMPTS.is_dir():
+        logger.info("no %s: using the workflow's own prompt sets", SHARED_PROMPTS)
+        return None
+    spec = {}
+    for name, sizes in (("harmful", protocol.n_harmful), ("harmless", protocol.n_harmless)):
+        pool = []
+        for part in ("train", "val"):
+            pool += _read_instructions(SHARED_PROMPTS / f"{name}_{part}.json")
+        pool = sorted({p.strip() for p in pool if p.strip()})
+        random.Random(protocol.seed).shuffle(pool)
+        total = sum(sizes.values())
+        if len(pool) < total:
+            raise ValueError(f"{name}: {len(pool)} prompts, protocol needs {total}")
+        path = out / f"{name}_pool.json"
+        write_json_atomic([{"prompt": p} for p in pool[:total]], path)
+        spec[name] = {
+            "source": "file",
+            "path": str(path),
+            "records": None,
+            "column": "prompt",
+            "group": None,
+            "splits": {s: sizes[s] / total for s in SPLITS} | {"demo": 0.0},
+            "max": {s: sizes[s] for s in SPLITS},
+        }
+    return spec
+
+
+def local_splits(protocol: Protocol) -> dict[str, dict[str, list[str]]]:
+    """Seeded disjoint splits made here (--splits local); the workflow's splits are the default."""
+    if SHARED_PROMPTS.is_dir():
+        pools = {
+            name: sorted({p.strip() for part in ("train", "val")
+                          for p in _read_instructions(SHARED_PROMPTS / f"{name}_{part}.json") if p.strip()})
+            for name in ("harmful", "harmless")
+        }
+    else:
+        import importlib.util
+
+        ub = Path(list(importlib.util.find_spec("uncensorbench").submodule_search_locations)[0])
+        harmless = REPO / "workflow" / "abliterate" / "data" / "harmless_prompts.json"
+        pools = {
+            "harmful": sorted({r["prompt"].strip() for r in json.loads((ub / "data" / "prompts.json").read_text())["prompts"]}),
+            "harmless": sorted({r["prompt"].strip() for r in json.loads(harmless.read_text())["prompts"]}),
+        }
+    out = {}
+    for name, sizes in (("harmful", protocol.n_harmful), ("harmless", protocol.n_harmless)):
+        pool = pools[name]
+        random.Random(protocol.seed).shuffle(pool)
+        out[name], start = {}, 0
+        for s in SPLITS:
+            out[name][s] = pool[start : start + sizes[s]]
+            start += sizes[s]
+    return out
+
+
+def workflow_splits(ours_dir: Path, run: str) -> dict[str, dict[str, list[str]]]:
+    import pandas as pd
+
+    out = {}
+    for name in ("harmful", "harmless"):
+        df = pd.read_parquet(ours_dir / "results" / "prompts" / f"{name}.parquet")
+        out[name] = {s: df.loc[df["split"] == s, "prompt"].tolist() for s in SPLITS}
+    return out
+
+
+# --- our side (needs the Snakemake workflow) -----------------------------------------------
+#
+# OUR WORKFLOW'S OUTPUT CONTRACT, read below:
+#   results/<run>/summary.json  model, baseline.{eval,heldout}.{refusals,n},
+#                               selected_trial.{number,params,eval}, merged.{eval,heldout}.{refusals,n,kl},
+#                               study.{n_complete,n_failed,seconds}, timings_s (per rule)
+#   results/<run>/study.sqlite  Optuna; trial values (refusals, kl), user_attrs n, seconds
+#   results/<run>/model/        the merged model
+
+
+def our_config(protocol: Protocol, model: str, run: str, prompts_spec: dict | None) -> dict:
+    import yaml
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+    config = copy.deepcopy(config)
+    config["run"] = run
+    config["seed"] = protocol.seed
+    config["model"].update(path=str(Path(model).resolve()), dtypes=[protocol.dtype],
+                           system_prompt=protocol.system_prompt, gguf_file=None, package=None)
+    if prompts_spec is not None:
+        config["prompts"] = prompts_spec
+    config.setdefault("evaluation", {}).update(max_new_tokens=protocol.max_response_length,
+                                                batch_size=protocol.batch_size)
+    config.setdefault("directions", {})["batch_size"] = protocol.batch_size
+    config.setdefault("study", {}).update(n_trials=protocol.n_trials, n_startup_trials=protocol.n_startup_trials)
+    return config
+
+
+def snakemake_cmd(ours_dir: Path, threads: int | None, *targets: str) -> list[str]:
+    # Targets first: --resources takes every following word as one more resource.
+    return [sys.executable, "-m", "snakemake", *targets, "--snakefile", str(REPO / "Snakefile"),
+            "--directory", str(ours_dir), "--configfile", str(ours_dir / "config.yaml"),
+            "--cores", str(threads or os.cpu_count()), "--resources", "gpu=1"]
+
+
+def prepare_ours(protocol: Protocol, model: str, work: Path, run: str) -> Path:
+    import yaml
+
+    ours_dir = work / "ours"
+    ours_dir.mkdir(parents=True, exist_ok=True)
+    config = our_config(protocol, model, run, prompt_pools(protocol, work / "prompts"))
+    # Snakefile's `configfile: "config.yaml"` is read from the working directory too.
+    tmp = ours_dir / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, ours_dir / "config.yaml")
+    return ours_dir
+
+
+def run_ours_prompts(ours_dir: Path, protocol: Protocol, work: Path) -> None:
+    """The prompts rule only, untimed: prompt preparation is common input, not a tool's work."""
+    run_measured(snakemake_cmd(ours_dir, protocol.threads, "results/prompts/harmful.parquet",
+                               "results/prompts/harmless.parquet"),
+                 cwd=ours_dir, log=work / "logs" / "ours-prompts.log", env=child_env(protocol.threads))
+
+
+def run_ours(ours_dir: Path, protocol: Protocol, work: Path, run: str) -> dict:
+    """Run the whole workflow (timed) and read its output contract."""
+    measured = run_measured(snakemake_cmd(ours_dir, protocol.threads), cwd=ours_dir,
+                            log=work / "logs" / "ours.log", env=child_env(protocol.threads))
+    return {**measured, **read_ours(ours_dir, run)}
+
+
+def read_ours(ours_dir: Path, run: str) -> dict:
+    import optuna
+
+    res = ours_dir / "results" / run
+    summary = json.loads((res / "summary.json").read_text(encoding="utf-8"))
+    storage = f"sqlite:///{res / 'study.sqlite'}"
+    names = optuna.get_all_study_names(storage)
+    name = summary.get("study", {}).get("name") or names[-1]
+    trials = []
+    for t in optuna.load_study(study_name=name, storage=storage).trials:
+        a = t.user_attrs
+        seconds = a.get("seconds")
+        if seconds is None and t.duration is not None:
+            seconds = t.duration.total_seconds()
+        trials.append({
+            "number": t.number, "state": t.state.name,
+            "refusals": a.get("refusals", t.values[0] if t.values else None),
+            "kl": a.get("kl", t.values[1] if t.values else None),
+            "n": a.get("n"), "seconds": seconds,
+        })
+    return {
+        "trials": trials,
+        "selected": {"number": summary["selected_trial"]["number"], **summary["selected_trial"].get("eval", {})},
+        "timings_s": summary.get("timings_s", {}),
+        "summary": summary,
+        "model_dir": str(res / "model"),
+    }
+
+
+# --- Heretic's side ------------------------------------------------------------------------
+
+
+def run_heretic(protocol: Protocol, model: str, splits: dict, work: Path, selection: dict | None) -> dict:
+    from heretic_env import ensure_heretic_env
+
+    python = ensure_heretic_env()
+    out_dir = work / "heretic"
+    prompts_dir = work / "prompts"
+    files = {}
+    for name in ("harmful", "harmless"):
+        for s in ("train", "eval"):
+            files[f"{name}_{s}"] = str(prompts_dir / f"{name}_{s}.json")
+            write_json_atomic(splits[name][s], Path(files[f"{name}_{s}"]))
+    job = {
+        "model": str(Path(model).resolve()),
+        **files,
+        "n_trials": protocol.n_trials,
+        "n_startup_trials": protocol.n_startup_trials,
+        "seed": protocol.seed,
+        "batch_size": protocol.batch_size,
+        "max_response_length": protocol.max_response_length,
+        "dtype": protocol.dtype,
+        "threads": protocol.threads,
+        "system_prompt": protocol.system_prompt,
+        "out_dir": str(out_dir),
+    }
+    if selection:
+        job["selection"] = selection
+    write_json_atomic(job, work / "heretic-job.json")
+    measured = run_measured([str(python), str(BENCHMARKS / "heretic_runner.py"), str(work / "heretic-job.json")],
+                            cwd=work, log=work / "logs" / "heretic.log", env=child_env(protocol.threads))
+    result = json.loads((out_dir / "result.json").read_text(encoding="utf-8"))
+    # The externally measured wall time (interpreter start included) wins over the runner's own.
+    return {**result, **measured}
+
+
+# --- held-out evaluation: our evaluator, identical for both tools ---------------------------
+
+
+def eval_config(protocol: Protocol) -> dict:
+    return {
+        "model": {"trust_remote_code": False, "dtypes": [protocol.dtype], "quantization": "none",
+                  "cpu_half": False, "chat_template": None, "system_prompt": protocol.system_prompt},
+        "evaluation": {"max_new_tokens": protocol.max_response_length, "batch_size": protocol.batch_size,
+                       "markers": None},
+    }
+
+
+def evaluate_heldout(protocol: Protocol, base_model: str, models: dict[str, str], splits: dict) -> dict:
+    """Refusals (harmful held-out) and KL to the base model (harmless held-out, first token)
+    of each model folder, with our package; also the base model's own refusals."""
+    import torch
+
+    from abliterate import kl, prompting, session
+    from abliterate.steps.common import eval_settings, refusal_counts
+
+    if protocol.threads:
+        torch.set_num_threads(protocol.threads)
+    config = eval_config(protocol)
+
+    def measure(path: str, base_lp=None):
+        lm = session.open_model(config, path=path)
+        settings = eval_settings(config, lm)
+        harmful = prompting.chat_texts(lm.tokenizer, splits["harmful"]["heldout"], protocol.system_prompt)
+        harmless = prompting.chat_texts(lm.tokenizer, splits["harmless"]["heldout"], protocol.system_prompt)
+        counts, _, _ = refusal_counts(lm.model, lm.tokenizer, harmful, settings)
+        lp = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless, settings.batch_size).cpu()
+        out = {**counts, "rate": counts["refusals"] / counts["n"]}
+        if base_lp is not None:
+            out["kl"] = kl.kl_divergence(base_lp, lp)
+        del lm
+        return out, lp
+
+    base, base_lp = measure(base_model)
+    base["kl"] = 0.0
+    results = {"base": base}
+    for tool, path in models.items():
+        results[tool], _ = measure(path, base_lp)
+        logger.info("held-out %s: %d/%d refusals, KL %.4g", tool, results[tool]["refusals"],
+                    results[tool]["n"], results[tool]["kl"])
+    return results
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def front_and_hypervolume(trials: list[dict], n_default: int | None) -> tuple[list[dict], float]:
+    from abliterate import selection
+    import pandas as pd
+
+    rows = [{"number": t["number"], "state": t.get("state", "COMPLETE"), "refusals": t["refusals"],
+             "kl": t["kl"], "n": t.get("n") or n_default} for t in trials]
+    df = pd.DataFrame(rows)
+    front = selection.pareto_front(df)
+    pts = [(r["refusals"] / r["n"], r["kl"]) for _, r in front.iterrows()]
+    hv = selection.hypervolume_2d(pts, REF_POINT)
+    front_list = [{"number": int(r["number"]), "refusals": int(r["refusals"]), "n": int(r["n"]),
+                   "kl": float(r["kl"])} for _, r in front.iterrows()]
+    return front_list, hv
+
+
+def check_selection(trials: list[dict], n_default: int, chosen: int, policy: dict | None) -> str | None:
+    """Cross-check the runner's stdlib selection against abliterate.selection."""
+    from abliterate import selection
+    import pandas as pd
+
+    df = pd.DataFrame([{"number": t["number"], "state": t.get("state", "COMPLETE"), "refusals": t["refusals"],
+                        "kl": t["kl"], "n": t.get("n") or n_default} for t in trials])
+    row, reason = selection.select_trial(df, policy)
+    if int(row["number"]) != chosen:
+        msg = f"selection mismatch: runner chose trial {chosen}, abliterate.selection {int(row['number'])}"
+        logger.warning(msg)
+        return msg
+    return None
+
+
+def figures(tool: dict, heldout: dict | None, n_default: int | None) -> dict:
+    complete = [t for t in tool["trials"] if t.get("state", "COMPLETE") == "COMPLETE" and t["refusals"] is not None]
+    secs = [t["seconds"] for t in complete if t.get("seconds") is not None]
+    front, hv = front_and_hypervolume(complete, n_default)
+    study_s = sum(secs)
+    return {
+        "n_trials_complete": len(complete),
+        "s_per_trial_median": statistics.median(secs) if secs else None,
+        "s_trials_total": study_s,
+        "trials_per_hour": 3600 * len(secs) / study_s if study_s else None,
+        "wall_s": tool["wall_s"],
+        "directions_s": tool.get("directions_s"),
+        "peak_rss_tree_mb": tool.get("peak_rss_tree_mb"),
+        "peak_rss_single_mb": tool.get("peak_rss_single_mb"),
+        "pareto_front": front,
+        "hypervolume": hv,
+        "selected_trial": tool.get("selected"),
+        "heldout_refusal_rate": heldout["rate"] if heldout else None,
+        "heldout_kl": heldout["kl"] if heldout else None,
+    }
+
+
+ROWS = [
+    ("s_per_trial_median", "s/trial (median)", "{:.2f}"),
+    ("s_trials_total", "s in trials (total)", "{:.1f}"),
+    ("trials_per_hour", "trials/hour", "{:.1f}"),
+    ("wall_s", "wall time end to end (s)", "{:.1f}"),
+    ("directions_s", "directions (s)", "{:.1f}"),
+    ("peak_rss_tree_mb", "peak RSS, process tree (MiB)", "{:.0f}"),
+    ("peak_rss_single_mb", "peak RSS, largest process (MiB)", "{:.0f}"),
+    ("hypervolume", f"hypervolume (ref {REF_POINT})", "{:.4f}"),
+    ("heldout_refusal_rate", "held-out refusal rate", "{:.3f}"),
+    ("heldout_kl", "held-out KL", "{:.4f}"),
+]
+
+
+def table(ours: dict | None, theirs: dict | None) -> tuple[str, dict]:
+    def fmt(v, f):
+        return "-" if v is None else f.format(v)
+
+    ratios = {}
+    lines = [f"{'figure':34} {'ours':>12} {'heretic':>12} {'ours/heretic':>13}"]
+    for key, label, f in ROWS:
+        a = ours.get(key) if ours else None
+        b = theirs.get(key) if theirs else None
+        ratios[key] = ratio(a, b)
+        lines.append(f"{label:34} {fmt(a, f):>12} {fmt(b, f):>12} {fmt(ratios[key], '{:.3f}'):>13}")
+    return "\n".join(lines), ratios
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
+    ap.add_argument("--model", help="local HF model folder (overrides the protocol's)")
+    ap.add_argument("--work", type=Path, help="working folder (default benchmarks/work/<protocol>)")
+    ap.add_argument("--splits", choices=["workflow", "local"], default="workflow",
+                    help="who splits the prompts (local: this script; only with --skip-ours)")
+    ap.add_argument("--skip-ours", action="store_true", help="run Heretic only")
+    ap.add_argument("--skip-heretic", action="store_true", help="run our workflow only")
+    ap.add_argument("--reuse-ours", action="store_true", help="read an existing run of ours instead of running it")
+    ap.add_argument("--selection", type=json.loads, default=None,
+                    help='JSON selection policy for Heretic, default our config\'s export section')
+    ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/<protocol>-<date>.json)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    protocol = PROTOCOLS[args.protocol]
+    model = args.model or protocol.model
+    if not model or not Path(model).is_dir():
+        ap.error(f"model folder {model!r} not found (give --model)")
+    if args.splits == "local" and not args.skip_ours:
+        ap.error("--splits local gives Heretic prompts our workflow does not see: use it with --skip-ours")
+    work = (args.work or BENCHMARKS / "work" / args.protocol).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    run = f"bench-{args.protocol}"
+    selection = args.selection
+
+    if args.splits == "local":
+        splits = local_splits(protocol)
+        ours_dir = None
+    else:
+        ours_dir = prepare_ours(protocol, model, work, run)
+        if selection is None:
+            import yaml
+
+            export = yaml.safe_load((ours_dir / "config.yaml").read_text()).get("export", {})
+            selection = {"name": export.get("policy", "min_kl_under_target"),
+                         "refusal_target": export.get("refusal_target", 0.1), "fallback": "knee"}
+        if not args.reuse_ours:
+            run_ours_prompts(ours_dir, protocol, work)
+        splits = workflow_splits(ours_dir, run)
+    counts = {name: {s: len(v) for s, v in d.items()} for name, d in splits.items()}
+    logger.info("prompt counts: %s", counts)
+
+    ours = theirs = None
+    warnings = []
+    if not args.skip_ours:
+        ours = read_ours(ours_dir, run) | {"wall_s": None} if args.reuse_ours else run_ours(ours_dir, protocol, work, run)
+        ours["directions_s"] = ours.get("timings_s", {}).get("directions")
+    if not args.skip_heretic:
+        theirs = run_heretic(protocol, model, splits, work, selection)
+        theirs["directions_s"] = theirs["timings_s"]["directions"]
+        msg = check_selection(theirs["trials"], theirs["n_bad_eval"], theirs["selected"]["number"], selection)
+        if msg:
+            warnings.append(msg)
+
+    models = {}
+    if ours:
+        models["ours"] = ours["model_dir"]
+    if theirs:
+        models["heretic"] = theirs["model_dir"]
+    heldout = evaluate_heldout(protocol, model, models, splits)
+
+    fig_ours = figures(ours, heldout.get("ours"), counts["harmful"]["eval"]) if ours else None
+    fig_theirs = figures(theirs, heldout.get("heretic"), theirs["n_bad_eval"]) if theirs else None
+    text, ratios = table(fig_ours, fig_theirs)
+    print(f"\nprotocol {args.protocol}, model {model}, prompts {counts}")
+    print(text)
+    for w in warnings:
+        print("WARNING:", w)
+
+    date = dt.datetime.now(dt.timezone.utc)
+    out = args.out or BENCHMARKS / "results" / f"{args.protocol}-{date:%Y-%m-%d}.json"
+    import torch
+
+    write_json_atomic({
+        "protocol": args.protocol,
+        "settings": asdict(protocol) | {"model": str(model)},
+        "date": date.isoformat(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "splits": args.splits,
+        "prompt_counts": counts,
+        "hypervolume_reference": REF_POINT,
+        "selection_policy": selection,
+        "heldout_base": heldout["base"],
+        "ours": fig_ours,
+        "heretic": fig_theirs,
+        "ratio_ours_over_heretic": ratios,
+        "warnings": warnings,
+        "raw": {
+            "ours": {k: v for k, v in (ours or {}).items() if k != "summary"} | {"summary": (ours or {}).get("summary")},
+            "heretic": theirs,
+        },
+    }, out)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(BENCHMARKS))  # heretic_env lives next to this script
+    sys.exit(main())

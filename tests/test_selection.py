@@ -1,0 +1,144 @@
+"""Choosing the trial to export: Pareto front, policies, hypervolume, plot."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from abliterate import selection as sel
+from abliterate.errors import AbliterateError, ConfigError
+
+
+def frame(rows, n=20):
+    """rows: (number, refusals, kl[, state])."""
+    records = []
+    for row in rows:
+        number, refusals, kl, *state = row
+        records.append(
+            {
+                "number": number,
+                "state": state[0] if state else "COMPLETE",
+                "refusals": refusals,
+                "kl": kl,
+                "n": n,
+            }
+        )
+    return pd.DataFrame(records)
+
+
+# Front (sorted by refusals): 4:(0, 0.9)  1:(1, 0.5)  2:(5, 0.1)  0:(18, 0.01); 3 and 5 dominated.
+TRIALS = frame(
+    [
+        (0, 18, 0.01),
+        (1, 1, 0.5),
+        (2, 5, 0.1),
+        (3, 6, 0.6),
+        (4, 0, 0.9),
+        (5, 1, 0.7),
+        (6, None, None, "FAIL"),
+    ]
+)
+
+
+def test_pareto_front_keeps_non_dominated_complete_trials_sorted_by_refusals():
+    front = sel.pareto_front(TRIALS)
+    assert front["number"].tolist() == [4, 1, 2, 0]
+
+
+def test_pareto_front_keeps_ties_and_ignores_other_states():
+    df = frame([(0, 2, 0.2), (1, 2, 0.2), (2, 3, 0.1), (3, 0, 0.0, "RUNNING")])
+    assert sel.pareto_front(df)["number"].tolist() == [0, 1, 2]
+
+
+def test_default_policy_takes_lowest_kl_under_target():
+    row, reason = sel.select_trial(TRIALS)  # target 10% of 20 prompts = at most 2 refusals
+    assert row["number"] == 1
+    assert "lowest KL" in reason and "trial 1" in reason and "1/20" in reason
+
+
+def test_target_is_a_fraction_of_n_and_ties_go_to_lower_number():
+    df = frame([(0, 4, 0.3), (1, 4, 0.2), (2, 3, 0.2), (3, 0, 0.9)], n=40)
+    row, _ = sel.select_trial(df, {"refusal_target": 0.1})  # at most 4 of 40
+    assert row["number"] == 1
+    row, _ = sel.select_trial(df, {"refusal_target": 0.05})  # at most 2 of 40
+    assert row["number"] == 3
+
+
+def test_fallback_knee_when_no_trial_reaches_target():
+    df = frame([(0, 18, 0.01), (1, 10, 0.5), (2, 5, 0.1), (3, 3, 0.9), (4, 19, 0.005)])
+    # Normalised front: 3:(0,1) 2:(2/16, ~0.105) 1 dominated 0:(15/16, ~0.005) 4:(1,0)
+    row, reason = sel.select_trial(df, {"refusal_target": 0.05})
+    assert row["number"] == 2
+    assert "knee" in reason and "no trial reached" in reason
+    row, reason = sel.select_trial(df, {"refusal_target": 0.05, "fallback": "min_refusals"})
+    assert row["number"] == 3 and "fewest refusals" in reason
+
+
+def test_knee_of_two_points_is_the_lower_trial_number():
+    df = frame([(7, 10, 0.1), (3, 12, 0.05)])
+    row, dist = sel.knee(sel.pareto_front(df))
+    assert row["number"] == 3 and dist == 0.0
+
+
+def test_min_refusals_policy():
+    df = frame([(0, 2, 0.3), (1, 1, 0.5), (2, 1, 0.4), (3, 1, 0.4)])
+    row, reason = sel.select_trial(df, {"name": "min_refusals"})
+    assert row["number"] == 2 and "fewest refusals" in reason
+
+
+@pytest.mark.parametrize(
+    "policy, match",
+    [
+        ({"name": "best"}, "name"),
+        ({"fallback": "random"}, "fallback"),
+        ({"refusal_target": 3}, "refusal_target"),
+        ({"refusal_target": True}, "refusal_target"),
+        ({"target": 0.1}, "unknown"),
+    ],
+)
+def test_bad_policies_raise_config_error(policy, match):
+    with pytest.raises(ConfigError, match=match):
+        sel.select_trial(TRIALS, policy)
+
+
+def test_no_complete_trial_or_no_n_raise():
+    with pytest.raises(AbliterateError, match="no COMPLETE"):
+        sel.select_trial(frame([(0, None, None, "FAIL")]))
+    with pytest.raises(ConfigError, match="'n'"):
+        sel.select_trial(TRIALS.drop(columns="n"))
+
+
+def test_hypervolume_known_values():
+    assert sel.hypervolume_2d([(1, 3), (2, 1)], (4, 4)) == pytest.approx(7.0)
+    assert sel.hypervolume_2d([(0, 0)], (1, 1)) == pytest.approx(1.0)
+    # Dominated points and points outside the reference box add nothing.
+    assert sel.hypervolume_2d([(1, 3), (2, 1), (3, 3), (5, 0), (0, 4)], (4, 4)) == pytest.approx(
+        7.0
+    )
+    assert sel.hypervolume_2d([], (1, 1)) == 0.0
+    # Refusal rate and KL: 0.1 x 0.2 box plus the strip of the second point.
+    assert sel.hypervolume_2d([(0.1, 0.2), (0.5, 0.05)], (1.0, 1.0)) == pytest.approx(
+        0.9 * 0.8 + 0.5 * 0.15
+    )
+
+
+def test_hypervolume_matches_brute_force():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pts = rng.random((30, 2))
+    grid = (np.arange(400) + 0.5) / 400
+    xx, yy = np.meshgrid(grid, grid)
+    covered = np.zeros_like(xx, dtype=bool)
+    for x, y in pts:
+        covered |= (xx >= x) & (yy >= y)
+    assert sel.hypervolume_2d(pts, (1, 1)) == pytest.approx(covered.mean(), abs=5e-3)
+
+
+def test_plot_pareto_writes_png(tmp_path):
+    path = tmp_path / "plots" / "pareto.png"
+    sel.plot_pareto(TRIALS, 1, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wide = frame([(0, 0, 5.0), (1, 10, 0.001), (2, 3, 0.2)])
+    sel.plot_pareto(wide, None, path)  # log-scaled KL, nothing selected
+    assert path.stat().st_size > 0
+    assert sorted(p.name for p in path.parent.iterdir()) == ["pareto.png"]

@@ -1,0 +1,74 @@
+"""How far an edited model's first-token distribution moved from the original's, on harmless prompts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import NumericalError
+from .generation import accepts_position_ids, forward_kwargs, input_device
+from .prompting import batches, encode, length_order
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_TOLERANCE = 1e-6
+
+
+@torch.inference_mode()
+def first_token_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int) -> torch.Tensor:
+    """Log-probabilities of the first response token, (n, vocab) float32 on the model's device.
+
+    Read at the last prompt position (left padding puts it in the last column); only that
+    position's logits are computed where the model supports ``logits_to_keep``. The softmax runs in
+    float32 whatever the model's dtype, since half-precision log-probabilities of rare tokens are
+    too coarse for a KL divergence.
+    """
+    device = input_device(model)
+    kwargs = forward_kwargs(model)
+    use_pos = accepts_position_ids(model)
+    order = length_order(tokenizer, texts)
+    rows: list[torch.Tensor] = [None] * len(texts)  # type: ignore[list-item]
+    for chunk in batches(order, batch_size):
+        enc = encode(tokenizer, [texts[i] for i in chunk], device)
+        extra = dict(kwargs)
+        if use_pos:
+            mask = enc["attention_mask"]
+            extra["position_ids"] = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)
+        logits = model(**enc, use_cache=False, **extra).logits[:, -1]
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        for i, row in zip(chunk, logprobs):
+            rows[i] = row
+    if not rows:
+        raise ValueError("first_token_logprobs needs at least one text")
+    return torch.stack(rows)
+
+
+def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """KL(base ‖ edited), summed over the vocabulary and averaged over prompts (batchmean).
+
+    Both arguments are log-probabilities of shape (n, vocab). Rounding can make an exact zero come
+    out as a tiny negative number; values down to ``-1e-6`` are returned as computed (not clamped,
+    so they stay visible), anything lower, NaN or infinite raises :class:`NumericalError`, since it
+    means mismatched inputs or a broken model rather than a small divergence.
+    """
+    if base_logprobs.shape != logprobs.shape:
+        raise ValueError(f"shape mismatch: base {tuple(base_logprobs.shape)} vs {tuple(logprobs.shape)}")
+    if base_logprobs.ndim != 2 or base_logprobs.shape[0] == 0:
+        raise ValueError(f"expected (n, vocab) log-probabilities with n > 0, got {tuple(base_logprobs.shape)}")
+    logprobs = logprobs.to(base_logprobs.device)
+    # F.kl_div(input, target) is KL(target ‖ input): the base distribution is the target
+    value = F.kl_div(logprobs, base_logprobs, reduction="batchmean", log_target=True).item()
+    if not torch.isfinite(torch.tensor(value)):
+        raise NumericalError(
+            f"KL divergence is {value}: the edited model produced NaN or -inf log-probabilities "
+            "(check the ablation weights and the model dtype)"
+        )
+    if value < -NEGATIVE_TOLERANCE:
+        raise NumericalError(
+            f"KL divergence is negative ({value:.3g}); the log-probabilities are not normalised "
+            "or base and edited rows do not correspond"
+        )
+    return value
