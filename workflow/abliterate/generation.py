@@ -84,7 +84,12 @@ class _IncrementalText:
     """
 
     def __init__(self, tokenizer, n: int):
-        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # the Rust decoder in one call per step; the Python wrapper loops over rows
+            self.decode = lambda seqs: backend.decode_batch(seqs, skip_special_tokens=True)
+        else:
+            self.decode = lambda seqs: tokenizer.batch_decode(seqs, skip_special_tokens=True)
         self.text = [""] * n
         self.prefix = [0] * n
         self.read = [0] * n
@@ -93,9 +98,8 @@ class _IncrementalText:
         """Extend the text of ``rows``; return those whose text changed."""
         if not rows:
             return []
-        dec = self.tokenizer.batch_decode
-        old = dec([generated[r][self.prefix[r] : self.read[r]] for r in rows], skip_special_tokens=True)
-        new = dec([generated[r][self.prefix[r] :] for r in rows], skip_special_tokens=True)
+        old = self.decode([generated[r][self.prefix[r] : self.read[r]] for r in rows])
+        new = self.decode([generated[r][self.prefix[r] :] for r in rows])
         changed = []
         for r, a, b in zip(rows, old, new):
             if len(b) > len(a) and not b.endswith("\ufffd"):

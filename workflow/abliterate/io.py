@@ -13,9 +13,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: CPU-only rules (prompts, trials) start seconds faster
+    import torch
 
 SCHEMA_VERSION = "1"
 
@@ -55,7 +56,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
+    if hasattr(obj, "detach") and hasattr(obj, "tolist"):  # a torch.Tensor
         return obj.detach().cpu().tolist()
     if hasattr(obj, "item") and callable(obj.item):
         return obj.item()
@@ -104,7 +105,7 @@ def write_csv(df, path: str | os.PathLike) -> None:
 
 
 def save_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+    tensors: Mapping[str, "torch.Tensor"], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
 ) -> None:
     """Save tensors (moved to CPU, made contiguous) with string metadata, atomically."""
     from safetensors.torch import save_file
@@ -116,11 +117,11 @@ def save_safetensors(
         save_file(cpu, str(tmp), metadata=meta)
 
 
-def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+def load_safetensors(path: str | os.PathLike, device: "str | torch.device" = "cpu") -> tuple[dict, dict]:
     """Return ``(tensors, metadata)``; metadata values that were JSON are decoded."""
     from safetensors import safe_open
 
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict = {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         raw = f.metadata() or {}
         for key in f.keys():

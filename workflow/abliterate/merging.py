@@ -16,12 +16,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from . import io, loading
+from . import ablation, io, loading
 from .errors import AbliterateError
 
 log = logging.getLogger(__name__)
 
-DIRECT_EDITS = "direct_edits.safetensors"
 # Loading keeps one copy of the weights; merging adds one layer's delta at a time; saving shards
 # adds at most one shard. 1.2× the weights bounds all three with room for Python's own objects.
 RAM_FACTOR = 1.2
@@ -59,30 +58,6 @@ def merge_dtype(config) -> torch.dtype:
     return checkpoint_dtype(config) or torch.float32
 
 
-def apply_direct_edits(model, adapter_dir: Path) -> int:
-    """Add the saved low-rank factors of modules that LoRA could not wrap: W += B @ A, per module."""
-    path = adapter_dir / DIRECT_EDITS
-    if not path.exists():
-        return 0
-    tensors, _ = io.load_safetensors(path)
-    params = dict(model.named_parameters())
-    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
-    with torch.no_grad():
-        for name in names:
-            weight = params.get(name)
-            if weight is None:
-                raise AbliterateError(f"{path}: the model has no parameter {name!r}")
-            b, a = tensors[f"{name}.B"], tensors[f"{name}.A"]
-            view = _out_in_view(weight, tensors.get(f"{name}.layout"))
-            view += torch.matmul(b.to(torch.float32), a.to(torch.float32)).reshape(view.shape).to(weight.dtype)
-    log.info("applied %d direct weight edits from %s", len(names), path.name)
-    return len(names)
-
-
-def _out_in_view(weight: torch.Tensor, layout) -> torch.Tensor:
-    return weight
-
-
 def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_gib: float, metadata: dict,
           card: str) -> dict:
     """Load ``source`` on the CPU, merge ``adapter_dir`` into it and save it to ``out_dir``."""
@@ -108,7 +83,7 @@ def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_g
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         # The LoRA layers are gone: a later LoRA operation on this object would silently do nothing.
         model.abliterate_needs_reload = True
-    apply_direct_edits(model, adapter)
+    ablation.apply_saved_direct_edits(model, adapter)
     rss = psutil.Process().memory_info().rss
     with io.atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")

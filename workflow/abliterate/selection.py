@@ -243,11 +243,17 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
                 zorder=3,
                 label=f"selected: trial {int(row['number'])}",
             )
+            # Point the label towards the middle of the axes so it is never clipped.
+            ax.autoscale_view()
+            to_axes = ax.transData + ax.transAxes.inverted()
+            fx, fy = to_axes.transform((float(row["refusals"]), float(row["kl"])))
             ax.annotate(
                 f"trial {int(row['number'])}\n{_fmt(row)}",
                 (row["refusals"], row["kl"]),
-                xytext=(12, 12),
+                xytext=(16 if fx < 0.6 else -16, 16 if fy < 0.6 else -16),
                 textcoords="offset points",
+                ha="left" if fx < 0.6 else "right",
+                va="bottom" if fy < 0.6 else "top",
                 fontsize=8,
                 arrowprops={"arrowstyle": "-", "color": "tab:red"},
             )

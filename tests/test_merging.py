@@ -1,0 +1,58 @@
+"""CPU merge: adapter + direct edits into a saved model that reproduces the ablated logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tiny_models as tm
+from abliterate import ablation, architecture, loading, merging
+from abliterate.errors import AbliterateError
+from tiny_tokenizer import tiny_tokenizer
+
+PARAMS = ablation.AblationParams(
+    direction_index=1.3,
+    kernels={
+        "attn_out": ablation.Kernel(1.2, 1.0, 0.3, 1.5),
+        "mlp_down": ablation.Kernel(0.9, 2.0, 0.1, 2.0),
+    },
+)
+
+
+@pytest.mark.parametrize("factory", ["tiny_llama", "tiny_moe_fused", "tiny_gpt2"])
+def test_merged_model_reproduces_the_ablated_model(tmp_path, factory):
+    base_dir = tmp_path / "base"
+    model = getattr(tm, factory)()
+    model.save_pretrained(base_dir)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(base_dir)
+    layout = architecture.discover(model)
+    torch.manual_seed(1)
+    directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=-1)
+    ablator = ablation.Ablator(model, layout, directions)
+    ablator.apply(PARAMS)
+    ids = tm.input_ids()
+    with torch.inference_mode():
+        expected = ablator.model(ids).logits
+    ablator.save_adapter(tmp_path / "adapter")
+
+    info = merging.merge(loading.ModelSource(path=str(base_dir)), str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                         max_ram_gib=4, metadata={"test": True}, card="# card\n")
+    assert info["estimated_ram_bytes"] > 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.inference_mode():
+        got = merged(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert (tmp_path / "merged" / "README.md").read_text() == "# card\n"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # atomic: no temp folders left
+
+
+def test_merge_stops_before_loading_when_over_budget(tmp_path):
+    base_dir = tmp_path / "base"
+    tm.tiny_llama().save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    with pytest.raises(AbliterateError, match=r"merge\.max_ram_gib"):
+        merging.merge(loading.ModelSource(path=str(base_dir)), str(tmp_path / "adapter"), str(tmp_path / "out"),
+                      max_ram_gib=1e-6, metadata={}, card="")
+    assert not (tmp_path / "out").exists()

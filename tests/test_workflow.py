@@ -1,0 +1,183 @@
+"""The real workflow, run by Snakemake on a tiny random model: contract, resume, workers, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+import workflow_runner as wr
+from tiny_tokenizer import tiny_model_dir
+
+pytestmark = pytest.mark.slow
+REPO = wr.REPO
+
+
+def _study(workdir: Path, run: str = "tiny") -> optuna.Study:
+    url = f"sqlite:///{workdir}/results/{run}/study.sqlite"
+    names = optuna.get_all_study_names(url)
+    assert len(names) == 1, names
+    return optuna.load_study(study_name=names[0], storage=url)
+
+
+def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def _distinct_params(trials) -> int:
+    return len({json.dumps(t.params, sort_keys=True) for t in trials})
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("wf-model") / "model")
+
+
+def test_default_config_dry_run_and_lint():
+    for args in (["-n"], ["--lint"]):
+        proc = subprocess.run(["snakemake", *args, "--cores", "1"], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env=wr.env())
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "demo_model" in subprocess.run(["snakemake", "-n", "--cores", "1"], cwd=REPO, capture_output=True,
+                                          text=True, timeout=300, env=wr.env()).stdout
+
+
+def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_path, model_path):
+    wr.write_config(tmp_path, wr.tiny_config(model_path))
+    wr.run(tmp_path, "--resources", "gpu=1")
+    res = tmp_path / "results/tiny"
+    summary = json.loads((res / "summary.json").read_text())
+    for split in ("eval", "heldout"):
+        assert set(summary["baseline"][split]) >= {"refusals", "n"}
+        assert set(summary["merged"][split]) >= {"refusals", "n", "kl"}
+        assert summary["merged"][split]["kl"] >= 0
+    assert summary["model"] == str(model_path)
+    assert set(summary["selected_trial"]) >= {"number", "params", "eval"}
+    assert set(summary["selected_trial"]["eval"]) >= {"refusals", "n", "kl"}
+    assert summary["study"]["n_complete"] == 3 and summary["study"]["n_failed"] == 0
+    assert summary["timings_s"]["study"] > 0
+    for artefact in ("study.sqlite", "directions.safetensors", "adapter/adapter_config.json",
+                     "model/config.json", "model/README.md", "pareto.csv", "plots/pareto.png", "plots/directions.png"):
+        assert (res / artefact).exists(), artefact
+
+    first = {t.number: t.params for t in _complete(_study(tmp_path))}
+    directions_mtime = (res / "directions.safetensors").stat().st_mtime_ns
+    proc = wr.run(tmp_path, "--resources", "gpu=1", "--config", "study={n_trials: 5}")
+    assert "rule directions" not in proc.stderr and "rule baseline" not in proc.stderr
+    assert (res / "directions.safetensors").stat().st_mtime_ns == directions_mtime
+    done = _complete(_study(tmp_path))
+    assert len(done) == 5 and _distinct_params(done) == 5
+    assert all(first[n] == t.params for t in done for n in [t.number] if n in first)  # old trials kept
+    assert json.loads((res / "summary.json").read_text())["study"]["n_complete"] == 5
+
+
+def test_killed_study_resumes_without_repeating_trials(tmp_path, model_path):
+    n_trials = 6
+    wr.write_config(tmp_path, wr.tiny_config(model_path, study={"n_trials": n_trials, "n_startup_trials": 2}))
+    target = "results/tiny/trials.csv"
+    proc = subprocess.Popen(wr.snakemake_cmd(tmp_path, target, "--resources", "gpu=1"), env=wr.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    db = tmp_path / "results/tiny/study.sqlite"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if db.exists():
+                try:
+                    if len(_complete(_study(tmp_path))) >= 2:
+                        break
+                except (AssertionError, Exception):
+                    pass
+            assert proc.poll() is None, "snakemake finished before it could be killed"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: snakemake and its job
+    finally:
+        proc.wait(timeout=60)
+    killed_at = len(_complete(_study(tmp_path)))
+    assert killed_at < n_trials
+    directions_mtime = (tmp_path / "results/tiny/directions.safetensors").stat().st_mtime_ns
+
+    rerun = wr.run(tmp_path, target, "--resources", "gpu=1", "--rerun-incomplete")
+    assert "rule directions" not in rerun.stderr
+    assert (tmp_path / "results/tiny/directions.safetensors").stat().st_mtime_ns == directions_mtime
+    study = _study(tmp_path)
+    done = _complete(study)
+    assert len(done) == n_trials
+    assert _distinct_params(done) == n_trials  # no completed trial ran twice
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    assert not running
+    # The trial the kill interrupted was failed and asked again with the same parameters.
+    for trial in failed:
+        assert any(t.params == trial.params for t in done)
+
+
+def test_two_workers_share_one_study(tmp_path, model_path):
+    wr.write_config(tmp_path, wr.tiny_config(model_path, study={"n_trials": 4, "n_startup_trials": 2, "workers": 2}))
+    proc = wr.run(tmp_path, "results/tiny/trials.csv", "--resources", "gpu=2")
+    assert "database is locked" not in proc.stderr
+    study = _study(tmp_path)
+    done = _complete(study)
+    assert len(done) == 4 and _distinct_params(done) == 4
+    workers = {t.user_attrs.get("worker") for t in done}
+    assert len(workers) == 2, workers  # both jobs contributed
+    for w in (0, 1):
+        assert (tmp_path / f"results/tiny/study/worker-{w}.json").exists()
+        log = (tmp_path / f"results/logs/tiny/study-{w}.log").read_text()
+        assert "database is locked" not in log
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"study": {"n_trials": 0}}, r"n_trials"),
+        ({"model": {"quantization": ["bnb_4bit", "bnb_8bit"]}}, r"quantization"),
+        ({"model": {"quantization": "bnb_3bit"}}, r"quantization"),
+        ({"prompts": {"harmful": {"splits": {"heldout": 1.0}}}}, r"heldout"),
+        ({"prompts": {"harmful": {"splits": {"train": 0.6, "eval": 0.3, "heldout": 0.3}}}}, r"prompts\.harmful\.splits add up"),
+        ({"seed": "forty-two"}, r"seed"),
+        ({"study": {"n_trails": 10}}, r"n_trails"),
+        ({"study": {"n_trials": 4, "n_startup_trials": 9}}, r"study\.n_startup_trials"),
+        ({"study": {"space": {"max_weight": [2.0, 1.0]}}}, r"study\.space\.max_weight"),
+    ],
+)
+def test_bad_config_fails_before_any_job(tmp_path, model_path, override, message):
+    cfg = wr.tiny_config(model_path)
+    for key, value in override.items():
+        if key == "prompts":
+            for name, spec in value.items():
+                cfg["prompts"][name] = {**cfg["prompts"][name], **{k: ({**cfg["prompts"][name].get(k, {}), **v}
+                                        if isinstance(v, dict) else v) for k, v in spec.items()}}
+        elif isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    wr.write_config(tmp_path, cfg)
+    proc = wr.run(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    import re
+
+    assert re.search(message, proc.stdout + proc.stderr), (proc.stdout + proc.stderr)[-3000:]
+    assert not (tmp_path / "results").exists()  # nothing written
+
+
+def test_tiny_workflow_runs_through_the_slurm_profile(tmp_path, model_path, slurm_cluster):
+    """The same workflow through profiles/slurm on a real one-node SLURM cluster (localhost)."""
+    from slurm_cluster import run_snakemake_on_slurm, submitted_job_ids
+
+    wr.write_config(tmp_path, wr.tiny_config(model_path, study={"n_trials": 2, "n_startup_trials": 1}))
+    os.environ.setdefault("ABLITERATE_DEVICE", "cpu")  # the helper passes this environment to the jobs
+    proc = run_snakemake_on_slurm(
+        tmp_path, REPO / "Snakefile", ["--configfile", str(tmp_path / "config.yaml"), "--max-threads", "2"],
+        timeout=1500, cluster=slurm_cluster,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    jobs = submitted_job_ids(proc.stdout + proc.stderr)
+    assert {"baseline", "directions", "study", "merge", "evaluate"} <= set(jobs), jobs
+    summary = json.loads((tmp_path / "results/tiny/summary.json").read_text())
+    assert summary["study"]["n_complete"] == 2
