@@ -346,6 +346,21 @@ def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> di
     }
 
 
+def _answer_loss(model, batch: dict) -> torch.Tensor:
+    """Mean next-token loss over answer tokens, with the LM head applied to those positions only.
+
+    The vocabulary projection is a fifth of the model's work per token; the prompt positions carry
+    no loss, so skipping them there saves time on a CPU.
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits, labels[keep])
+
+
 def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[object, dict]:
     from peft import LoraConfig, get_peft_model
 
@@ -386,7 +401,7 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
         epoch_losses = []
         for start in range(0, len(order), recipe.batch_size):
             batch = _collate([encoded[i] for i in order[start : start + recipe.batch_size]], pad_id, device)
-            loss = peft_model(**batch).loss
+            loss = _answer_loss(peft_model.get_base_model(), batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
             optimizer.step()

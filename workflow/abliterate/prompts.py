@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import PromptError
-from .loading import package_dir
+from .packages import package_dir
 
 log = logging.getLogger(__name__)
 

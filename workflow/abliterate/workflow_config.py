@@ -26,6 +26,53 @@ _STAGE_KEYS = {
 }
 
 
+def coerce_cli_strings(config: dict, schema: dict) -> dict:
+    """Turn strings into the numbers/booleans/nulls the schema expects, in place.
+
+    ``snakemake --config study='{n_trials: 60}'`` parses nested values with YAML's BaseLoader, which
+    keeps every scalar a string ('60'); without this, the documented override would fail validation.
+    Only strings at places where the schema does not accept a string are converted.
+    """
+    import yaml
+
+    def types_of(node: dict) -> set:
+        node = _resolve(node, schema)
+        t = node.get("type")
+        found = set(t if isinstance(t, list) else [t] if t else [])
+        for alt in node.get("oneOf", []) + node.get("anyOf", []):
+            found |= types_of(alt)
+        return found
+
+    def walk(value, node):
+        node = _resolve(node, schema)
+        if isinstance(value, dict):
+            props = node.get("properties", {})
+            for key, sub in value.items():
+                if key in props:
+                    value[key] = walk(sub, props[key])
+            return value
+        if isinstance(value, list) and "items" in node:
+            return [walk(v, node["items"]) for v in value]
+        if isinstance(value, str) and "string" not in types_of(node):
+            parsed = yaml.safe_load(value)
+            return value if isinstance(parsed, (dict, list, str)) else parsed
+        return value
+
+    walk(config, schema)
+    return config
+
+
+def _resolve(node: dict, schema: dict) -> dict:
+    ref = node.get("$ref")
+    if ref and ref.startswith("#/"):
+        target = schema
+        for part in ref[2:].split("/"):
+            target = target[part]
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _resolve(merged, schema)
+    return node
+
+
 def check(config: dict) -> None:
     """Raise ConfigError naming the key for values the schema cannot rule out."""
     for name, spec in config["prompts"].items():

@@ -2,13 +2,14 @@
 
 import os
 
+import yaml
 from snakemake.utils import validate
 
+from abliterate import workflow_config as wc
 
+# `--config key='{nested: 1}'` arrives as strings; turn them into what the schema expects first.
+wc.coerce_cli_strings(config, yaml.safe_load(open(workflow.source_path("../schemas/config.schema.yaml"))))
 validate(config, "../schemas/config.schema.yaml")
-
-from abliterate import workflow_config as wc  # noqa: E402  (after validation, which fills defaults)
-
 wc.check(config)
 
 RUN = config["run"]
