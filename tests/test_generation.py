@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
 from abliterate import batching, errors, prompting
 from abliterate.generation import eos_token_ids, generate, generate_ids
-
-import tiny_models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 torch.set_num_threads(1)
 
@@ -137,20 +135,27 @@ def test_early_stop_prunes_rows_and_keeps_order(tokenizer, texts, llama):
     stops = [s for s in stops if s and s.strip()]
     assert len(stops) >= 3, full_text
     detector = StopAfter(stops)
-    early = generate_ids(model, tokenizer, texts, max_new_tokens=budget, batch_size=4, detector=detector)
+    early = generate_ids(
+        model, tokenizer, texts, max_new_tokens=budget, batch_size=4, detector=detector
+    )
     stopped = 0
     for ref, got in zip(full, early):
         assert got == ref[: len(got)]  # same tokens, only shorter, in the original order
         # stopped exactly at the first token whose text shows a stop string, or ran to the end
         first = next(
-            (k for k in range(1, len(ref) + 1)
-             if any(s in tokenizer.decode(ref[:k], skip_special_tokens=True) for s in stops)),
+            (
+                k
+                for k in range(1, len(ref) + 1)
+                if any(s in tokenizer.decode(ref[:k], skip_special_tokens=True) for s in stops)
+            ),
             len(ref),
         )
         assert len(got) == first
         stopped += len(got) < len(ref)
     assert stopped >= 3
-    texts_out = generate(model, tokenizer, texts, max_new_tokens=budget, batch_size=4, detector=detector)
+    texts_out = generate(
+        model, tokenizer, texts, max_new_tokens=budget, batch_size=4, detector=detector
+    )
     assert texts_out == tokenizer.batch_decode(early, skip_special_tokens=True)
 
 

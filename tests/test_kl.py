@@ -5,14 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import tiny_models
 import torch
-
 from abliterate import errors, prompting
 from abliterate.evaluation import Evaluator, baseline
 from abliterate.kl import first_token_logprobs, kl_divergence
 from abliterate.refusal import RefusalDetector
-
-import tiny_models
 from test_generation import PROMPTS, char_tokenizer
 
 torch.set_num_threads(1)
@@ -75,7 +73,9 @@ def test_evaluator_scores_and_detects_edit(tokenizer, texts):
     harmful, harmless = texts[:4], texts[4:]
     # every response of a random model counts as a refusal with a marker it emits constantly
     detector = RefusalDetector(["i can't"])
-    base = baseline(model, tokenizer, harmful, harmless, max_new_tokens=6, batch_size=4, detector=detector)
+    base = baseline(
+        model, tokenizer, harmful, harmless, max_new_tokens=6, batch_size=4, detector=detector
+    )
     assert base["n"] == 4 and len(base["responses"]) == 4 and base["logprobs"].shape[0] == 3
     ev = Evaluator(model, tokenizer, harmful, harmless, base["logprobs"], 6, 4, detector)
     s = ev.score()

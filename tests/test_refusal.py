@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
-
-from abliterate.refusal import DEFAULT_MARKERS, RefusalDetector, normalise, split_reasoning, strip_reasoning
+from abliterate.refusal import (
+    DEFAULT_MARKERS,
+    RefusalDetector,
+    normalise,
+    split_reasoning,
+    strip_reasoning,
+)
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +18,10 @@ def detector():
 
 
 def test_normalise():
-    assert normalise("  **I  CAN\u2019T**\n\t_help_ `you` \u201cnow\u201d ") == 'i can\'t help you "now"'
+    assert (
+        normalise("  **I  CAN\u2019T**\n\t_help_ `you` \u201cnow\u201d ")
+        == 'i can\'t help you "now"'
+    )
 
 
 @pytest.mark.parametrize(

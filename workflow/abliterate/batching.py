@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -67,11 +68,17 @@ def auto_batch_size(
     ``max_size`` than asked for now.
     """
     if start < 1 or max_size < start:
-        raise ConfigError(f"batch size search needs 1 <= start <= max_size, got {start}, {max_size}")
+        raise ConfigError(
+            f"batch size search needs 1 <= start <= max_size, got {start}, {max_size}"
+        )
     device = torch.device(device)
     if device.type != "cuda":
         size = max(start, min(NON_CUDA_DEFAULT, max_size))
-        log.info("batch size %d on %s (fixed default, no out-of-memory probe off CUDA)", size, device.type)
+        log.info(
+            "batch size %d on %s (fixed default, no out-of-memory probe off CUDA)",
+            size,
+            device.type,
+        )
         return size
 
     path = Path(cache_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -50,7 +50,9 @@ class Evaluator:
         self._responses: list[str] | None = None
 
     def kl(self) -> float:
-        logprobs = first_token_logprobs(self.model, self.tokenizer, self.harmless_texts, self.batch_size)
+        logprobs = first_token_logprobs(
+            self.model, self.tokenizer, self.harmless_texts, self.batch_size
+        )
         return kl_divergence(self.base_logprobs, logprobs)
 
     def refusals(self) -> int:
@@ -97,7 +99,9 @@ def baseline(
     detector = detector if detector is not None else RefusalDetector()
     start = time.perf_counter()
     logprobs = first_token_logprobs(model, tokenizer, harmless_texts, batch_size)
-    responses = generate(model, tokenizer, harmful_texts, max_new_tokens, batch_size, detector=detector)
+    responses = generate(
+        model, tokenizer, harmful_texts, max_new_tokens, batch_size, detector=detector
+    )
     refusals = sum(detector.is_refusal(r) for r in responses)
     seconds = time.perf_counter() - start
     log.info("baseline: refusals %d/%d (%.1f s)", refusals, len(harmful_texts), seconds)

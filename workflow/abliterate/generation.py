@@ -14,7 +14,8 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -157,15 +158,16 @@ def _generate_batch(
             keep = [j for j, r in enumerate(alive) if r not in finished]
             if not keep:
                 break
-            index = torch.tensor(keep, device=next_tok.device)
-            select_rows(cache, index)
-            next_tok, mask, pos = next_tok[index], mask[index], pos[index]
+            index = torch.tensor(keep, device=device)
+            select_rows(cache, index)  # moves the index to each layer's device itself
+            next_tok = next_tok[index.to(next_tok.device)]
+            mask, pos = mask[index], pos[index]
             alive = [alive[j] for j in keep]
         pos = pos + 1
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         step_kwargs = dict(kwargs, position_ids=pos) if use_pos else kwargs
         out = model(
-            input_ids=next_tok[:, None],
+            input_ids=next_tok[:, None].to(device),
             attention_mask=mask,
             past_key_values=cache,
             use_cache=True,
@@ -196,7 +198,13 @@ def generate_ids(
     with tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress) as bar:
         for chunk in batches(order, batch_size):
             ids = _generate_batch(
-                model, tokenizer, [texts[i] for i in chunk], max_new_tokens, detector, eos, bar.update
+                model,
+                tokenizer,
+                [texts[i] for i in chunk],
+                max_new_tokens,
+                detector,
+                eos,
+                bar.update,
             )
             for i, seq in zip(chunk, ids):
                 results[i] = seq
@@ -204,7 +212,10 @@ def generate_ids(
     n_tokens = sum(len(r) for r in results)
     log.debug(
         "generated %d tokens for %d prompts in %.2f s (%.1f tokens/s)",
-        n_tokens, len(texts), seconds, n_tokens / max(seconds, 1e-9),
+        n_tokens,
+        len(texts),
+        seconds,
+        n_tokens / max(seconds, 1e-9),
     )
     return results
 

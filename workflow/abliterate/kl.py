@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +55,13 @@ def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     means mismatched inputs or a broken model rather than a small divergence.
     """
     if base_logprobs.shape != logprobs.shape:
-        raise ValueError(f"shape mismatch: base {tuple(base_logprobs.shape)} vs {tuple(logprobs.shape)}")
+        raise ValueError(
+            f"shape mismatch: base {tuple(base_logprobs.shape)} vs {tuple(logprobs.shape)}"
+        )
     if base_logprobs.ndim != 2 or base_logprobs.shape[0] == 0:
-        raise ValueError(f"expected (n, vocab) log-probabilities with n > 0, got {tuple(base_logprobs.shape)}")
+        raise ValueError(
+            f"expected (n, vocab) log-probabilities with n > 0, got {tuple(base_logprobs.shape)}"
+        )
     logprobs = logprobs.to(base_logprobs.device)
     # F.kl_div(input, target) is KL(target ‖ input): the base distribution is the target
     value = F.kl_div(logprobs, base_logprobs, reduction="batchmean", log_target=True).item()

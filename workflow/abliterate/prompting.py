@@ -7,7 +7,8 @@ full chat-formatted string that ends where the assistant's answer begins.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -29,7 +30,9 @@ def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None = None) 
     for prompt in prompts:
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         messages.append({"role": "user", "content": prompt})
-        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        texts.append(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
     return texts
 
 
@@ -57,12 +60,17 @@ def encode(tokenizer, texts: Sequence[str], device: torch.device | str) -> dict[
         padding_side="left",
         add_special_tokens=not adds_bos_itself(tokenizer, texts),
     )
-    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+    return {
+        "input_ids": enc["input_ids"].to(device),
+        "attention_mask": enc["attention_mask"].to(device),
+    }
 
 
 def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
     """Number of tokens of each text as :func:`encode` would produce it (without padding)."""
-    ids = tokenizer(list(texts), add_special_tokens=not adds_bos_itself(tokenizer, texts))["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=not adds_bos_itself(tokenizer, texts))[
+        "input_ids"
+    ]
     return [len(x) for x in ids]
 
 

@@ -21,7 +21,7 @@ visible in the generated text; a bare ``</think>`` is handled by dropping everyt
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -124,7 +124,9 @@ class RefusalDetector:
         if not self.markers or not all(self.markers):
             raise ValueError("refusal markers must be a non-empty list of non-empty strings")
         # one alternation, longest first, each anchored at word boundaries on both sides
-        alternatives = "|".join(re.escape(m) for m in sorted(set(self.markers), key=len, reverse=True))
+        alternatives = "|".join(
+            re.escape(m) for m in sorted(set(self.markers), key=len, reverse=True)
+        )
         self._pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
 
     def find_marker(self, text: str) -> str | None:

@@ -109,6 +109,36 @@ def check(config: dict) -> None:
         raise ConfigError("model.quantization must be none for a GGUF model (it is dequantised on load)")
 
 
+def clear_stale_locks(workdir: str | Path) -> list[Path]:
+    """Remove Snakemake's directory locks when no Snakemake process works in ``workdir`` any more.
+
+    A run killed with SIGKILL (a pre-empted node, an out-of-memory kill, ``kill -9``) cannot release
+    its lock, and Snakemake then refuses every later run until ``--unlock``. Resuming an interrupted
+    study by rerunning the same command is the promise of this workflow, so the main process clears
+    locks whose owner is gone. A live run is detected from this machine's process table (a process
+    whose command line names snakemake and whose working directory is ``workdir``); runs of the
+    same folder from another host are not visible, so don't start two there at once.
+    """
+    import psutil
+
+    workdir = Path(workdir).resolve()
+    locks = workdir / ".snakemake" / "locks"
+    files = sorted(locks.glob("*.lock")) if locks.is_dir() else []
+    if not files:
+        return []
+    me = psutil.Process()
+    mine = {me.pid, *(p.pid for p in me.parents())}
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        if proc.info["pid"] in mine:
+            continue
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if "snakemake" in cmdline and proc.info.get("cwd") == str(workdir):
+            return []  # a live run owns the lock
+    for f in files:
+        f.unlink(missing_ok=True)
+    return files
+
+
 def uses_demo_model(config: dict) -> bool:
     return Path(config["model"]["path"]).as_posix().rstrip("/") == DEMO_PATH
 

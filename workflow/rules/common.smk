@@ -3,6 +3,7 @@
 import os
 
 import yaml
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from abliterate import workflow_config as wc
@@ -11,6 +12,10 @@ from abliterate import workflow_config as wc
 wc.coerce_cli_strings(config, yaml.safe_load(open(workflow.source_path("../schemas/config.schema.yaml"))))
 validate(config, "../schemas/config.schema.yaml")
 wc.check(config)
+
+if workflow.is_main_process:
+    for lock in wc.clear_stale_locks(os.getcwd()):
+        logger.warning(f"removed stale lock {lock} (its Snakemake run was killed); resuming")
 
 RUN = config["run"]
 SETS = ["harmful", "harmless"]

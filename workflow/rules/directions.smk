@@ -13,6 +13,7 @@ rule directions:
             f"results/{RUN}/plots/directions.png",
             caption="../report/directions.rst",
             category="Directions",
+            labels={"result": "refusal directions per layer", "run": RUN},
         ),
     params:
         config_hash=config_hash("directions"),

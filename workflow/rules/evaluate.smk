@@ -12,7 +12,12 @@ rule evaluate:
         selected=f"results/{RUN}/selected.json",
         trials=f"results/{RUN}/trials.csv",
     output:
-        summary=report(f"results/{RUN}/summary.json", caption="../report/summary.rst", category="Summary"),
+        summary=report(
+            f"results/{RUN}/summary.json",
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"result": "summary", "run": RUN},
+        ),
         responses=f"results/{RUN}/merged_responses.parquet",
     params:
         storage=wc.storage_url(config),

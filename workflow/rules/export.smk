@@ -14,7 +14,12 @@ rule export:
         selected=f"results/{RUN}/selected.json",
         pareto=f"results/{RUN}/pareto.csv",
         adapter=directory(f"results/{RUN}/adapter"),
-        plot=report(f"results/{RUN}/plots/pareto.png", caption="../report/pareto.rst", category="Study"),
+        plot=report(
+            f"results/{RUN}/plots/pareto.png",
+            caption="../report/pareto.rst",
+            category="Study",
+            labels={"result": "Pareto front", "run": RUN},
+        ),
     params:
         config_hash=config_hash("study"),
     log:

@@ -38,7 +38,12 @@ rule trials:
     input:
         workers=expand(f"results/{RUN}/study/worker-{{worker}}.json", worker=WORKERS),
     output:
-        table=report(f"results/{RUN}/trials.csv", caption="../report/trials.rst", category="Study"),
+        table=report(
+            f"results/{RUN}/trials.csv",
+            caption="../report/trials.rst",
+            category="Study",
+            labels={"result": "trials table", "run": RUN},
+        ),
     params:
         storage=wc.storage_url(config),
         study_name=wc.study_name(config),
