@@ -511,10 +511,10 @@ def evaluate_heldout(
 
     def measure(path: str, base_lp=None):
         lm = session.open_model(config, path=path)
-        settings = eval_settings(config, lm)
         harmful = prompting.chat_texts(
             lm.tokenizer, splits["harmful"]["heldout"], protocol.system_prompt
         )
+        settings = eval_settings(config, lm, harmful)
         harmless = prompting.chat_texts(
             lm.tokenizer, splits["harmless"]["heldout"], protocol.system_prompt
         )

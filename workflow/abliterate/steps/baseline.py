@@ -16,12 +16,13 @@ def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logpr
         config_hash: str) -> dict:
     prompts.check_no_cross_overlap({"harmful": pd.read_parquet(harmful), "harmless": pd.read_parquet(harmless)})
     lm = session.open_model(config)
-    settings = eval_settings(config, lm)
     metrics: dict = {"model": lm.source.description, "config_hash": config_hash, **lm.metadata()}
+    work = {label: session.chats(config, lm.tokenizer, table, split)
+            for table, split, label in ((harmful, "eval", "eval"), (harmful, "heldout", "heldout"),
+                                        (harmless, "heldout", "harmless_heldout"))}
+    settings = eval_settings(config, lm, [t for _, texts in work.values() for t in texts])
     tables = []
-    for table, split, label in ((harmful, "eval", "eval"), (harmful, "heldout", "heldout"),
-                                (harmless, "heldout", "harmless_heldout")):
-        raw, texts = session.chats(config, lm.tokenizer, table, split)
+    for label, (raw, texts) in work.items():
         counts, responses, flags = refusal_counts(lm.model, lm.tokenizer, texts, settings)
         metrics[label] = counts
         tables.append(responses_table(raw, responses, flags, label))

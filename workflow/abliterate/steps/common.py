@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .. import generation, refusal
+from .. import batching, generation, kl, refusal
 
 log = logging.getLogger(__name__)
 
-CPU_BATCH = 16  # CPUs gain little from larger batches and padding waste grows with them
+# Batch sizes found by probing a GPU, per model and GPU model: a cache, not a pipeline artifact.
+BATCH_CACHE = "results/batch_sizes.json"
 
 
 @dataclass(frozen=True)
@@ -21,25 +22,35 @@ class EvalSettings:
     detector: refusal.RefusalDetector
 
 
-def resolve_batch_size(value, lm, max_new_tokens: int) -> int:
-    """An explicit size, or the automatic choice for this model and device (logged once)."""
+def resolve_batch_size(value, lm, max_new_tokens: int, texts: list[str]) -> int:
+    """An explicit size, or the automatic choice for this model, device and workload.
+
+    On CUDA the probe generates the full token budget for copies of the longest prompt (the worst
+    case the real work meets); the result is cached per model and GPU in ``BATCH_CACHE``.
+    """
     if value != "auto":
         return int(value)
+    longest = max(texts, key=len)
+
+    def probe(size: int) -> None:
+        if max_new_tokens > 1:
+            generation.generate(lm.model, lm.tokenizer, [longest] * size, max_new_tokens, size)
+        else:
+            kl.first_token_logprobs(lm.model, lm.tokenizer, [longest] * size, size)
+
     device = next(lm.model.parameters()).device
-    if device.type != "cuda":
-        log.info("batch size %d (auto on %s: a fixed size; larger batches only add padding here)", CPU_BATCH, device.type)
-        return CPU_BATCH
-    from .. import batching
-
-    return batching.auto_batch_for(lm, max_new_tokens)
+    key = f"{lm.source.description}|{lm.dtype}|{lm.quantization}|{max_new_tokens}|{len(longest)}"
+    cap = 1 << max(0, (len(texts) - 1).bit_length())  # a batch larger than the work is never used
+    return batching.auto_batch_size(probe, device, key, BATCH_CACHE, start=1, max_size=min(256, cap))
 
 
-def eval_settings(config: dict, lm) -> EvalSettings:
+def eval_settings(config: dict, lm, texts: list[str]) -> EvalSettings:
+    """Settings for generating answers to ``texts`` (used to size the batch)."""
     ev = config["evaluation"]
     markers = ev["markers"] or refusal.DEFAULT_MARKERS
     return EvalSettings(
         max_new_tokens=ev["max_new_tokens"],
-        batch_size=resolve_batch_size(ev["batch_size"], lm, ev["max_new_tokens"]),
+        batch_size=resolve_batch_size(ev["batch_size"], lm, ev["max_new_tokens"], texts),
         detector=refusal.RefusalDetector(markers),
     )
 

@@ -13,11 +13,12 @@ log = logging.getLogger(__name__)
 def run(config: dict, harmful: str, harmless: str, out_directions: str, out_plot: str, config_hash: str) -> dict:
     lm = session.open_model(config)
     cfg = config["directions"]
-    batch = resolve_batch_size(cfg["batch_size"], lm, 1)
+    work = {name: session.chats(config, lm.tokenizer, table, "train")
+            for name, table in (("harmful", harmful), ("harmless", harmless))}
+    batch = resolve_batch_size(cfg["batch_size"], lm, 1, [t for _, texts in work.values() for t in texts])
     res = {}
     hashes = {}
-    for name, table in (("harmful", harmful), ("harmless", harmless)):
-        raw, texts = session.chats(config, lm.tokenizer, table, "train")
+    for name, (raw, texts) in work.items():
         hashes[f"{name}_sha256"] = io.sha256_texts(raw)
         res[name] = residuals.collect_residuals(lm.model, lm.tokenizer, texts, batch)
         log.info("%s residuals: %s", name, tuple(res[name].shape))

@@ -35,7 +35,7 @@ def run(config: dict, model_dir: str, harmful: str, harmless: str, baseline_metr
         selected_path: str, storage: str, study_name: str, out_summary: str, out_responses: str,
         config_hash: str) -> dict:
     lm = session.open_model(config, path=model_dir)
-    settings = eval_settings(config, lm)
+    settings = eval_settings(config, lm, session.chats(config, lm.tokenizer, harmful, "heldout")[1])
     device = next(lm.model.parameters()).device
     base_lp, _ = io.load_safetensors(baseline_logprobs, device=device)
     merged: dict = {}

@@ -65,10 +65,10 @@ def build_objective(config: dict, lm, harmful: str, harmless: str, directions_pa
         row_norm=ablation.RowNorm(config["ablation"]["row_norm"]),
         full_rank=config["ablation"]["full_rank"], seed=config["seed"],
     )
-    settings = eval_settings(config, lm)
+    _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "eval")
+    settings = eval_settings(config, lm, harmful_texts)
     device = next(lm.model.parameters()).device
     base, _ = io.load_safetensors(baseline_path, device=device)
-    _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "eval")
     _, harmless_texts = session.chats(config, lm.tokenizer, harmless, "eval")
     model = ablator.peft_model
     objective = Objective(ablator, model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"], settings)
