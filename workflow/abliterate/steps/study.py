@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import ablation, architecture, devices, io, kl, session, study
-from .common import eval_settings, refusal_counts
+from .. import ablation, architecture, devices, io, session, study
+from ..evaluation import Evaluator
+from .common import eval_settings
 
 log = logging.getLogger(__name__)
 
@@ -26,34 +27,23 @@ def search_space(config: dict, kinds: list[str]) -> dict:
 class Objective:
     """Apply → score → reset, one trial at a time, on one loaded model."""
 
-    def __init__(self, ablator, model, tokenizer, harmful_texts, harmless_texts, base_logprobs, settings):
+    def __init__(self, ablator: ablation.Ablator, evaluator: Evaluator):
         self.ablator = ablator
-        self.model = model
-        self.tokenizer = tokenizer
-        self.harmful_texts = harmful_texts
-        self.harmless_texts = harmless_texts
-        self.base_logprobs = base_logprobs
-        self.settings = settings
+        self.evaluator = evaluator
 
     def __call__(self, params: dict, number: int) -> dict:
         start = time.perf_counter()
         self.ablator.apply(ablation.AblationParams.from_flat(params))
         try:
-            applied = time.perf_counter()
-            counts, _, _ = refusal_counts(self.model, self.tokenizer, self.harmful_texts, self.settings)
-            generated = time.perf_counter()
-            logprobs = kl.first_token_logprobs(self.model, self.tokenizer, self.harmless_texts, self.settings.batch_size)
-            divergence = kl.kl_divergence(self.base_logprobs, logprobs)
+            scores = self.evaluator.score()
         finally:
             self.ablator.reset()
-        end = time.perf_counter()
         return {
-            "refusals": counts["refusals"],
-            "n": counts["n"],
-            "kl": divergence,
-            "seconds_apply": applied - start,
-            "seconds_generate": generated - applied,
-            "seconds_kl": end - generated,
+            "refusals": scores["refusals"],
+            "n": scores["n"],
+            "kl": scores["kl"],
+            "seconds_apply_reset": time.perf_counter() - start - scores["seconds"],
+            "seconds_evaluate": scores["seconds"],
         }
 
 
@@ -70,8 +60,9 @@ def build_objective(config: dict, lm, harmful: str, harmless: str, directions_pa
     device = next(lm.model.parameters()).device
     base, _ = io.load_safetensors(baseline_path, device=device)
     _, harmless_texts = session.chats(config, lm.tokenizer, harmless, "eval")
-    model = ablator.peft_model
-    objective = Objective(ablator, model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"], settings)
+    evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"],
+                          settings.max_new_tokens, settings.batch_size, settings.detector)
+    objective = Objective(ablator, evaluator)
     return objective, layout, ablator
 
 
