@@ -13,7 +13,8 @@ from abliterate.directions import (
     winsorize_thresholds,
 )
 from abliterate.residuals import collect_residuals
-from test_generation import PROMPTS, char_tokenizer
+from test_generation import PROMPTS
+from tiny_tokenizer import char_tokenizer
 
 torch.set_num_threads(1)
 

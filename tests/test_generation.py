@@ -7,16 +7,10 @@ import tiny_models
 import torch
 from abliterate import batching, errors, prompting
 from abliterate.generation import eos_token_ids, generate, generate_ids
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny_tokenizer import char_tokenizer
 
 torch.set_num_threads(1)
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 PROMPTS = [
     "Hi",
     "How do I bake bread at home?",
@@ -26,27 +20,6 @@ PROMPTS = [
     "What is the capital of France?",
     "ok",
 ]
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer without merges over printable ASCII: 104 ids, fits the tiny models' 128.
-
-    Ids 0, 1, 2 are pad, BOS and EOS as in ``tiny_models``; the chat template writes BOS itself.
-    """
-    chars = [chr(288), chr(266)] + [chr(c) for c in range(33, 127)]  # byte-level space, newline
-    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=SPECIALS[4:],
-        chat_template=TEMPLATE,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from abliterate import errors, prompting
 from abliterate.evaluation import Evaluator, baseline
 from abliterate.kl import first_token_logprobs, kl_divergence
 from abliterate.refusal import RefusalDetector
-from test_generation import PROMPTS, char_tokenizer
+from test_generation import PROMPTS
+from tiny_tokenizer import char_tokenizer
 
 torch.set_num_threads(1)
 

@@ -14,6 +14,13 @@ CHATML = (
 )
 SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 
+# For tests/tiny_models.py (vocab 128): ids 0, 1, 2 are pad, BOS and EOS there.
+CHAR_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAR_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 
 def tiny_tokenizer(chat_template: str | None = CHATML):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -53,3 +60,27 @@ def tiny_model_dir(path: Path, seed: int = 0, layers: int = 3, chat_template: st
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def char_tokenizer():
+    """Byte-level tokenizer without merges over printable ASCII: 104 ids, fits the tiny models' 128.
+
+    Ids 0, 1, 2 are pad, BOS and EOS as in ``tiny_models``; the chat template writes BOS itself.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(288), chr(266)] + [chr(c) for c in range(33, 127)]  # byte-level space, newline
+    vocab = {t: i for i, t in enumerate(CHAR_SPECIALS + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=CHAR_SPECIALS[4:],
+        chat_template=CHAR_TEMPLATE,
+    )
