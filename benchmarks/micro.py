@@ -36,7 +36,6 @@ from pathlib import Path
 
 import psutil
 import torch
-
 from abliterate import devices, io, kl, loading, merging, prompting
 from abliterate.ablation import AblationParams, Ablator, RowNorm
 from abliterate.architecture import discover
@@ -140,7 +139,6 @@ def measure_bandwidth(device: torch.device, nbytes: int = BANDWIDTH_BYTES, reps:
     copy = timed(lambda: y.copy_(x), reps, device)
     read_bw = nbytes / read["median_s"]
     copy_bw = 2 * nbytes / copy["median_s"]
-    del x, y
     return {
         "tensor_bytes": nbytes,
         "read_gbps": round(read_bw / 1e9, 2),
@@ -215,7 +213,6 @@ def bench_ablation(model, device: torch.device, bandwidth: dict, reps: int, row_
             if ablator.peft_model is not None:
                 # drop the LoRA layers (no merge) so the next configuration wraps a clean model
                 model = ablator.peft_model.base_model.unload()
-            del ablator
     return results
 
 

@@ -33,6 +33,7 @@ def parameter_bytes(config, dtype: torch.dtype) -> int:
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # tied embeddings are one tensor on disk and in RAM: count them once
     n = sum(p.numel() for p in model.parameters())
     return n * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else n * 4
 
