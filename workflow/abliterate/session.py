@@ -31,6 +31,7 @@ def open_model(config: dict, path: str | None = None, device=None, quantization:
         quant=model_cfg["quantization"] if quantization is None else quantization,
         cpu_half=model_cfg["cpu_half"],
         chat_template=None if path else model_cfg["chat_template"],
+        device_map=model_cfg["device_map"],
     )
 
 
