@@ -130,6 +130,7 @@ def plot_directions(result: dict[str, torch.Tensor], path: str | os.PathLike) ->
     """PNG with the difference norm per layer and the cosine similarity of directions across layers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     d = result["directions"].double()
     norms = result["norms"].cpu().numpy()
@@ -139,6 +140,8 @@ def plot_directions(result: dict[str, torch.Tensor], path: str | os.PathLike) ->
     ax_norm, ax_cos = fig.subplots(1, 2, width_ratios=[1.2, 1])
     ax_norm.plot(range(len(norms)), norms, marker="o", markersize=3)
     ax_norm.set_xlabel("layer (0 = embeddings)")
+    for axis in (ax_norm.xaxis, ax_cos.xaxis, ax_cos.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax_norm.set_ylabel("‖mean harmful − mean harmless‖")
     ax_norm.set_title("Refusal direction strength")
     ax_norm.grid(alpha=0.3)

@@ -209,6 +209,7 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from abliterate import io  # here, not at the top: it imports torch, which selection never needs
 
@@ -219,6 +220,7 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
     ns = done["n"].dropna().unique() if "n" in done.columns else []
     x_label = f"refusals (of {int(ns[0])} harmful prompts)" if len(ns) == 1 else "refusals"
     ax.set_xlabel(x_label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # refusals are counts
     ax.set_ylabel("KL divergence (harmless prompts)")
     if done.empty:
         ax.text(0.5, 0.5, "no complete trials", ha="center", va="center", transform=ax.transAxes)
