@@ -113,3 +113,14 @@ def test_smollm2_gguf_loads_generates_and_round_trips(tmp_path):
         a = lm.model(**enc).logits
         b = reloaded(**enc).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_corrupt_gguf_files_are_named(tmp_path):
+    stub = tmp_path / "stub.gguf"
+    stub.write_bytes(b"<html>not found</html>")
+    with pytest.raises(ModelLoadError, match=r"is not a GGUF file"):
+        loading.resolve(loading.ModelSource(path=str(stub)))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match=r"truncated or corrupt"):
+        loading.load_config(loading.ModelSource(path=str(truncated)))

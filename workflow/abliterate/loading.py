@@ -57,6 +57,18 @@ class Resolved:
     description: str  # for logs, metadata and model cards
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    """Fail early, naming the file, when a .gguf file is not GGUF at all (a download page, a stub)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
+                             "re-download or re-install it")
+
+
 def resolve(source: ModelSource) -> Resolved:
     """Turn a configured source into a location; raise if a local file or package is missing."""
     if source.package:
@@ -69,6 +81,7 @@ def resolve(source: ModelSource) -> Resolved:
                 f"GGUF file {source.gguf_file!r} (model.gguf_file) not found in package {source.package!r} "
                 f"at {folder}; GGUF files there: {found or 'none'}"
             )
+        check_gguf(folder / source.gguf_file)
         return Resolved(str(folder), source.gguf_file, None, "gguf",
                         f"{source.package}/{source.gguf_file} (package)")
     path = source.path
@@ -78,10 +91,12 @@ def resolve(source: ModelSource) -> Resolved:
     if path.endswith(".gguf"):
         if not p.is_file():
             raise ModelLoadError(f"GGUF file {path!r} (model.path) does not exist")
+        check_gguf(p)
         return Resolved(str(p.parent), p.name, None, "gguf", str(p))
     if source.gguf_file:
         if not (p / source.gguf_file).is_file():
             raise ModelLoadError(f"GGUF file {source.gguf_file!r} (model.gguf_file) not found in {path!r}")
+        check_gguf(p / source.gguf_file)
         return Resolved(str(p), source.gguf_file, None, "gguf", f"{path}/{source.gguf_file}")
     if p.exists() or path.startswith((".", "/")):
         if not (p / "config.json").is_file():
@@ -89,6 +104,23 @@ def resolve(source: ModelSource) -> Resolved:
         return Resolved(str(p), None, None, "local", str(p))
     return Resolved(path, None, source.revision, "hub",
                     f"{path}@{source.revision}" if source.revision else path)
+
+
+@contextlib.contextmanager
+def _gguf_errors(res: "Resolved"):
+    """A truncated or corrupt GGUF fails deep inside the gguf reader; say which file it was."""
+    if not res.gguf_file:
+        yield
+        return
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise ModelLoadError(
+            f"cannot read GGUF file {res.description}: it is truncated or corrupt "
+            f"({type(exc).__name__}: {exc}); re-download or re-install it"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -118,7 +150,7 @@ def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     res = resolve(source)
-    with _remote_code_errors():
+    with _gguf_errors(res), _remote_code_errors():
         try:
             return AutoConfig.from_pretrained(res.location, **_pretrained_kwargs(res, source))
         except (OSError, KeyError) as exc:
@@ -130,7 +162,7 @@ def load_tokenizer(source: ModelSource, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
     res = resolve(source)
-    with _remote_code_errors():
+    with _gguf_errors(res), _remote_code_errors():
         try:
             tok = AutoTokenizer.from_pretrained(res.location, **_pretrained_kwargs(res, source))
         except (OSError, ValueError) as exc:
@@ -230,7 +262,7 @@ def load_model(
             load_kwargs["device_map"] = device_map or {"": device.index or 0}
         elif device_map is not None:
             load_kwargs["device_map"] = device_map
-        with _remote_code_errors():
+        with _gguf_errors(res), _remote_code_errors():
             try:
                 model = auto.from_pretrained(res.location, **load_kwargs)
             except OSError as exc:
