@@ -62,6 +62,19 @@ def accepts_position_ids(model) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: real tokens count from 0, padding gets 0 (as generate does)."""
+    return (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)
+
+
+def prompt_forward_inputs(model, enc: dict) -> dict:
+    """Everything one cache-less forward over an encoded left-padded batch needs, for this model."""
+    inputs = dict(enc, **forward_kwargs(model))
+    if accepts_position_ids(model):
+        inputs["position_ids"] = left_padded_positions(enc["attention_mask"])
+    return inputs
+
+
 def select_rows(cache, index: torch.Tensor) -> None:
     """Keep only ``index`` rows of a KV cache, in place.
 
@@ -125,8 +138,7 @@ def _generate_batch(
     enc = encode(tokenizer, texts, device)
     mask = enc["attention_mask"]
     kwargs = forward_kwargs(model)
-    # left padding: positions count real tokens only (as transformers' generate does)
-    position_ids = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)
+    position_ids = left_padded_positions(mask)
     use_pos = accepts_position_ids(model)
     if use_pos:
         kwargs_prefill = dict(kwargs, position_ids=position_ids)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import NumericalError
-from .generation import accepts_position_ids, forward_kwargs, input_device
+from .generation import input_device, prompt_forward_inputs
 from .prompting import batches, encode, length_order
 
 log = logging.getLogger(__name__)
@@ -27,17 +27,11 @@ def first_token_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int
     too coarse for a KL divergence.
     """
     device = input_device(model)
-    kwargs = forward_kwargs(model)
-    use_pos = accepts_position_ids(model)
     order = length_order(tokenizer, texts)
     rows: list[torch.Tensor] = [None] * len(texts)  # type: ignore[list-item]
     for chunk in batches(order, batch_size):
         enc = encode(tokenizer, [texts[i] for i in chunk], device)
-        extra = dict(kwargs)
-        if use_pos:
-            mask = enc["attention_mask"]
-            extra["position_ids"] = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)
-        logits = model(**enc, use_cache=False, **extra).logits[:, -1]
+        logits = model(**prompt_forward_inputs(model, enc), use_cache=False).logits[:, -1]
         logprobs = F.log_softmax(logits.float(), dim=-1)
         for i, row in zip(chunk, logprobs):
             rows[i] = row

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .generation import accepts_position_ids, forward_kwargs, input_device
+from .generation import input_device, prompt_forward_inputs
 from .prompting import batches, encode, length_order
 
 log = logging.getLogger(__name__)
@@ -29,18 +29,14 @@ def collect_residuals(
     digits); callers accumulate means in float64.
     """
     device = input_device(model)
-    kwargs = forward_kwargs(model)  # no full-vocabulary logits for every position
-    use_pos = accepts_position_ids(model)
     order = length_order(tokenizer, texts)
     out: torch.Tensor | None = None
     with tqdm(total=len(texts), desc="residuals", unit="prompt", disable=not progress) as bar:
         for chunk in batches(order, batch_size):
             enc = encode(tokenizer, [texts[i] for i in chunk], device)
-            extra = dict(kwargs)
-            if use_pos:
-                mask = enc["attention_mask"]
-                extra["position_ids"] = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)
-            hidden = model(**enc, output_hidden_states=True, use_cache=False, **extra).hidden_states
+            # logits_to_keep=1 (where supported): no full-vocabulary logits for every position
+            inputs = prompt_forward_inputs(model, enc)
+            hidden = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
             # per layer to the CPU: layers of a model split over GPUs live on different devices
             last = torch.stack([h[:, -1, :].float().cpu() for h in hidden], dim=1)
             if out is None:
