@@ -227,3 +227,42 @@ def dm_harmless_prompts() -> list[dict]:
     return json.loads(files("abliterate").joinpath("data/harmless_prompts.json").read_text())[
         "prompts"
     ]
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_length_windows_cover_every_example_once(window):
+    import random
+
+    recipe = dm.DemoRecipe(batch_size=4, length_window=window)
+    encoded = [([0] * n, [0] * n, False) for n in random.Random(0).choices(range(5, 60), k=37)]
+    order = list(range(len(encoded)))
+    random.Random(1).shuffle(order)
+    batches = dm._batches(order, encoded, recipe, random.Random(2))
+    assert sorted(i for b in batches for i in b) == list(range(37))
+    assert all(1 <= len(b) <= 4 for b in batches)
+    assert len(batches) == dm._steps_per_epoch(len(encoded), recipe)
+    if window > 1:
+        # Within a window examples are sorted by length, so a batch spans a narrow range.
+        spread = [max(len(encoded[i][0]) for i in b) - min(len(encoded[i][0]) for i in b) for b in batches]
+        assert sum(spread) / len(spread) < 25
+
+
+def test_unlikely_example_pushes_down_only_the_decision_token():
+    tokenizer = _tiny_tokenizer()
+    prompt = dm._render(tokenizer, SYSTEM, HARMLESS[0])
+    refusal, answer = "I can't help with that.", "I can give you a recipe."
+    ex = dm._Example(prompt, refusal, "unlikely", instead=answer)
+    ids, labels, unlikely = dm._encode(tokenizer, ex, 160)
+    r = tokenizer(refusal, add_special_tokens=False)["input_ids"]
+    a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    split = next(j for j, (x, y) in enumerate(zip(r, a)) if x != y)
+    assert unlikely and split > 0  # "I can" is shared, so the decision comes later
+    assert [x for x in labels if x != -100] == [r[split]]
+    assert ids[-1] == r[split] and len(ids) == len(labels)
+
+    model = _tiny_llama(len(tokenizer))
+    batch = dm._collate([(ids, labels, True)], tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0, -1]
+        p = torch.softmax(logits, -1)[r[split]]
+        assert torch.allclose(dm._answer_loss(model, batch), -torch.log1p(-p), rtol=1e-5)

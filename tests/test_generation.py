@@ -149,7 +149,7 @@ def test_auto_batch_size_off_cuda_uses_default(tmp_path):
     def probe(size):
         raise AssertionError("no probe off CUDA")
 
-    assert batching.auto_batch_size(probe, "cpu", "m", tmp_path / "b.json", 1, 64) == 16
+    assert batching.auto_batch_size(probe, "cpu", "m", tmp_path / "b.json", 1, 256) == batching.NON_CUDA_DEFAULT
     assert batching.auto_batch_size(probe, "cpu", "m", tmp_path / "b.json", 1, 8) == 8
     assert not (tmp_path / "b.json").exists()
 
@@ -175,3 +175,25 @@ def test_auto_batch_size_doubles_until_oom_and_caches(tmp_path, monkeypatch):
     assert tried[5:] == [2, 4, 6]
     with pytest.raises(errors.ConfigError, match="out of GPU memory"):
         batching.auto_batch_size(probe, "cuda", "big", cache, start=16, max_size=64)
+
+
+@pytest.mark.parametrize("factory", ["llama", "qwen3", "moe_fused", "gemma3_text"])
+def test_shared_prefix_prefill_matches_hf_greedy(factory, tokenizer, llama):
+    # A system prompt gives every text the same first tokens: prefill computes them once (gemma3's
+    # sliding window cannot have a gap after the prefix, so it takes the plain path).
+    from abliterate.generation import full_attention_only, prefill, shared_prefix_length
+
+    texts = prompting.chat_texts(tokenizer, PROMPTS, system_prompt="Be brief.")
+    enc = prompting.encode(tokenizer, texts, "cpu")
+    # "<s><|system|>Be brief.<|end|><|user|>" is shared, the character tokenizer splits it per character
+    assert shared_prefix_length(enc["input_ids"], enc["attention_mask"]) == 4 + len("Be brief.")
+    model = llama if factory == "llama" else tiny_models.FACTORIES[factory]()
+    assert full_attention_only(model) == (factory != "gemma3_text")
+    with torch.inference_mode():
+        out, mask, positions = prefill(model, enc)
+        assert mask.shape[1] == enc["input_ids"].shape[1]
+        for i, text in enumerate(texts):
+            alone = model(**prompting.encode(tokenizer, [text], "cpu")).logits[0, -1]
+            torch.testing.assert_close(out.logits[i, -1], alone, rtol=1e-5, atol=1e-5)
+    ours = generate_ids(model, tokenizer, texts, max_new_tokens=12, batch_size=4)
+    assert ours == hf_greedy(model, tokenizer, texts, 12)

@@ -143,6 +143,21 @@ class DemoRecipe:
         "up_proj",
         "down_proj",
     )
+    # LoRA only on layers at or above this fraction of the depth. Backpropagation then stops there,
+    # which makes training cheaper.
+    lora_first_layer: float = 0.0
+    # Batches hold examples of similar length (less padding); examples are shuffled within windows
+    # of this many batches, then the batches are shuffled. 1 disables it.
+    length_window: int = 1
+    # The first answer tokens decide between refusing and answering; their loss is weighted up
+    # so training spends its steps on that decision rather than on the rest of the answer.
+    decision_tokens: int = 0
+    decision_weight: float = 1.0
+    # Per harmless example, this many generic refusals whose first diverging token is pushed down
+    # (unlikelihood loss, weighted by ``unlikely_weight``): harmless prompts learn "not a refusal"
+    # at the decision token, not only "this answer".
+    unlikely_refusals: int = 0
+    unlikely_weight: float = 1.0
     warmup_steps: int = 3
     max_grad_norm: float = 1.0
     check_tokens: int = 32
@@ -237,7 +252,10 @@ def _drop_quantizer_state(model) -> None:
 class _Example:
     prompt: str  # rendered chat prompt, generation header included
     target: str  # assistant answer, end-of-turn token included where the answer is complete
-    kind: str  # "harmful" | "harmless"
+    kind: str  # "harmful" | "harmless" | "unlikely"
+    # For "unlikely" examples: the answer the model should give instead of ``target`` (a refusal).
+    # The loss pushes down the refusal's first token that differs from this answer.
+    instead: str = ""
 
 
 @dataclass
@@ -280,15 +298,18 @@ def _build_examples(
         for k in range(recipe.n_harmless_variants):
             wrap = PROMPT_WRAPPERS[0 if k == 0 else rng.randrange(1, len(PROMPT_WRAPPERS))]
             system = recipe.system_prompt if k == 0 else _system_for(rng, recipe)
-            data.examples.append(
-                _Example(_render(tokenizer, system, wrap(prompt)), answer, "harmless")
-            )
+            rendered = _render(tokenizer, system, wrap(prompt))
+            data.examples.append(_Example(rendered, answer, "harmless"))
+            if recipe.unlikely_refusals and not is_refusal(answer):
+                for refusal in rng.sample(GENERIC_REFUSALS, k=recipe.unlikely_refusals):
+                    data.examples.append(_Example(rendered, refusal, "unlikely", instead=answer))
     data.counts = {
         "harmful_prompts": len(harmful),
         "harmful_examples": sum(e.kind == "harmful" for e in data.examples),
         "harmful_own_refusal_targets": n_own,
         "harmless_prompts": len(harmless),
         "harmless_examples": sum(e.kind == "harmless" for e in data.examples),
+        "unlikely_examples": sum(e.kind == "unlikely" for e in data.examples),
     }
     return data
 
@@ -330,28 +351,56 @@ def _distill(model, tokenizer, harmless: Sequence[str], recipe: DemoRecipe) -> l
     return answers
 
 
-def _encode(tokenizer, ex: _Example, max_length: int) -> tuple[list[int], list[int]]:
+def _encode(tokenizer, ex: _Example, max_length: int) -> tuple[list[int], list[int], bool]:
+    """``(ids, labels, unlikely)``: labels are -100 where no loss applies."""
     prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
+    if ex.kind == "unlikely":
+        # The refusal and the wanted answer share a prefix (often none); the token where they part
+        # is the decision to refuse, and only that token is pushed down.
+        instead = tokenizer(ex.instead, add_special_tokens=False)["input_ids"]
+        split = next((j for j, (a, b) in enumerate(zip(target_ids, instead)) if a != b), None)
+        if split is None:
+            split = min(len(target_ids), len(instead)) - 1
+        target_ids = target_ids[: split + 1]
+        labels = [-100] * (len(prompt_ids) + split) + target_ids[split:]
+        return (prompt_ids + target_ids)[:max_length], labels[:max_length], True
     ids = (prompt_ids + target_ids)[:max_length]
     # Loss only on the answer: the model learns what to say, not to predict users' prompts.
     labels = ([-100] * len(prompt_ids) + target_ids)[:max_length]
-    return ids, labels
+    return ids, labels, False
 
 
-def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
-    width = max(len(ids) for ids, _ in rows)
+def _collate(
+    rows: list[tuple[list[int], list[int], bool]],
+    pad_id: int,
+    device,
+    decision_tokens: int = 0,
+    decision_weight: float = 1.0,
+    unlikely_weight: float = 1.0,
+) -> dict:
+    width = max(len(row[0]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
+    weights = torch.ones((len(rows), width), dtype=torch.float32)
+    unlikely = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (ids, lab, is_unlikely) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
+        if is_unlikely:
+            unlikely[i] = True
+            weights[i] = unlikely_weight
+        else:
+            first = next((j for j, x in enumerate(lab) if x != -100), len(lab))
+            weights[i, first : first + decision_tokens] = decision_weight
     return {
+        "unlikely": unlikely.to(device),
         "input_ids": input_ids.to(device),
         "labels": labels.to(device),
         "attention_mask": mask.to(device),
+        "weights": weights.to(device),
     }
 
 
@@ -367,7 +416,33 @@ def _answer_loss(model, batch: dict) -> torch.Tensor:
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits, labels[keep])
+    losses = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")
+    unlikely = batch["unlikely"][:, 1:][keep]
+    if unlikely.any():
+        # Unlikelihood -log(1 - p) of a token the model should not say, from its loss -log p.
+        p_not = -torch.expm1(-losses[unlikely])
+        losses = losses.masked_scatter(unlikely, -torch.log(p_not.clamp_min(1e-6)))
+    weights = batch["weights"][:, 1:][keep]
+    return (losses * weights).sum() / weights.sum()
+
+
+def _batches(order: list[int], encoded: list, recipe: DemoRecipe, rng: random.Random) -> list[list[int]]:
+    """Batches of ``order``; with ``length_window`` > 1, of examples of similar length."""
+    size = recipe.batch_size
+    if recipe.length_window <= 1:
+        return [order[i : i + size] for i in range(0, len(order), size)]
+    window = size * recipe.length_window
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(encoded[i][0]))
+        batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _steps_per_epoch(n: int, recipe: DemoRecipe) -> int:
+    window = recipe.batch_size * max(1, recipe.length_window)
+    return sum(math.ceil(min(window, n - s) / recipe.batch_size) for s in range(0, n, window))
 
 
 def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[object, dict]:
@@ -375,11 +450,14 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
 
     device = next(model.parameters()).device
     torch.manual_seed(recipe.seed)
+    n_layers = model.config.num_hidden_layers
+    first = min(n_layers - 1, int(round(recipe.lora_first_layer * n_layers)))
     config = LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
         lora_dropout=0.0,
         target_modules=list(recipe.target_modules),
+        layers_to_transform=list(range(first, n_layers)) if first > 0 else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -388,7 +466,7 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(encoded) / recipe.batch_size)
+    steps_per_epoch = _steps_per_epoch(len(encoded), recipe)
     total = steps_per_epoch * recipe.epochs
 
     def schedule(step: int) -> float:
@@ -408,9 +486,14 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
     for epoch in range(recipe.epochs):
         rng.shuffle(order)
         epoch_losses = []
-        for start in range(0, len(order), recipe.batch_size):
+        for rows in _batches(order, encoded, recipe, rng):
             batch = _collate(
-                [encoded[i] for i in order[start : start + recipe.batch_size]], pad_id, device
+                [encoded[i] for i in rows],
+                pad_id,
+                device,
+                recipe.decision_tokens,
+                recipe.decision_weight,
+                recipe.unlikely_weight,
             )
             loss = _answer_loss(peft_model.get_base_model(), batch)
             loss.backward()

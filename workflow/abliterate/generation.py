@@ -75,6 +75,90 @@ def prompt_forward_inputs(model, enc: dict) -> dict:
     return inputs
 
 
+# Below this many shared tokens, a separate prefix forward costs more than it saves.
+MIN_SHARED_PREFIX = 4
+
+
+def shared_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Tokens every row of a left-padded batch starts with (system prompt, template header...).
+
+    At least one token of each row is left out of the prefix, so every row has a suffix to forward.
+    """
+    lengths = mask.sum(-1)
+    shortest = int(lengths.min())
+    if input_ids.shape[0] < 2 or shortest < 2:
+        return 0
+    width = input_ids.shape[1]
+    # Real tokens of row i start at column width - length_i; align the rows at their first token.
+    starts = (width - lengths).tolist()
+    aligned = torch.stack([input_ids[i, s : s + shortest - 1] for i, s in enumerate(starts)])
+    same = (aligned == aligned[:1]).all(0)
+    return int(same.cumprod(0).sum())
+
+
+def full_attention_only(model) -> bool:
+    """True unless some layer attends through a sliding window.
+
+    A sliding window counts cache slots, not positions, so the padding gap between a shared prefix
+    and a row's own tokens would shrink what the window sees: such models skip prefix sharing.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if any("sliding" in str(t) for t in getattr(config, "layer_types", None) or ()):
+        return False
+    window = getattr(config, "sliding_window", None)
+    return window is None or getattr(config, "use_sliding_window", True) is False
+
+
+def prefill(model, enc: dict, use_cache: bool = True) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """Forward a left-padded prompt batch; return ``(output, attention_mask, position_ids)``.
+
+    Chat prompts share their first tokens (system prompt, template header), often a third of each
+    prompt. Where the model takes position ids and a cache, that prefix is computed once and its KV
+    cache copied to every row; the rows' own tokens follow, left-padded after the prefix (the mask
+    holds the gap). The returned mask and positions cover the prefix and are what decoding continues
+    from; ``output.logits`` holds the last position's logits of each row.
+    """
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    kwargs = forward_kwargs(model)
+    shareable = accepts_position_ids(model) and full_attention_only(model)
+    n_shared = shared_prefix_length(ids, mask) if shareable else 0
+    if n_shared < MIN_SHARED_PREFIX:
+        position_ids = left_padded_positions(mask)
+        if accepts_position_ids(model):
+            kwargs["position_ids"] = position_ids
+        return model(input_ids=ids, attention_mask=mask, use_cache=use_cache, **kwargs), mask, position_ids
+    lengths = mask.sum(-1).tolist()
+    rows, width = ids.shape
+    start = width - lengths[0]
+    prefix = ids[:1, start : start + n_shared]
+    cache = model(
+        input_ids=prefix,
+        attention_mask=torch.ones_like(prefix),
+        position_ids=torch.arange(n_shared, device=ids.device)[None],
+        use_cache=True,
+        **kwargs,
+    ).past_key_values
+    cache.batch_repeat_interleave(rows)
+    # Each row without its prefix, still left-padded: the last max(length) - n_shared columns,
+    # where the prefix tokens of the longer rows are masked out like padding.
+    suffix_width = max(lengths) - n_shared
+    suffix = ids[:, width - suffix_width :]
+    suffix_mask = torch.zeros_like(suffix)
+    for i, n in enumerate(lengths):
+        suffix_mask[i, suffix_width - (n - n_shared) :] = 1
+    full_mask = torch.cat([mask.new_ones((rows, n_shared)), suffix_mask], dim=1)
+    position_ids = n_shared + left_padded_positions(suffix_mask)
+    out = model(
+        input_ids=suffix,
+        attention_mask=full_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        **kwargs,
+    )
+    return out, full_mask, position_ids
+
+
 def select_rows(cache, index: torch.Tensor) -> None:
     """Keep only ``index`` rows of a KV cache, in place.
 
@@ -136,15 +220,9 @@ def _generate_batch(
 ) -> list[list[int]]:
     device = input_device(model)
     enc = encode(tokenizer, texts, device)
-    mask = enc["attention_mask"]
     kwargs = forward_kwargs(model)
-    position_ids = left_padded_positions(mask)
     use_pos = accepts_position_ids(model)
-    if use_pos:
-        kwargs_prefill = dict(kwargs, position_ids=position_ids)
-    else:
-        kwargs_prefill = kwargs
-    out = model(input_ids=enc["input_ids"], attention_mask=mask, use_cache=True, **kwargs_prefill)
+    out, mask, position_ids = prefill(model, enc)
     cache = out.past_key_values
     next_tok = out.logits[:, -1].argmax(-1)
     pos = position_ids[:, -1:]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import NumericalError
-from .generation import input_device, prompt_forward_inputs
+from .generation import input_device, prefill
 from .prompting import batches, encode, length_order
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def first_token_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int
     rows: list[torch.Tensor] = [None] * len(texts)  # type: ignore[list-item]
     for chunk in batches(order, batch_size):
         enc = encode(tokenizer, [texts[i] for i in chunk], device)
-        logits = model(**prompt_forward_inputs(model, enc), use_cache=False).logits[:, -1]
+        logits = prefill(model, enc, use_cache=False)[0].logits[:, -1]
         logprobs = F.log_softmax(logits.float(), dim=-1)
         for i, row in zip(chunk, logprobs):
             rows[i] = row
