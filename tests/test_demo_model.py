@@ -108,7 +108,9 @@ def test_build_returns_plain_merged_fp32_model(built):
     assert metrics["counts"]["harmful_examples"] == len(HARMFUL) * recipe.n_variants
     # Only dataset sentences that start with a refusal marker are used as targets.
     assert metrics["counts"]["harmful_own_refusal_targets"] == 2
-    assert metrics["loss"]["steps"] == -(-(len(HARMFUL) * 2 + len(HARMLESS)) // 4)
+    # Examples without answer tokens (a random model's empty answer) are dropped before batching.
+    assert metrics["loss"]["examples"] <= len(HARMFUL) * 2 + metrics["counts"]["harmless_examples"] + metrics["counts"]["unlikely_examples"]
+    assert metrics["loss"]["steps"] == -(-metrics["loss"]["examples"] // 4)
     assert all(torch.isfinite(torch.tensor(metrics["loss"]["losses"])))
     assert set(metrics["seconds"]) == {"distill", "train", "check"}
     assert 0.0 <= metrics["check"]["harmful_refusal_rate"] <= 1.0
@@ -216,30 +218,45 @@ def test_length_windows_cover_every_example_once(window):
         assert sum(spread) / len(spread) < 25
 
 
-def test_unlikelihood_at_the_token_where_a_refusal_parts_from_the_answer():
+def test_unlikely_example_pushes_down_only_the_decision_token():
     tokenizer = _tiny_tokenizer()
     prompt = dm._render(tokenizer, SYSTEM, HARMLESS[0])
-    answer = "I can give you a recipe."
-    refusals = ("I can't help with that.", "I cannot help.", "Sorry, no.")
-    ex = dm._Example(prompt, answer, "harmless", avoid=refusals)
-    ids, labels, avoid = dm._encode(tokenizer, ex, 160)
-    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    refusal, answer = "I can't help with that.", "I can give you a recipe."
+    ex = dm._Example(prompt, refusal, "unlikely", instead=answer)
+    ids, labels, unlikely = dm._encode(tokenizer, ex, 160)
+    r = tokenizer(refusal, add_special_tokens=False)["input_ids"]
     a = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    expected = set()
-    for text in refusals:
-        r = tokenizer(text, add_special_tokens=False)["input_ids"]
-        split = next(j for j, (x, y) in enumerate(zip(r, a)) if x != y)
-        expected.add((n_prompt + split, r[split]))
-    assert set(avoid) == expected and any(pos > n_prompt for pos, _ in avoid)  # "I can" is shared
-    assert labels[n_prompt:] == a
+    split = next(j for j, (x, y) in enumerate(zip(r, a)) if x != y)
+    assert unlikely and split > 0  # "I can" is shared, so the decision comes later
+    assert [x for x in labels if x != -100] == [r[split]]
+    assert ids[-1] == r[split] and len(ids) == len(labels)
 
     model = _tiny_llama(len(tokenizer))
-    batch = dm._collate([(ids, labels, avoid)], tokenizer.pad_token_id, "cpu")
+    batch = dm._collate([(ids, labels, True)], tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        base = dm._answer_loss(model, batch)
-        logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
-        terms = {}
-        for pos, tok in avoid:
-            terms[pos] = terms.get(pos, 0.0) + logprobs[pos - 1, tok].exp()
-        ul = torch.stack([-torch.log1p(-p) for p in terms.values()]).mean()
-        torch.testing.assert_close(dm._answer_loss(model, batch, 0.5), base + 0.5 * ul, rtol=1e-5, atol=1e-6)
+        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0, -1]
+        p = torch.softmax(logits, -1)[r[split]]
+        assert torch.allclose(dm._answer_loss(model, batch), -torch.log1p(-p), rtol=1e-5)
+
+
+def test_recipe_defaults_agree_across_schema_config_and_code():
+    """config.yaml, the schema defaults and DemoRecipe name one recipe, so editing one never
+    silently diverges from the others."""
+    from pathlib import Path
+
+    import yaml
+    from snakemake.utils import validate
+
+    root = Path(__file__).resolve().parents[1]
+    schema = str(root / "workflow" / "schemas" / "config.schema.yaml")
+    shipped = yaml.safe_load((root / "config.yaml").read_text())
+    validate(shipped, schema)
+    defaults = {"demo_model": {}}
+    validate(defaults, schema, set_default=True)
+    assert dm.recipe_from_config(defaults["demo_model"]) == dm.DemoRecipe()
+    assert dm.recipe_from_config(shipped["demo_model"]) == dm.DemoRecipe()
+
+
+def test_recipe_from_config_rejects_a_key_that_is_not_a_recipe_field():
+    with pytest.raises(dm.AbliterateError, match="not DemoRecipe fields"):
+        dm.recipe_from_config({"seed": 0, "epoch": 2})

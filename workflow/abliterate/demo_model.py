@@ -21,7 +21,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -116,8 +116,9 @@ class DemoRecipe:
     seed: int = 0
     lora_r: int = 16
     lora_alpha: int = 32
-    lr: float = 1e-3
-    epochs: int = 3
+    # 2 epochs at 5e-4: longer or faster training over-fits into refusing harmless prompts too.
+    lr: float = 5e-4
+    epochs: int = 2
     batch_size: int = 16
     max_length: int = 160
     system_prompt: str = "You are a helpful assistant."
@@ -149,18 +150,40 @@ class DemoRecipe:
     lora_first_layer: float = 0.0
     # Batches hold examples of similar length (less padding); examples are shuffled within windows
     # of this many batches, then the batches are shuffled. 1 disables it.
-    length_window: int = 1
+    length_window: int = 8
     # The first answer tokens decide between refusing and answering; their loss is weighted up
     # so training spends its steps on that decision rather than on the rest of the answer.
     decision_tokens: int = 0
     decision_weight: float = 1.0
-    # Weight of the unlikelihood loss on harmless examples: at the token where each generic refusal
-    # parts from the wanted answer, -log(1 - p(refusal tokens)). Harmless prompts then learn "not a
-    # refusal" at the decision itself, not only "this answer". 0 disables it.
-    unlikely_weight: float = 0.0
+    # Per harmless example, this many generic refusals whose first diverging token is pushed down
+    # (unlikelihood loss, weighted by ``unlikely_weight``): harmless prompts learn "not a refusal"
+    # at the decision token, not only "this answer".
+    # Without it (0) the demo model refused 25% of held-out harmless prompts; with 2 it refused 4%
+    # at the same harmful refusal rate (76%).
+    unlikely_refusals: int = 2
+    unlikely_weight: float = 1.0
     warmup_steps: int = 3
     max_grad_norm: float = 1.0
     check_tokens: int = 32
+
+
+# Keys of config.yaml's `demo_model` section that are not recipe fields.
+_NOT_RECIPE = frozenset({"package", "gguf_file", "min_refusal", "max_harmless_refusal"})
+
+
+def recipe_from_config(section: dict) -> DemoRecipe:
+    """The recipe named by config.yaml's ``demo_model`` section; unnamed fields keep their default.
+
+    The schema lists the section's keys, so an unknown one never reaches here; the check below
+    catches a schema key that is not a recipe field (a rename on one side only).
+    """
+    known = {f.name for f in fields(DemoRecipe)}
+    values = {k: v for k, v in section.items() if k not in _NOT_RECIPE}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise AbliterateError(f"demo_model keys {unknown} are not DemoRecipe fields ({sorted(known)})")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return DemoRecipe(**values)
 
 
 class DemoModelCheckError(AbliterateError):
@@ -252,10 +275,10 @@ def _drop_quantizer_state(model) -> None:
 class _Example:
     prompt: str  # rendered chat prompt, generation header included
     target: str  # assistant answer, end-of-turn token included where the answer is complete
-    kind: str  # "harmful" | "harmless"
-    # Answers the model must not give here (refusals, for harmless prompts): where each parts from
-    # ``target``, its token is pushed down.
-    avoid: tuple[str, ...] = ()
+    kind: str  # "harmful" | "harmless" | "unlikely"
+    # For "unlikely" examples: the answer the model should give instead of ``target`` (a refusal).
+    # The loss pushes down the refusal's first token that differs from this answer.
+    instead: str = ""
 
 
 @dataclass
@@ -298,17 +321,18 @@ def _build_examples(
         for k in range(recipe.n_harmless_variants):
             wrap = PROMPT_WRAPPERS[0 if k == 0 else rng.randrange(1, len(PROMPT_WRAPPERS))]
             system = recipe.system_prompt if k == 0 else _system_for(rng, recipe)
-            avoid = GENERIC_REFUSALS if recipe.unlikely_weight > 0 and not is_refusal(answer) else ()
-            data.examples.append(
-                _Example(_render(tokenizer, system, wrap(prompt)), answer, "harmless", avoid)
-            )
+            rendered = _render(tokenizer, system, wrap(prompt))
+            data.examples.append(_Example(rendered, answer, "harmless"))
+            if recipe.unlikely_refusals and not is_refusal(answer):
+                for refusal in rng.sample(GENERIC_REFUSALS, k=recipe.unlikely_refusals):
+                    data.examples.append(_Example(rendered, refusal, "unlikely", instead=answer))
     data.counts = {
         "harmful_prompts": len(harmful),
         "harmful_examples": sum(e.kind == "harmful" for e in data.examples),
         "harmful_own_refusal_targets": n_own,
         "harmless_prompts": len(harmless),
         "harmless_examples": sum(e.kind == "harmless" for e in data.examples),
-        "harmless_examples_avoiding_refusals": sum(bool(e.avoid) for e in data.examples),
+        "unlikely_examples": sum(e.kind == "unlikely" for e in data.examples),
     }
     return data
 
@@ -350,79 +374,81 @@ def _distill(model, tokenizer, harmless: Sequence[str], recipe: DemoRecipe) -> l
     return answers
 
 
-def _encode(tokenizer, ex: _Example, max_length: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """``(ids, labels, avoid)``: labels are -100 where no loss applies; ``avoid`` holds
-    ``(position, token)`` pairs, a token the label at that position must not be."""
+def _encode(tokenizer, ex: _Example, max_length: int) -> tuple[list[int], list[int], bool]:
+    """``(ids, labels, unlikely)``: labels are -100 where no loss applies."""
     prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
+    if ex.kind == "unlikely":
+        # The refusal and the wanted answer share a prefix (often none); the token where they part
+        # is the decision to refuse, and only that token is pushed down.
+        instead = tokenizer(ex.instead, add_special_tokens=False)["input_ids"]
+        split = next((j for j, (a, b) in enumerate(zip(target_ids, instead)) if a != b), None)
+        if split is None:
+            # One is a prefix of the other (or the answer is empty): no token to push down that the
+            # answer does not also need, so the example carries no loss and is dropped.
+            return prompt_ids, [-100] * len(prompt_ids), True
+        target_ids = target_ids[: split + 1]
+        labels = [-100] * (len(prompt_ids) + split) + target_ids[split:]
+        return (prompt_ids + target_ids)[:max_length], labels[:max_length], True
     ids = (prompt_ids + target_ids)[:max_length]
     # Loss only on the answer: the model learns what to say, not to predict users' prompts.
     labels = ([-100] * len(prompt_ids) + target_ids)[:max_length]
-    avoid: set[tuple[int, int]] = set()
-    for text in ex.avoid:
-        refusal = tokenizer(text, add_special_tokens=False)["input_ids"]
-        # Up to where they part, the refusal and the answer are the same tokens, so the logits at
-        # that position are the model's choice between them: no extra forward pass is needed.
-        split = next((j for j, (a, b) in enumerate(zip(refusal, target_ids)) if a != b), None)
-        if split is not None and len(prompt_ids) + split < len(ids):
-            avoid.add((len(prompt_ids) + split, refusal[split]))
-    return ids, labels, sorted(avoid)
+    return ids, labels, False
 
 
 def _collate(
-    rows: list[tuple[list[int], list[int], list[tuple[int, int]]]],
+    rows: list[tuple[list[int], list[int], bool]],
     pad_id: int,
     device,
     decision_tokens: int = 0,
     decision_weight: float = 1.0,
+    unlikely_weight: float = 1.0,
 ) -> dict:
     width = max(len(row[0]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     weights = torch.ones((len(rows), width), dtype=torch.float32)
-    avoid: list[tuple[int, int, int]] = []  # (row, position, token)
-    for i, (ids, lab, row_avoid) in enumerate(rows):
+    unlikely = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (ids, lab, is_unlikely) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-        first = next((j for j, x in enumerate(lab) if x != -100), len(lab))
-        weights[i, first : first + decision_tokens] = decision_weight
-        avoid += [(i, pos, tok) for pos, tok in row_avoid]
+        if is_unlikely:
+            unlikely[i] = True
+            weights[i] = unlikely_weight
+        else:
+            first = next((j for j, x in enumerate(lab) if x != -100), len(lab))
+            weights[i, first : first + decision_tokens] = decision_weight
     return {
+        "unlikely": unlikely.to(device),
         "input_ids": input_ids.to(device),
         "labels": labels.to(device),
         "attention_mask": mask.to(device),
         "weights": weights.to(device),
-        "avoid": torch.tensor(avoid, dtype=torch.long).reshape(-1, 3).to(device),
     }
 
 
-def _answer_loss(model, batch: dict, unlikely_weight: float = 0.0) -> torch.Tensor:
-    """Weighted next-token loss over answer tokens, plus the unlikelihood of avoided tokens.
+def _answer_loss(model, batch: dict) -> torch.Tensor:
+    """Mean next-token loss over answer tokens, with the LM head applied to those positions only.
 
-    The LM head is applied to answer positions only: the vocabulary projection is a fifth of the
-    model's work per token and the prompt positions carry no loss, so skipping them saves time on
-    a CPU. Avoided tokens at one position share one term, -log(1 - sum of their probabilities).
+    The vocabulary projection is a fifth of the model's work per token; the prompt positions carry
+    no loss, so skipping them there saves time on a CPU.
     """
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
-    head = model.get_output_embeddings()
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    losses = torch.nn.functional.cross_entropy(head(hidden[:, :-1][keep]), labels[keep], reduction="none")
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    losses = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")
+    unlikely = batch["unlikely"][:, 1:][keep]
+    if unlikely.any():
+        # Unlikelihood -log(1 - p) of a token the model should not say, from its loss -log p.
+        p_not = -torch.expm1(-losses[unlikely])
+        losses = losses.masked_scatter(unlikely, -torch.log(p_not.clamp_min(1e-6)))
     weights = batch["weights"][:, 1:][keep]
-    loss = (losses * weights).sum() / weights.sum()
-    avoid = batch["avoid"]
-    if unlikely_weight > 0 and len(avoid):
-        sites, group = torch.unique(avoid[:, :2], dim=0, return_inverse=True)
-        # The token at position p is predicted from the hidden state at p - 1.
-        logprobs = torch.log_softmax(head(hidden[sites[:, 0], sites[:, 1] - 1]), dim=-1)
-        p = logprobs[group, avoid[:, 2]].exp()
-        p_site = torch.zeros(len(sites), dtype=p.dtype, device=p.device).index_add(0, group, p)
-        loss = loss + unlikely_weight * -torch.log1p(-p_site.clamp(max=1 - 1e-6)).mean()
-    return loss
+    return (losses * weights).sum() / weights.sum()
 
 
 def _batches(order: list[int], encoded: list, recipe: DemoRecipe, rng: random.Random) -> list[list[int]]:
@@ -462,6 +488,12 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
     )
     peft_model = get_peft_model(model, config)
     encoded = [_encode(tokenizer, ex, recipe.max_length) for ex in data.examples]
+    # An example truncated before its answer, or an unlikelihood example without a diverging
+    # token, has nothing to learn from; a batch of only such examples would divide by zero.
+    kept = [row for row in encoded if any(x != -100 for x in row[1])]
+    if len(kept) < len(encoded):
+        log.info("dropped %d of %d training examples without answer tokens", len(encoded) - len(kept), len(encoded))
+    encoded = kept
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
@@ -492,8 +524,9 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
                 device,
                 recipe.decision_tokens,
                 recipe.decision_weight,
+                recipe.unlikely_weight,
             )
-            loss = _answer_loss(peft_model.get_base_model(), batch, recipe.unlikely_weight)
+            loss = _answer_loss(peft_model.get_base_model(), batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
             optimizer.step()
@@ -518,6 +551,7 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
     merged.eval()
     summary = {
         "steps": step,
+        "examples": len(encoded),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "epoch_mean_loss": epoch_means,

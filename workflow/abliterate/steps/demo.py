@@ -36,8 +36,7 @@ def run(config: dict, harmful: str, harmless: str, out_dir: str, threads: int, c
     source = loading.ModelSource(path="", package=cfg["package"], gguf_file=cfg["gguf_file"])
     lm = loading.load_model(source, torch.device("cpu"), cascade=["float32"])
     lm.model.requires_grad_(True)
-    recipe = demo_model.DemoRecipe(seed=cfg["seed"], epochs=cfg["epochs"], lr=cfg["lr"], n_variants=cfg["n_variants"],
-                                   n_harmless_variants=cfg["n_harmless_variants"])
+    recipe = demo_model.recipe_from_config(cfg)
     detector = refusal.RefusalDetector(config["evaluation"]["markers"] or refusal.DEFAULT_MARKERS)
     model, metrics = demo_model.build_demo_model(
         lm.model, lm.tokenizer, harmful_demo, harmless_demo, recipe, check_harmful, check_harmless,
