@@ -393,7 +393,17 @@ def run_ours(ours_dir: Path, protocol: Protocol, work: Path, run: str) -> dict:
         log=work / "logs" / "ours.log",
         env=child_env(protocol.threads),
     )
+    write_json_atomic(measured, work / "ours-measured.json")
     return {**measured, **read_ours(ours_dir, run)}
+
+
+def reused_measurement(work: Path, tool: str) -> dict:
+    """Wall time and peak RSS of an earlier run (written when it ran), for --reuse-*."""
+    path = work / f"{tool}-measured.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    logger.warning("%s not found: the reused %s run's own figures are used where it has them", path, tool)
+    return {}
 
 
 def read_ours(ours_dir: Path, run: str) -> dict:
@@ -470,30 +480,43 @@ def run_heretic(
         log=work / "logs" / "heretic.log",
         env=child_env(protocol.threads),
     )
-    result = json.loads((out_dir / "result.json").read_text(encoding="utf-8"))
-    # The externally measured wall time (interpreter start included) wins over the runner's own.
-    return {**result, **measured}
+    write_json_atomic(measured, work / "heretic-measured.json")
+    return read_heretic(work) | measured
+
+
+def read_heretic(work: Path) -> dict:
+    result = json.loads((work / "heretic" / "result.json").read_text(encoding="utf-8"))
+    # The runner's own peak RSS (ru_maxrss of its process); run_heretic's externally measured wall
+    # time and process-tree RSS, where present, win over these.
+    if result.get("ru_maxrss_kb"):
+        result["peak_rss_single_mb"] = result["ru_maxrss_kb"] / 1024
+    return result
 
 
 # --- held-out evaluation: our evaluator, identical for both tools ---------------------------
 
 
 def eval_config(protocol: Protocol) -> dict:
-    return {
-        "model": {
-            "trust_remote_code": False,
-            "dtypes": [protocol.dtype],
-            "quantization": "none",
-            "cpu_half": False,
-            "chat_template": None,
-            "system_prompt": protocol.system_prompt,
-        },
-        "evaluation": {
-            "max_new_tokens": protocol.max_response_length,
-            "batch_size": protocol.batch_size,
-            "markers": None,
-        },
+    """Our workflow config for the held-out evaluation: the shipped config.yaml with the protocol's
+    model settings, validated so every key the loaders read has its schema default."""
+    import yaml
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+    config["model"].update(
+        dtypes=[protocol.dtype],
+        quantization="none",
+        cpu_half=False,
+        chat_template=None,
+        system_prompt=protocol.system_prompt,
+    )
+    config["evaluation"] = {
+        "max_new_tokens": protocol.max_response_length,
+        "batch_size": protocol.batch_size,
+        "markers": None,
     }
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    return config
 
 
 def evaluate_heldout(
@@ -615,7 +638,7 @@ def figures(tool: dict, heldout: dict | None, n_default: int | None) -> dict:
         "s_per_trial_median": statistics.median(secs) if secs else None,
         "s_trials_total": study_s,
         "trials_per_hour": 3600 * len(secs) / study_s if study_s else None,
-        "wall_s": tool["wall_s"],
+        "wall_s": tool.get("wall_s"),
         "directions_s": tool.get("directions_s"),
         "peak_rss_tree_mb": tool.get("peak_rss_tree_mb"),
         "peak_rss_single_mb": tool.get("peak_rss_single_mb"),
@@ -677,6 +700,11 @@ def main(argv=None) -> int:
         help="read an existing run of ours instead of running it",
     )
     ap.add_argument(
+        "--reuse-heretic",
+        action="store_true",
+        help="read an existing Heretic run (work/heretic/result.json) instead of running it",
+    )
+    ap.add_argument(
         "--selection",
         type=json.loads,
         default=None,
@@ -727,13 +755,17 @@ def main(argv=None) -> int:
     warnings = []
     if not args.skip_ours:
         ours = (
-            read_ours(ours_dir, run) | {"wall_s": None}
+            read_ours(ours_dir, run) | reused_measurement(work, "ours")
             if args.reuse_ours
             else run_ours(ours_dir, protocol, work, run)
         )
         ours["directions_s"] = ours.get("timings_s", {}).get("directions")
     if not args.skip_heretic:
-        theirs = run_heretic(protocol, model, splits, work, selection)
+        theirs = (
+            read_heretic(work) | reused_measurement(work, "heretic")
+            if args.reuse_heretic
+            else run_heretic(protocol, model, splits, work, selection)
+        )
         theirs["directions_s"] = theirs["timings_s"]["directions"]
         msg = check_selection(
             theirs["trials"], theirs["n_bad_eval"], theirs["selected"]["number"], selection

@@ -376,3 +376,35 @@ def test_bad_directions_rejected():
         Ablator(model, layout, torch.randn(tm.LAYERS, tm.HIDDEN))
     with pytest.raises(ConfigError):
         Ablator(model, layout, torch.zeros(tm.LAYERS + 1, tm.HIDDEN, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    "route, device, expected",
+    [("auto", "cpu", True), ("auto", "cuda", False), ("lora", "cpu", False), ("direct", "cuda", True)],
+)
+def test_route_choice(route, device, expected):
+    from abliterate.ablation import direct_route
+
+    model = tm.FACTORIES[MODELS[0]]()
+    assert direct_route(route, discover(model), torch.device(device)) is expected
+
+
+def test_direct_route_on_a_quantized_layout_names_the_key():
+    import dataclasses
+
+    from abliterate.ablation import direct_route
+
+    layout = discover(tm.FACTORIES[MODELS[0]]())
+    layout = dataclasses.replace(layout, components=[dataclasses.replace(c, quantized=True) for c in layout.components])
+    assert direct_route("auto", layout, torch.device("cpu")) is False
+    with pytest.raises(ConfigError, match="ablation.route"):
+        direct_route("direct", layout, torch.device("cpu"))
+
+
+def test_study_name_does_not_depend_on_the_route():
+    import yaml
+    from abliterate import workflow_config as wc
+
+    config = yaml.safe_load(open(__import__("pathlib").Path(__file__).parents[1] / "config.yaml"))
+    names = {wc.study_name({**config, "ablation": {**config["ablation"], "route": r}}) for r in ("lora", "direct")}
+    assert len(names) == 1

@@ -147,6 +147,8 @@ def test_two_workers_share_one_study(tmp_path, model_path):
         ({"study": {"n_trails": 10}}, r"n_trails"),
         ({"study": {"n_trials": 4, "n_startup_trials": 9}}, r"study\.n_startup_trials"),
         ({"study": {"space": {"max_weight": [2.0, 1.0]}}}, r"study\.space\.max_weight"),
+        ({"prompts": {"harmful": {"package": "no_such_pkg_abl"}}}, r"prompts\.harmful\.package.*not installed"),
+        ({"prompts": {"harmless": {"path": "data/missing.json"}}}, r"'data/missing.json' not found in package"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, model_path, override, message):

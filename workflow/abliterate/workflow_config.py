@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelLoadError
 from .io import config_hash
+from .packages import package_dir
 
 DEMO_PATH = "results/models/demo"
 
@@ -107,6 +108,25 @@ def check(config: dict) -> None:
     model = config["model"]
     if model.get("gguf_file") and model.get("quantization") != "none":
         raise ConfigError("model.quantization must be none for a GGUF model (it is dequantised on load)")
+    _check_packaged_files(config)
+
+
+def _check_packaged_files(config: dict) -> None:
+    """Files named inside installed packages exist, so a missing package stops the run before any job."""
+    named = [(f"prompts.{name}", spec["package"], spec["path"])
+             for name, spec in config["prompts"].items() if spec["source"] == "package"]
+    if config["model"].get("package"):
+        named.append(("model", config["model"]["package"], config["model"].get("gguf_file") or ""))
+    if uses_demo_model(config):
+        demo = config["demo_model"]
+        named.append(("demo_model", demo["package"], demo["gguf_file"]))
+    for key, package, path in named:
+        try:
+            folder = package_dir(package)
+        except ModelLoadError as err:
+            raise ConfigError(f"{key}.package: {err}") from None
+        if path and not (folder / path).is_file():
+            raise ConfigError(f"{key}: {path!r} not found in package {package!r} ({folder})")
 
 
 def clear_stale_locks(workdir: str | Path) -> list[Path]:
@@ -158,6 +178,8 @@ def storage_url(config: dict) -> str:
 def stage_hash(config: dict, stage: str) -> str:
     cfg = copy.deepcopy(config)
     cfg["study_space"] = cfg.get("study", {}).get("space")
+    # The route changes how fast a trial runs, not its result: switching it continues the same study.
+    cfg.get("ablation", {}).pop("route", None)
     return config_hash({k: cfg.get(k) for k in _STAGE_KEYS[stage]})
 
 

@@ -33,7 +33,9 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
     selection.plot_pareto(df, int(row["number"]), out_plot)
     params = params_of(row)
     lm = session.open_model(config)
-    objective, _, ablator = build_objective(config, lm, harmful, harmless, directions_path, baseline_path)
+    # LoRA: the adapter folder is what the merge rule and users load.
+    objective, _, ablator = build_objective(config, lm, harmful, harmless, directions_path, baseline_path,
+                                            route="lora")
     ablator.apply(ablation.AblationParams.from_flat(params))
     meta = {**lm.metadata(), "config_hash": config_hash, "trial": int(row["number"])}
     ablator.save_adapter(out_adapter)

@@ -47,17 +47,20 @@ class Objective:
         }
 
 
-def build_objective(config: dict, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str):
+def build_objective(config: dict, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
+                    route: str | None = None):
+    """``route`` overrides ``ablation.route`` (export needs LoRA adapters to write)."""
     layout = architecture.discover(lm.model)
     tensors, _ = io.load_safetensors(directions_path)
+    device = next(lm.model.parameters()).device
     ablator = ablation.Ablator(
         lm.model, layout, tensors["directions"],
         row_norm=ablation.RowNorm(config["ablation"]["row_norm"]),
         full_rank=config["ablation"]["full_rank"], seed=config["seed"],
+        force_direct=ablation.direct_route(route or config["ablation"]["route"], layout, device),
     )
     _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "eval")
     settings = eval_settings(config, lm, harmful_texts)
-    device = next(lm.model.parameters()).device
     base, _ = io.load_safetensors(baseline_path, device=device)
     _, harmless_texts = session.chats(config, lm.tokenizer, harmless, "eval")
     evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"],
