@@ -44,8 +44,9 @@ def test_default_config_dry_run_and_lint():
         proc = subprocess.run(["snakemake", *args, "--cores", "1"], cwd=REPO, capture_output=True, text=True,
                               timeout=300, env=wr.env())
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "demo_model" in subprocess.run(["snakemake", "-n", "--cores", "1"], cwd=REPO, capture_output=True,
-                                          text=True, timeout=300, env=wr.env()).stdout
+    # --forceall: the plan from scratch, also in a checkout that already holds results/.
+    assert "demo_model" in subprocess.run(["snakemake", "-n", "--forceall", "--cores", "1"], cwd=REPO,
+                                          capture_output=True, text=True, timeout=300, env=wr.env()).stdout
 
 
 def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_path, model_path):
