@@ -405,6 +405,8 @@ def test_study_name_does_not_depend_on_the_route():
     import yaml
     from abliterate import workflow_config as wc
 
-    config = yaml.safe_load(open(__import__("pathlib").Path(__file__).parents[1] / "config.yaml"))
+    from pathlib import Path
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
     names = {wc.study_name({**config, "ablation": {**config["ablation"], "route": r}}) for r in ("lora", "direct")}
     assert len(names) == 1

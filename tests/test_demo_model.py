@@ -109,7 +109,10 @@ def test_build_returns_plain_merged_fp32_model(built):
     # Only dataset sentences that start with a refusal marker are used as targets.
     assert metrics["counts"]["harmful_own_refusal_targets"] == 2
     # Examples without answer tokens (a random model's empty answer) are dropped before batching.
-    assert metrics["loss"]["examples"] <= len(HARMFUL) * 2 + metrics["counts"]["harmless_examples"] + metrics["counts"]["unlikely_examples"]
+    counts = metrics["counts"]
+    assert metrics["loss"]["examples"] <= (
+        counts["harmful_examples"] + counts["harmless_examples"] + counts["unlikely_examples"]
+    )
     assert metrics["loss"]["steps"] == -(-metrics["loss"]["examples"] // 4)
     assert all(torch.isfinite(torch.tensor(metrics["loss"]["losses"])))
     assert set(metrics["seconds"]) == {"distill", "train", "check"}

@@ -18,7 +18,7 @@ import torch
 from . import dtypes, quantization
 from .devices import free_memory
 from .errors import ModelLoadError
-from .packages import package_dir
+from .packages import package_file
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,9 @@ def resolve(source: ModelSource) -> Resolved:
     if source.package:
         if not source.gguf_file:
             raise ModelLoadError("model.package is set but model.gguf_file is not: name the GGUF file it ships")
-        folder = package_dir(source.package)
-        if not (folder / source.gguf_file).is_file():
-            found = sorted(p.name for p in folder.glob("*.gguf"))
-            raise ModelLoadError(
-                f"GGUF file {source.gguf_file!r} (model.gguf_file) not found in package {source.package!r} "
-                f"at {folder}; GGUF files there: {found or 'none'}"
-            )
-        check_gguf(folder / source.gguf_file)
+        file = package_file(source.package, source.gguf_file, "model")
+        folder = file.parent
+        check_gguf(file)
         return Resolved(str(folder), source.gguf_file, None, "gguf",
                         f"{source.package}/{source.gguf_file} (package)")
     path = source.path

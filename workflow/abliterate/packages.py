@@ -17,3 +17,22 @@ def package_dir(package: str) -> Path:
             f"`pip install --no-deps {package.replace('_', '-')}` or change the config key that names it"
         )
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_file(package: str, path: str, section: str, error: type[Exception] = ModelLoadError) -> Path:
+    """``path`` inside an installed package. ``section`` is the config section naming both (e.g.
+    ``prompts.harmful``), so each error names the key to change; ``error`` is the type raised."""
+    try:
+        folder = package_dir(package)
+    except ModelLoadError as err:
+        raise error(f"{section}.package: {err}") from None
+    file = folder / path
+    if not file.is_file():
+        suffix = Path(path).suffix
+        found = sorted(p.name for p in file.parent.glob(f"*{suffix}")) if file.parent.is_dir() else []
+        key = "gguf_file" if suffix == ".gguf" else "path"
+        raise error(
+            f"{section}.{key}: {path!r} not found in package {package!r} at {folder}; "
+            f"{suffix or 'files'} there: {found or 'none'}"
+        )
+    return file

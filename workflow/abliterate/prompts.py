@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import PromptError
-from .packages import package_dir
+from .packages import package_file
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ def read_source(spec: dict) -> tuple[pd.DataFrame, str]:
     if source == "package":
         if not spec.get("package") or not spec.get("path"):
             raise PromptError("a package prompt source needs both `package` and `path`")
-        file = package_dir(spec["package"]) / spec["path"]
-        if not file.is_file():
-            raise PromptError(f"prompt file {spec['path']!r} not found in package {spec['package']!r} ({file})")
+        file = package_file(spec["package"], spec["path"], "prompts", PromptError)
         return _records_from_bytes(file.read_bytes(), file.name, spec.get("records")), f"package:{spec['package']}/{spec['path']}"
     if source == "file":
         file = Path(spec.get("path") or "")

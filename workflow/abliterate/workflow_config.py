@@ -11,9 +11,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError
 from .io import config_hash
-from .packages import package_dir
+from .packages import package_file
 
 DEMO_PATH = "results/models/demo"
 
@@ -120,13 +120,9 @@ def _check_packaged_files(config: dict) -> None:
     if uses_demo_model(config):
         demo = config["demo_model"]
         named.append(("demo_model", demo["package"], demo["gguf_file"]))
-    for key, package, path in named:
-        try:
-            folder = package_dir(package)
-        except ModelLoadError as err:
-            raise ConfigError(f"{key}.package: {err}") from None
-        if path and not (folder / path).is_file():
-            raise ConfigError(f"{key}: {path!r} not found in package {package!r} ({folder})")
+    for section, package, path in named:
+        if path:  # model.package without model.gguf_file: loading names that key
+            package_file(package, path, section, ConfigError)
 
 
 def clear_stale_locks(workdir: str | Path) -> list[Path]:
