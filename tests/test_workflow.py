@@ -79,7 +79,9 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
 
 
 def test_killed_study_resumes_without_repeating_trials(tmp_path, model_path):
-    n_trials = 6
+    # Enough trials that the kill lands mid-study: with direct edits on the CPU, six tiny-model trials
+    # sometimes all finished before the poll below saw two, and the test failed.
+    n_trials = 20
     wr.write_config(tmp_path, wr.tiny_config(model_path, study={"n_trials": n_trials, "n_startup_trials": 2}))
     target = "results/tiny/trials.csv"
     proc = subprocess.Popen(wr.snakemake_cmd(tmp_path, target, "--resources", "gpu=1"), env=wr.env(),
