@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import tiny_models
 import torch
@@ -197,3 +199,60 @@ def test_shared_prefix_prefill_matches_hf_greedy(factory, tokenizer, llama):
             torch.testing.assert_close(out.logits[i, -1], alone, rtol=1e-5, atol=1e-5)
     ours = generate_ids(model, tokenizer, texts, max_new_tokens=12, batch_size=4)
     assert ours == hf_greedy(model, tokenizer, texts, 12)
+
+
+@pytest.mark.parametrize("factory", ["llama", "qwen3", "gemma3_text"])
+def test_rows_freed_by_early_stops_are_refilled(factory, tokenizer, monkeypatch):
+    # Continuous batching: with 2 rows live at once and rows stopping early, waiting prompts are
+    # prefilled into the running batch; every row still gets the tokens it gets alone. gemma3's
+    # sliding-window cache cannot take rows mid-batch: it runs batch after batch, same tokens.
+    from abliterate import generation
+
+    model = tiny_models.FACTORIES[factory]() if factory != "llama" else tiny_models.tiny_llama()
+    texts = prompting.chat_texts(tokenizer, PROMPTS, system_prompt="Be brief.")
+    alone = [generate_ids(model, tokenizer, [t], max_new_tokens=10, batch_size=1)[0] for t in texts]
+    text = tokenizer.batch_decode(alone, skip_special_tokens=True)
+    # rows that start like the first one stop after two characters, the others run on
+    detector = StopAfter([text[0][:2]])
+    assert 0 < sum(t.startswith(text[0][:2]) for t in text) < len(text) - 1, text
+    expected = [generate_ids(model, tokenizer, [t], 10, 1, detector)[0] for t in texts]
+    live, prefills = [], []
+    real_prefill, real_forward = generation.prefill, model.forward
+
+    def counting_prefill(model, enc, *args, **kwargs):
+        prefills.append(enc["input_ids"].shape[0])
+        return real_prefill(model, enc, *args, **kwargs)
+
+    @functools.wraps(real_forward)  # keeps the signature that generation inspects
+    def counting_forward(*args, **kwargs):
+        live.append(kwargs["input_ids"].shape[0])
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "prefill", counting_prefill)
+    monkeypatch.setattr(model, "forward", counting_forward)
+    assert generate_ids(model, tokenizer, texts, 10, batch_size=2, detector=detector) == expected
+    assert max(live) <= 2 and sum(prefills) == len(texts)
+    if factory == "gemma3_text":
+        assert prefills == [2, 2, 2, 1]  # whole batches only
+    else:
+        assert len(prefills) > 4 and 1 in prefills  # single rows joined a running batch
+
+
+def test_kv_cache_grows_in_place_and_takes_over_replaced_tensors():
+    from abliterate.generation import new_cache
+
+    assert new_cache(tiny_models.FACTORIES["gemma3_text"]()) is None  # sliding layers: model's own
+    cache = new_cache(tiny_models.tiny_llama())
+    layer = cache.layers[0]
+    steps = [torch.randn(2, 1, 1, 4) for _ in range(3)]
+    layer.update(torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 4))
+    storage = layer.keys.untyped_storage().data_ptr()
+    for step in steps:
+        keys, _ = layer.update(step, step)
+    assert keys.untyped_storage().data_ptr() == storage  # written into spare room, not copied
+    torch.testing.assert_close(keys[..., 5:, :], torch.cat(steps, dim=-2))
+    # pruning replaces the tensors: the next update continues from the pruned rows
+    cache.reorder_cache(torch.tensor([1]))
+    before = layer.keys.clone()
+    keys, _ = layer.update(steps[0][1:], steps[0][1:])
+    torch.testing.assert_close(keys, torch.cat([before, steps[0][1:]], dim=-2))

@@ -5,12 +5,15 @@ moment it is finished (EOS, token budget, or a refusal marker seen by the detect
 the input, attention mask, positions and KV cache are dropped, so later steps compute only live
 sequences. Without early stops the tokens are those of ``model.generate(do_sample=False)``.
 
-Prompts are sorted by token length (longest first) and batched, so batches carry little padding;
-results come back in the original order.
+Prompts are sorted by token length (longest first) and run at most ``batch_size`` at a time; a
+row that finishes makes room for waiting prompts, which are prefilled and join the running batch
+(continuous batching), so refusals that stop after a few tokens leave no idle rows behind. Results
+come back in the original order.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -20,7 +23,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .prompting import batches, encode, length_order
+from .prompting import encode, length_order
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,66 @@ def full_attention_only(model) -> bool:
     return window is None or getattr(config, "use_sliding_window", True) is False
 
 
+@functools.cache
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A ``DynamicLayer`` that writes each step's keys and values into spare room.
+
+        ``DynamicLayer`` concatenates the whole cache with the new token at every step: a copy of
+        all keys and values per layer per token, which took 30 % of greedy decoding on a CPU. Here
+        the tensors live in a buffer with room to grow (doubling), ``keys``/``values`` are views of
+        its filled part, and a step writes one column. Anything that replaces ``keys`` (pruning
+        rows, appending rows, repeating a shared prefix) is taken over at the next update.
+        """
+
+        def __init__(self):
+            super().__init__()
+            self._buffers = self._views = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, k = self.get_seq_length(), key_states.shape[-2]
+            adopted = self._views is not None and self.keys is self._views[0]
+            if not adopted or n + k > self._buffers[0].shape[-2]:
+                room = n + k + max(n + k, 32)
+                self._buffers = tuple(
+                    new.new_empty((*new.shape[:-2], room, new.shape[-1])) for new in (key_states, value_states)
+                )
+                if n:
+                    self._buffers[0][..., :n, :] = self.keys
+                    self._buffers[1][..., :n, :] = self.values
+            self._buffers[0][..., n : n + k, :] = key_states
+            self._buffers[1][..., n : n + k, :] = value_states
+            self._views = (self._buffers[0][..., : n + k, :], self._buffers[1][..., : n + k, :])
+            self.keys, self.values = self._views
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def new_cache(model):
+    """An empty KV cache for generation: growing in place where every layer is a plain one.
+
+    ``None`` (the model then builds its own cache) for sliding-window, linear-attention or other
+    special layers, and where the cache classes differ from what this was written against.
+    """
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - an older or newer transformers: its own cache is correct
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    growing = _growing_layer_class()
+    cache.layers = [growing() for _ in layers]
+    return cache
+
+
 def prefill(model, enc: dict, use_cache: bool = True) -> tuple[object, torch.Tensor, torch.Tensor]:
     """Forward a left-padded prompt batch; return ``(output, attention_mask, position_ids)``.
 
@@ -126,6 +189,8 @@ def prefill(model, enc: dict, use_cache: bool = True) -> tuple[object, torch.Ten
         position_ids = left_padded_positions(mask)
         if accepts_position_ids(model):
             kwargs["position_ids"] = position_ids
+        if use_cache:
+            kwargs["past_key_values"] = new_cache(model)
         return model(input_ids=ids, attention_mask=mask, use_cache=use_cache, **kwargs), mask, position_ids
     lengths = mask.sum(-1).tolist()
     rows, width = ids.shape
@@ -135,6 +200,7 @@ def prefill(model, enc: dict, use_cache: bool = True) -> tuple[object, torch.Ten
         input_ids=prefix,
         attention_mask=torch.ones_like(prefix),
         position_ids=torch.arange(n_shared, device=ids.device)[None],
+        past_key_values=new_cache(model),
         use_cache=True,
         **kwargs,
     ).past_key_values
@@ -208,64 +274,136 @@ class _IncrementalText:
         return changed
 
 
+def can_append_rows(cache) -> bool:
+    """True when rows can join ``cache`` mid-generation: every layer is a plain growing KV layer.
+
+    Sliding-window, static, quantized and linear-attention layers keep state that left padding
+    cannot align, so models with them finish each batch before the next one starts.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) in (DynamicLayer, _growing_layer_class()) for layer in layers)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def append_rows(cache, other, mask: torch.Tensor, other_mask: torch.Tensor) -> torch.Tensor:
+    """Append the rows of ``other`` to ``cache`` in place; return the matching attention mask.
+
+    Both caches are left-padded to the longer one's length, and so are their masks: the new rows
+    see exactly their own tokens, at their own positions (positions are per row, not per column).
+    """
+    width = max(mask.shape[1], other_mask.shape[1])
+    for layer, new in zip(cache.layers, other.layers):
+        # each layer's tensors stay on that layer's device (models split over GPUs)
+        layer.keys = torch.cat([_left_pad(layer.keys, width, -2), _left_pad(new.keys, width, -2)])
+        layer.values = torch.cat(
+            [_left_pad(layer.values, width, -2), _left_pad(new.values, width, -2)]
+        )
+    return torch.cat([_left_pad(mask, width, 1), _left_pad(other_mask, width, 1)])
+
+
+def refill_threshold(batch_size: int) -> int:
+    """Free rows that make it worth prefilling waiting prompts into a running batch.
+
+    A prefill is one forward with its own fixed cost (a few dozen kernel launches per layer);
+    admitting prompts a quarter batch at a time keeps the batch nearly full at a few such calls.
+    """
+    return max(1, batch_size // 4)
+
+
 @torch.inference_mode()
-def _generate_batch(
+def _generate_continuous(
     model,
     tokenizer,
     texts: Sequence[str],
+    order: Sequence[int],
     max_new_tokens: int,
+    batch_size: int,
     detector: Verdict | None,
     eos: set[int],
     on_finish,
 ) -> list[list[int]]:
+    """Greedy ids of ``texts`` with at most ``batch_size`` rows live at once, in input order.
+
+    Continuous batching: when rows finish (a refusal marker after a few tokens, EOS), waiting prompts
+    (taken in ``order``) are prefilled and join the running batch, so it stays full instead of
+    running on with a handful of rows. When the cache cannot take new rows, a batch runs to its end
+    before the next one starts.
+    """
     device = input_device(model)
-    enc = encode(tokenizer, texts, device)
     kwargs = forward_kwargs(model)
     use_pos = accepts_position_ids(model)
-    out, mask, position_ids = prefill(model, enc)
-    cache = out.past_key_values
-    next_tok = out.logits[:, -1].argmax(-1)
-    pos = position_ids[:, -1:]
-    del out, enc
-
-    n = len(texts)
-    generated: list[list[int]] = [[] for _ in range(n)]
-    alive = list(range(n))  # batch row -> prompt index within this batch
-    decoder = _IncrementalText(tokenizer, n) if detector is not None else None
+    generated: list[list[int]] = [[] for _ in texts]
+    decoder = _IncrementalText(tokenizer, len(texts)) if detector is not None else None
+    queue = list(order)
+    alive: list[int] = []  # batch row -> index into texts
+    cache = mask = pos = next_tok = None
+    appendable = False
+    n_prefills = 0
     while True:
-        finished = set()
-        for row, tok in zip(alive, next_tok.cpu().tolist()):
-            generated[row].append(tok)
-            if tok in eos or len(generated[row]) >= max_new_tokens:
-                finished.add(row)
-        if decoder is not None:
-            pending = [r for r in alive if r not in finished]
-            for r in decoder.update(pending, generated):
-                if detector.verdict(decoder.text[r]) is not None:
-                    finished.add(r)
-        if finished:
-            on_finish(len(finished))
-            keep = [j for j, r in enumerate(alive) if r not in finished]
-            if not keep:
-                break
-            index = torch.tensor(keep, device=device)
-            select_rows(cache, index)  # moves the index to each layer's device itself
-            next_tok = next_tok[index.to(next_tok.device)]
-            mask, pos = mask[index], pos[index]
-            alive = [alive[j] for j in keep]
-        pos = pos + 1
-        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-        step_kwargs = dict(kwargs, position_ids=pos) if use_pos else kwargs
-        out = model(
-            input_ids=next_tok[:, None].to(device),
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-            **step_kwargs,
-        )
-        cache = out.past_key_values
-        next_tok = out.logits[:, -1].argmax(-1)
-        del out
+        # next_tok holds each live row's newest token, not yet recorded
+        if alive:
+            finished = set()
+            for row, tok in zip(alive, next_tok.cpu().tolist()):
+                generated[row].append(tok)
+                if tok in eos or len(generated[row]) >= max_new_tokens:
+                    finished.add(row)
+            if decoder is not None:
+                pending = [r for r in alive if r not in finished]
+                for r in decoder.update(pending, generated):
+                    if detector.verdict(decoder.text[r]) is not None:
+                        finished.add(r)
+            if finished:
+                on_finish(len(finished))
+                keep = [j for j, r in enumerate(alive) if r not in finished]
+                alive = [alive[j] for j in keep]
+                if alive:
+                    index = torch.tensor(keep, device=device)
+                    select_rows(cache, index)  # moves the index to each layer's device itself
+                    next_tok = next_tok[index.to(next_tok.device)]
+                    mask, pos = mask[index], pos[index]
+            if alive:
+                pos = pos + 1
+                mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+                step_kwargs = dict(kwargs, position_ids=pos) if use_pos else kwargs
+                out = model(
+                    input_ids=next_tok[:, None].to(device),
+                    attention_mask=mask,
+                    past_key_values=cache,
+                    use_cache=True,
+                    **step_kwargs,
+                )
+                cache = out.past_key_values
+                next_tok = out.logits[:, -1].argmax(-1)
+                del out
+        free = batch_size - len(alive)
+        refill = appendable and free >= min(refill_threshold(batch_size), len(queue))
+        if queue and (not alive or refill):
+            rows, queue = queue[:free], queue[free:]
+            out, new_mask, new_pos = prefill(model, encode(tokenizer, [texts[i] for i in rows], device))
+            n_prefills += 1
+            new_tok = out.logits[:, -1].argmax(-1)
+            if alive:
+                mask = append_rows(cache, out.past_key_values, mask, new_mask)
+                pos = torch.cat([pos, new_pos[:, -1:]])
+                next_tok = torch.cat([next_tok, new_tok.to(next_tok.device)])
+            else:
+                cache, mask, pos, next_tok = out.past_key_values, new_mask, new_pos[:, -1:], new_tok
+                appendable = can_append_rows(cache)
+            alive += rows
+            del out
+        if not alive:
+            break
+    log.debug("%d prompts in %d prefills of at most %d rows", len(texts), n_prefills, batch_size)
     return generated
 
 
@@ -282,22 +420,15 @@ def generate_ids(
     results: list[list[int]] = [[] for _ in texts]
     if max_new_tokens < 1 or not texts:
         return results
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     eos = eos_token_ids(model, tokenizer)
     order = length_order(tokenizer, texts)
     start = time.perf_counter()
     with tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress) as bar:
-        for chunk in batches(order, batch_size):
-            ids = _generate_batch(
-                model,
-                tokenizer,
-                [texts[i] for i in chunk],
-                max_new_tokens,
-                detector,
-                eos,
-                bar.update,
-            )
-            for i, seq in zip(chunk, ids):
-                results[i] = seq
+        results = _generate_continuous(
+            model, tokenizer, texts, order, max_new_tokens, batch_size, detector, eos, bar.update
+        )
     seconds = time.perf_counter() - start
     n_tokens = sum(len(r) for r in results)
     log.debug(
