@@ -61,7 +61,7 @@ def _tiny_tokenizer():
     return fast
 
 
-def _tiny_llama(vocab_size: int):
+def _tiny_llama(vocab_size: int, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -69,7 +69,7 @@ def _tiny_llama(vocab_size: int):
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -263,3 +263,44 @@ def test_recipe_defaults_agree_across_schema_config_and_code():
 def test_recipe_from_config_rejects_a_key_that_is_not_a_recipe_field():
     with pytest.raises(dm.AbliterateError, match="not DemoRecipe fields"):
         dm.recipe_from_config({"seed": 0, "epoch": 2})
+
+
+def test_cached_frozen_layers_train_like_the_whole_model(monkeypatch, caplog):
+    # LoRA from layer 2 of 4: the hidden states entering layer 2 are computed once and reused; the
+    # losses and the merged weights must match a run that recomputes every layer at every step.
+    torch.set_num_threads(1)
+    tokenizer = _tiny_tokenizer()
+    recipe = dm.DemoRecipe(epochs=2, batch_size=2, n_variants=2, lora_r=4, lora_first_layer=0.5)
+    answers = ["Mash avocados with lime.<|im_end|>", "Paris.", "Plants make sugar from light."]
+    data = dm._build_examples(tokenizer, HARMFUL, HARMLESS, answers, recipe)
+
+    def train():
+        merged, summary = dm._train_lora(_tiny_llama(len(tokenizer), layers=4), tokenizer, data, recipe)
+        return merged, summary["losses"]
+
+    with caplog.at_level("INFO", logger="abliterate.demo_model"):
+        cached, cached_losses = train()
+    assert "computed once and reused" in caplog.text
+    monkeypatch.setattr(dm, "_frozen_prefix", lambda *args: None)
+    whole, whole_losses = train()
+    assert cached_losses == pytest.approx(whole_losses, rel=1e-4)
+    torch.testing.assert_close(cached.state_dict(), whole.state_dict(), rtol=1e-4, atol=1e-5)
+    # The decoder got its lower layers back after training.
+    assert len(cached.get_decoder().layers) == 4
+
+
+def test_check_with_a_refusal_detector_stops_refusals_early_with_the_same_rate():
+    from abliterate.refusal import RefusalDetector
+
+    import tiny_models
+    from tiny_tokenizer import char_tokenizer
+
+    tokenizer, model = char_tokenizer(), tiny_models.tiny_llama()  # random, non-empty answers
+    prompts = [h["prompt"] for h in HARMFUL] + HARMLESS
+    # markers the random model is sure to write: the answers' own first characters
+    _, full = dm.refusal_rate(model, tokenizer, prompts, SYSTEM, 8)
+    detector = RefusalDetector([a[:2] for a in full[::2] if len(a.strip()) >= 2])
+    rate, answers = dm.refusal_rate(model, tokenizer, prompts, SYSTEM, 8, detector)
+    assert rate == dm.refusal_rate(model, tokenizer, prompts, SYSTEM, 8, detector.is_refusal)[0]
+    assert all(f.startswith(a) for a, f in zip(answers, full))
+    assert any(len(a) < len(f) for a, f in zip(answers, full))

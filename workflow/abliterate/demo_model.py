@@ -12,6 +12,7 @@ harmful ones or refuses harmless ones: a build never silently yields a non-refus
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from . import io
+from . import generation, io
 from .errors import AbliterateError
 
 log = logging.getLogger(__name__)
@@ -145,9 +146,11 @@ class DemoRecipe:
         "up_proj",
         "down_proj",
     )
-    # LoRA only on layers at or above this fraction of the depth. Backpropagation then stops there,
-    # which makes training cheaper.
-    lora_first_layer: float = 0.0
+    # LoRA only on layers at or above this fraction of the depth: the layers below never change, so
+    # their output is computed once, and backpropagation stops there. 0.4 trains in 60 % of the
+    # time of 0 at the same refusal rates (held-out 33/45 harmful, 8/138 harmless against 34/45 and
+    # 6/138); 0.5 dropped to 31/45 harmful.
+    lora_first_layer: float = 0.4
     # Batches hold examples of similar length (less padding); examples are shuffled within windows
     # of this many batches, then the batches are shuffled. 1 disables it.
     length_window: int = 8
@@ -229,33 +232,9 @@ def _end_of_turn(tokenizer) -> str:
 def generate_greedy(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 96
 ) -> list[str]:
-    """Greedy answers for already rendered chat prompts, batched with left padding."""
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    answers: list[str] = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(prompts), batch_size):
-                chunk = list(prompts[start : start + batch_size])
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-                enc = {k: v.to(device) for k, v in enc.items()}
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                )
-                new = out[:, enc["input_ids"].shape[1] :].cpu()
-                answers += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return [a.strip() for a in answers]
+    """Greedy answers for already rendered chat prompts (the project's batched generator)."""
+    ids = generation.generate_ids(model, tokenizer, list(prompts), max_new_tokens, batch_size)
+    return [a.strip() for a in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def _drop_quantizer_state(model) -> None:
@@ -340,37 +319,18 @@ def _build_examples(
 def _distill(model, tokenizer, harmless: Sequence[str], recipe: DemoRecipe) -> list[str]:
     """The base model's own greedy answers; a complete answer keeps its end-of-turn token."""
     rendered = [_render(tokenizer, recipe.system_prompt, p) for p in harmless]
-    device = next(model.parameters()).device
     eot = _end_of_turn(tokenizer)
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    rows = generation.generate_ids(
+        model, tokenizer, rendered, recipe.distill_tokens, recipe.distill_batch_size
+    )
     answers: list[str] = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(rendered), recipe.distill_batch_size):
-                chunk = rendered[start : start + recipe.distill_batch_size]
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-                enc = {k: v.to(device) for k, v in enc.items()}
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=recipe.distill_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                )
-                for row in out[:, enc["input_ids"].shape[1] :].cpu().tolist():
-                    if eot_id is not None and eot_id in row:
-                        text = tokenizer.decode(row[: row.index(eot_id)], skip_special_tokens=True)
-                        answers.append(text.strip() + eot)
-                    else:
-                        answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        tokenizer.padding_side = side
+    for row in rows:
+        if eot_id is not None and eot_id in row:
+            text = tokenizer.decode(row[: row.index(eot_id)], skip_special_tokens=True)
+            answers.append(text.strip() + eot)
+        else:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return answers
 
 
@@ -433,10 +393,15 @@ def _answer_loss(model, batch: dict) -> torch.Tensor:
     """Mean next-token loss over answer tokens, with the LM head applied to those positions only.
 
     The vocabulary projection is a fifth of the model's work per token; the prompt positions carry
-    no loss, so skipping them there saves time on a CPU.
+    no loss, so skipping them there saves time on a CPU. A batch with ``prefix`` holds the hidden
+    states entering the first trained layer; the decoder must then hold only the layers from there
+    (:func:`_decoder_layers`).
     """
+    inputs = (
+        {"inputs_embeds": batch["prefix"]} if "prefix" in batch else {"input_ids": batch["input_ids"]}
+    )
     hidden = model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        **inputs, attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != -100
@@ -449,6 +414,71 @@ def _answer_loss(model, batch: dict) -> torch.Tensor:
         losses = losses.masked_scatter(unlikely, -torch.log(p_not.clamp_min(1e-6)))
     weights = batch["weights"][:, 1:][keep]
     return (losses * weights).sum() / weights.sum()
+
+
+@contextlib.contextmanager
+def _decoder_layers(decoder, start: int, stop: int | None, final_norm: bool = True):
+    """Let ``decoder`` run only its layers ``start:stop`` (and its final norm only if asked).
+
+    The decoder's own forward still builds the causal mask and rotary embeddings, so a slice of
+    layers computes exactly what those layers compute inside the whole model.
+    """
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if not final_norm:
+        decoder.norm = torch.nn.Identity()
+    try:
+        yield decoder
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+def _pad_states(states: list[torch.Tensor], width: int) -> torch.Tensor:
+    """``(batch, width, hidden)`` from per-example states, zero-padded on the right like the ids."""
+    return torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])) for h in states])
+
+
+def _frozen_prefix(decoder, encoded: list, first: int, pad_id: int, device) -> list[torch.Tensor] | None:
+    """Per example, the hidden states entering layer ``first``, computed once without gradients.
+
+    Layers below ``first`` carry no LoRA, so these states never change during training; every epoch
+    would otherwise recompute them. ``None`` (with a log line) when the sliced decoder does not
+    reproduce the whole one on a sample, e.g. for an architecture whose layers need more than the
+    decoder's shared inputs: training then runs all layers.
+    """
+    if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList) or not hasattr(decoder, "norm"):
+        log.info("not caching layers below %d: %s has no `layers` and `norm`", first, type(decoder).__name__)
+        return None
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    states: list[torch.Tensor | None] = [None] * len(encoded)
+    with torch.no_grad(), _decoder_layers(decoder, 0, first, final_norm=False):
+        for start in range(0, len(order), 32):
+            rows = order[start : start + 32]
+            batch = _collate([encoded[i] for i in rows], pad_id, device)
+            hidden = decoder(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+            for j, i in enumerate(rows):
+                states[i] = hidden[j, : len(encoded[i][0])].clone()
+    sample = order[-min(4, len(order)) :]
+    batch = _collate([encoded[i] for i in sample], pad_id, device)
+    width = batch["input_ids"].shape[1]
+    prefix = _pad_states([states[i] for i in sample], width)
+    with torch.no_grad():
+        whole = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        with _decoder_layers(decoder, first, None):
+            split = decoder(
+                inputs_embeds=prefix, attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+    mask = batch["attention_mask"].bool()
+    error = (whole[mask] - split[mask]).abs().max() / whole[mask].abs().max()
+    if not error <= 1e-4:
+        log.info("not caching layers below %d: the sliced decoder differs by %.2g", first, float(error))
+        return None
+    log.info("layers 0-%d carry no LoRA: their output is computed once and reused every epoch", first - 1)
+    return states
 
 
 def _batches(order: list[int], encoded: list, recipe: DemoRecipe, rng: random.Random) -> list[list[int]]:
@@ -512,40 +542,46 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
     order = list(range(len(encoded)))
     losses: list[float] = []
     epoch_means: list[float] = []
+    decoder = peft_model.get_base_model().get_decoder()
+    prefix = _frozen_prefix(decoder, encoded, first, pad_id, device) if first > 0 else None
     peft_model.train()
     step = 0
-    for epoch in range(recipe.epochs):
-        rng.shuffle(order)
-        epoch_losses = []
-        for rows in _batches(order, encoded, recipe, rng):
-            batch = _collate(
-                [encoded[i] for i in rows],
-                pad_id,
-                device,
-                recipe.decision_tokens,
-                recipe.decision_weight,
-                recipe.unlikely_weight,
+    layers = _decoder_layers(decoder, first, None) if prefix else contextlib.nullcontext()
+    with layers:
+        for epoch in range(recipe.epochs):
+            rng.shuffle(order)
+            epoch_losses = []
+            for rows in _batches(order, encoded, recipe, rng):
+                batch = _collate(
+                    [encoded[i] for i in rows],
+                    pad_id,
+                    device,
+                    recipe.decision_tokens,
+                    recipe.decision_weight,
+                    recipe.unlikely_weight,
+                )
+                if prefix:
+                    batch["prefix"] = _pad_states([prefix[i] for i in rows], batch["input_ids"].shape[1])
+                loss = _answer_loss(peft_model.get_base_model(), batch)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = float(loss.detach().cpu())
+                if not math.isfinite(value):
+                    raise DemoModelCheckError(f"training loss became {value} at step {step}; lower lr")
+                losses.append(value)
+                epoch_losses.append(value)
+                step += 1
+            epoch_means.append(sum(epoch_losses) / len(epoch_losses))
+            log.info(
+                "epoch %d/%d: mean loss %.4f (%d steps)",
+                epoch + 1,
+                recipe.epochs,
+                epoch_means[-1],
+                step,
             )
-            loss = _answer_loss(peft_model.get_base_model(), batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach().cpu())
-            if not math.isfinite(value):
-                raise DemoModelCheckError(f"training loss became {value} at step {step}; lower lr")
-            losses.append(value)
-            epoch_losses.append(value)
-            step += 1
-        epoch_means.append(sum(epoch_losses) / len(epoch_losses))
-        log.info(
-            "epoch %d/%d: mean loss %.4f (%d steps)",
-            epoch + 1,
-            recipe.epochs,
-            epoch_means[-1],
-            step,
-        )
     peft_model.eval()
     merged = peft_model.merge_and_unload()
     merged.eval()
@@ -566,14 +602,24 @@ def refusal_rate(
     prompts: Sequence[str],
     system_prompt: str | None,
     max_new_tokens: int = 32,
-    detector: Callable[[str], bool] | None = None,
+    detector: Callable[[str], bool] | generation.Verdict | None = None,
 ) -> tuple[float, list[str]]:
-    """Fraction of ``prompts`` whose greedy answer is a refusal, and the answers."""
+    """Fraction of ``prompts`` whose greedy answer is a refusal, and the answers.
+
+    ``detector`` is a function of the answer, or an object with ``is_refusal`` and ``verdict``
+    (:class:`abliterate.refusal.RefusalDetector`): then each answer stops as soon as its verdict is
+    known, so a refusal's answer ends at its marker.
+    """
     if not prompts:
         return float("nan"), []
-    detect = detector or is_refusal
     rendered = [_render(tokenizer, system_prompt, p) for p in prompts]
-    answers = generate_greedy(model, tokenizer, rendered, max_new_tokens)
+    if hasattr(detector, "verdict"):
+        ids = generation.generate_ids(model, tokenizer, rendered, max_new_tokens, 96, detector)
+        answers = [a.strip() for a in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        detect = detector.is_refusal
+    else:
+        answers = generate_greedy(model, tokenizer, rendered, max_new_tokens)
+        detect = detector or is_refusal
     return sum(bool(detect(a)) for a in answers) / len(answers), answers
 
 
@@ -587,7 +633,7 @@ def build_demo_model(
     check_harmless: Sequence[str],
     min_refusal: float | None = 0.7,
     max_harmless_refusal: float | None = 0.1,
-    detector: Callable[[str], bool] | None = None,
+    detector: Callable[[str], bool] | generation.Verdict | None = None,
 ) -> tuple[object, dict]:
     """Fine-tune ``base_model`` (in place) into a refusing model; return it merged, and metrics.
 
@@ -596,7 +642,7 @@ def build_demo_model(
     that were not trained on; the build raises :class:`DemoModelCheckError` if the refusal rate on
     ``check_harmful`` is below ``min_refusal`` or that on ``check_harmless`` above
     ``max_harmless_refusal`` (``None`` disables a threshold). ``detector`` classifies an answer as a
-    refusal (default: :func:`is_refusal`).
+    refusal (default: :func:`is_refusal`; see :func:`refusal_rate`).
     """
     if not harmful or not harmless:
         raise DemoModelCheckError(

@@ -41,7 +41,7 @@ def run(config: dict, harmful: str, harmless: str, out_dir: str, threads: int, c
     model, metrics = demo_model.build_demo_model(
         lm.model, lm.tokenizer, harmful_demo, harmless_demo, recipe, check_harmful, check_harmless,
         min_refusal=cfg["min_refusal"], max_harmless_refusal=cfg["max_harmless_refusal"],
-        detector=detector.is_refusal,
+        detector=detector,
     )
     metadata = {**metrics, "base_model": lm.source.description, "config_hash": config_hash}
     demo_model.save_demo_model(model, lm.tokenizer, out_dir, metadata)
