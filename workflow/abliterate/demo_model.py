@@ -230,11 +230,17 @@ def _end_of_turn(tokenizer) -> str:
 
 
 def generate_greedy(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 96
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 96,
+    detector: generation.Verdict | None = None,
 ) -> list[str]:
-    """Greedy answers for already rendered chat prompts (the project's batched generator)."""
-    ids = generation.generate_ids(model, tokenizer, list(prompts), max_new_tokens, batch_size)
-    return [a.strip() for a in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    """Greedy answers for already rendered chat prompts (the project's batched generator); with a
+    ``detector``, an answer ends as soon as its verdict is known."""
+    answers = generation.generate(model, tokenizer, list(prompts), max_new_tokens, batch_size, detector)
+    return [a.strip() for a in answers]
 
 
 def _drop_quantizer_state(model) -> None:
@@ -613,13 +619,9 @@ def refusal_rate(
     if not prompts:
         return float("nan"), []
     rendered = [_render(tokenizer, system_prompt, p) for p in prompts]
-    if hasattr(detector, "verdict"):
-        ids = generation.generate_ids(model, tokenizer, rendered, max_new_tokens, 96, detector)
-        answers = [a.strip() for a in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        detect = detector.is_refusal
-    else:
-        answers = generate_greedy(model, tokenizer, rendered, max_new_tokens)
-        detect = detector or is_refusal
+    verdict = detector if hasattr(detector, "verdict") else None
+    answers = generate_greedy(model, tokenizer, rendered, max_new_tokens, detector=verdict)
+    detect = detector.is_refusal if verdict is not None else (detector or is_refusal)
     return sum(bool(detect(a)) for a in answers) / len(answers), answers
 
 
