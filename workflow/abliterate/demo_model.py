@@ -147,8 +147,8 @@ class DemoRecipe:
         "down_proj",
     )
     # LoRA only on layers at or above this fraction of the depth: the layers below never change, so
-    # their output is computed once, and backpropagation stops there. 0.4 trains in 60 % of the
-    # time of 0 at the same refusal rates (held-out 33/45 harmful, 8/138 harmless against 34/45 and
+    # their output is computed once, and backpropagation stops there. 0.4 trains in 68 % of the
+    # time of 0 at nearly the same refusal rates (held-out 33/45 harmful, 8/138 harmless against 34/45 and
     # 6/138); 0.5 dropped to 31/45 harmful.
     lora_first_layer: float = 0.4
     # Batches hold examples of similar length (less padding); examples are shuffled within windows
