@@ -290,9 +290,8 @@ def test_cached_frozen_layers_train_like_the_whole_model(monkeypatch, caplog):
 
 
 def test_check_with_a_refusal_detector_stops_refusals_early_with_the_same_rate():
-    from abliterate.refusal import RefusalDetector
-
     import tiny_models
+    from abliterate.refusal import RefusalDetector
     from tiny_tokenizer import char_tokenizer
 
     tokenizer, model = char_tokenizer(), tiny_models.tiny_llama()  # random, non-empty answers
