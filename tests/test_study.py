@@ -103,6 +103,23 @@ def db(tmp_path):
     return f"sqlite:///{tmp_path / 'run' / 'study.sqlite'}", "test-study"
 
 
+def test_sampler_settings_are_merged_over_the_defaults(tmp_path, monkeypatch):
+    # The workflow passes only n_startup_trials: multivariate TPE (the kernel parameters interact)
+    # must stay on. It used to be dropped, leaving independent TPE.
+    seen = []
+    real = st._sampler
+
+    def spy(seed, worker, n_trials_so_far, kwargs):
+        seen.append(dict(kwargs))
+        return real(seed, worker, n_trials_so_far, kwargs)
+
+    monkeypatch.setattr(st, "_sampler", spy)
+    url = f"sqlite:///{tmp_path / 'study.sqlite'}"
+    st.run_worker(url, "merged", cheap_objective, 2, sampler_kwargs={"n_startup_trials": 1},
+                  n_layers=N_LAYERS, progress=False)
+    assert seen and all(kw == {"n_startup_trials": 1, "multivariate": True} for kw in seen)
+
+
 def test_study_name_ignores_key_order_and_changes_with_config():
     a = st.study_name("smol", {"seed": 1, "space": {"x": [0, 1]}})
     assert a == st.study_name("smol", {"space": {"x": [0, 1]}, "seed": 1})

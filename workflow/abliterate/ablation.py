@@ -511,6 +511,14 @@ class Ablator:
         self._factors.clear()
         self._params = None
 
+    @property
+    def first_edited_layer(self) -> int:
+        """The lowest layer whose weights the current edit changes (``n_layers`` when none is edited).
+
+        Layers below it compute what the unedited model computes (:mod:`abliterate.leading_layers`).
+        """
+        return min((c.layer for c in self._factors), default=self.layout.n_layers)
+
     def effective_weight(self, component: Component) -> torch.Tensor:
         """The float32 (out, in) weight the model now computes with ((E, out, in) for fused experts)."""
         with torch.no_grad():

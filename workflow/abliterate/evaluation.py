@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .generation import generate
-from .kl import first_token_logprobs, kl_divergence
+from .generation import first_batch, generate
+from .kl import first_token_logprobs, kl_divergence, prompt_batches
+from .leading_layers import LeadingLayers
 from .refusal import RefusalDetector
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ class Evaluator:
     ``harmful_texts`` and ``harmless_texts`` are chat-formatted (see ``prompting.chat_texts``);
     ``base_logprobs`` are the unedited model's first-token log-probabilities on ``harmless_texts``
     (see :func:`baseline`). Responses stop early once the detector has seen a refusal marker, so
-    :meth:`responses` returns them cut at that point.
+    :meth:`responses` returns them cut at that point. With ``reuse_layers`` the prefills that every
+    score repeats are recorded now, while the model is unedited (:mod:`abliterate.leading_layers`).
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class Evaluator:
         max_new_tokens: int,
         batch_size: int,
         detector: RefusalDetector | None = None,
+        reuse_layers: bool = False,
     ):
         if base_logprobs.shape[0] != len(harmless_texts):
             raise ValueError(
@@ -48,14 +51,44 @@ class Evaluator:
         self.batch_size = batch_size
         self.detector = detector if detector is not None else RefusalDetector()
         self._responses: list[str] | None = None
+        self._leading = self._record_leading_layers() if reuse_layers else None
 
-    def kl(self) -> float:
+    def _record_leading_layers(self) -> LeadingLayers | None:
+        """Record, on the still unedited model, the prefills that repeat in every score."""
+        start = time.perf_counter()
+        leading = LeadingLayers(self.model)
+        for _, enc in prompt_batches(self.model, self.tokenizer, self.harmless_texts, self.batch_size):
+            leading.record(enc, keep_cache=False)
+        if self.harmful_texts:
+            first = first_batch(self.model, self.tokenizer, self.harmful_texts, self.batch_size)
+            leading.record(first, keep_cache=True)
+        if not leading.enabled or not len(leading):
+            return None
+        log.info(
+            "recorded %d prefills of the unedited model (%.0f MB, %.1f s): trials run them from "
+            "their first edited layer",
+            len(leading),
+            leading.used / 1e6,
+            time.perf_counter() - start,
+        )
+        return leading
+
+    def _prefill_fn(self, first_edited: int | None):
+        if first_edited is None or self._leading is None:
+            return None
+        return self._leading.prefill_from(first_edited)
+
+    def kl(self, first_edited: int | None = None) -> float:
         logprobs = first_token_logprobs(
-            self.model, self.tokenizer, self.harmless_texts, self.batch_size
+            self.model,
+            self.tokenizer,
+            self.harmless_texts,
+            self.batch_size,
+            prefill_fn=self._prefill_fn(first_edited),
         )
         return kl_divergence(self.base_logprobs, logprobs)
 
-    def refusals(self) -> int:
+    def refusals(self, first_edited: int | None = None) -> int:
         self._responses = generate(
             self.model,
             self.tokenizer,
@@ -63,14 +96,20 @@ class Evaluator:
             self.max_new_tokens,
             self.batch_size,
             detector=self.detector,
+            prefill_fn=self._prefill_fn(first_edited),
         )
         return sum(self.detector.is_refusal(r) for r in self._responses)
 
-    def score(self) -> dict:
-        """``{"refusals": int, "n": int, "kl": float, "seconds": float}`` for the current weights."""
+    def score(self, first_edited: int | None = None) -> dict:
+        """``{"refusals": int, "n": int, "kl": float, "seconds": float}`` for the current weights.
+
+        ``first_edited``: the lowest layer whose weights differ from the model this evaluator was
+        built on; with ``reuse_layers``, recorded prefills then skip the layers below it. Passing a
+        layer above an edited one gives wrong scores.
+        """
         start = time.perf_counter()
-        kl = self.kl()
-        refusals = self.refusals()
+        kl = self.kl(first_edited)
+        refusals = self.refusals(first_edited)
         seconds = time.perf_counter() - start
         log.info("refusals %d/%d, KL %.4g (%.1f s)", refusals, len(self.harmful_texts), kl, seconds)
         return {"refusals": refusals, "n": len(self.harmful_texts), "kl": kl, "seconds": seconds}

@@ -17,7 +17,8 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -172,39 +173,37 @@ def new_cache(model):
     return cache
 
 
-def prefill(model, enc: dict, use_cache: bool = True) -> tuple[object, torch.Tensor, torch.Tensor]:
-    """Forward a left-padded prompt batch; return ``(output, attention_mask, position_ids)``.
+@dataclass(frozen=True)
+class PrefillPlan:
+    """How a left-padded prompt batch is forwarded: a shared prefix once, then each row's tokens.
 
-    Chat prompts share their first tokens (system prompt, template header), often a third of each
-    prompt. Where the model takes position ids and a cache, that prefix is computed once and its KV
-    cache copied to every row; the rows' own tokens follow, left-padded after the prefix (the mask
-    holds the gap). The returned mask and positions cover the prefix and are what decoding continues
-    from; ``output.logits`` holds the last position's logits of each row.
+    ``ids``, ``mask`` and ``positions`` are those of the second forward (the whole batch when
+    ``n_shared`` is 0); ``mask`` and ``positions`` are also what decoding continues from.
+    """
+
+    n_shared: int
+    prefix: torch.Tensor | None
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+
+def plan_prefill(model, enc: dict) -> PrefillPlan:
+    """Split ``enc`` into a shared prefix (system prompt, template header) and each row's own tokens.
+
+    Chat prompts share their first tokens, often a third of each prompt. Where the model takes
+    position ids and a cache, that prefix is computed once and its KV cache copied to every row; the
+    rows' own tokens follow, left-padded after the prefix (the mask holds the gap).
     """
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    kwargs = forward_kwargs(model)
     shareable = accepts_position_ids(model) and full_attention_only(model)
     n_shared = shared_prefix_length(ids, mask) if shareable else 0
     if n_shared < MIN_SHARED_PREFIX:
-        position_ids = left_padded_positions(mask)
-        if accepts_position_ids(model):
-            kwargs["position_ids"] = position_ids
-        if use_cache:
-            kwargs["past_key_values"] = new_cache(model)
-        return model(input_ids=ids, attention_mask=mask, use_cache=use_cache, **kwargs), mask, position_ids
+        return PrefillPlan(0, None, ids, mask, left_padded_positions(mask))
     lengths = mask.sum(-1).tolist()
     rows, width = ids.shape
     start = width - lengths[0]
     prefix = ids[:1, start : start + n_shared]
-    cache = model(
-        input_ids=prefix,
-        attention_mask=torch.ones_like(prefix),
-        position_ids=torch.arange(n_shared, device=ids.device)[None],
-        past_key_values=new_cache(model),
-        use_cache=True,
-        **kwargs,
-    ).past_key_values
-    cache.batch_repeat_interleave(rows)
     # Each row without its prefix, still left-padded: the last max(length) - n_shared columns,
     # where the prefix tokens of the longer rows are masked out like padding.
     suffix_width = max(lengths) - n_shared
@@ -213,16 +212,58 @@ def prefill(model, enc: dict, use_cache: bool = True) -> tuple[object, torch.Ten
     for i, n in enumerate(lengths):
         suffix_mask[i, suffix_width - (n - n_shared) :] = 1
     full_mask = torch.cat([mask.new_ones((rows, n_shared)), suffix_mask], dim=1)
-    position_ids = n_shared + left_padded_positions(suffix_mask)
-    out = model(
-        input_ids=suffix,
-        attention_mask=full_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        **kwargs,
-    )
-    return out, full_mask, position_ids
+    return PrefillPlan(n_shared, prefix, suffix, full_mask, n_shared + left_padded_positions(suffix_mask))
+
+
+def run_prefill(
+    model,
+    plan: PrefillPlan,
+    use_cache: bool = True,
+    embeds: tuple[torch.Tensor | None, torch.Tensor] | None = None,
+    fill_cache: Callable | None = None,
+) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """Forward a planned prefill; return ``(output, attention_mask, position_ids)``.
+
+    ``embeds``: ``(prefix_states, states)`` fed instead of the ids, for a decoder that runs only
+    some of its layers (:mod:`abliterate.leading_layers`); ``fill_cache(cache)`` is called once the
+    prefix sits in every row, before the rows' own tokens are forwarded.
+    """
+    kwargs = forward_kwargs(model)
+    if accepts_position_ids(model):
+        kwargs["position_ids"] = plan.positions
+    if embeds is None:
+        prefix_in, rows_in = {"input_ids": plan.prefix}, {"input_ids": plan.ids}
+    else:
+        prefix_in, rows_in = {"inputs_embeds": embeds[0]}, {"inputs_embeds": embeds[1]}
+    cache = None
+    if plan.n_shared:
+        cache = model(
+            **prefix_in,
+            attention_mask=plan.mask.new_ones((1, plan.n_shared)),
+            position_ids=torch.arange(plan.n_shared, device=plan.ids.device)[None],
+            past_key_values=new_cache(model),
+            use_cache=True,
+            **forward_kwargs(model),
+        ).past_key_values
+        cache.batch_repeat_interleave(plan.ids.shape[0])
+    elif use_cache:
+        cache = new_cache(model)
+    if fill_cache is not None and cache is not None:
+        fill_cache(cache)
+    if cache is not None:
+        kwargs["past_key_values"] = cache  # None: a model with special cache layers builds its own
+    out = model(**rows_in, attention_mask=plan.mask, use_cache=use_cache or cache is not None, **kwargs)
+    return out, plan.mask, plan.positions
+
+
+def prefill(model, enc: dict, use_cache: bool = True) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """Forward a left-padded prompt batch (see :func:`plan_prefill`); return
+    ``(output, attention_mask, position_ids)``.
+
+    The returned mask and positions cover the shared prefix and are what decoding continues from;
+    ``output.logits`` holds the last position's logits of each row.
+    """
+    return run_prefill(model, plan_prefill(model, enc), use_cache)
 
 
 def select_rows(cache, index: torch.Tensor) -> None:
@@ -331,14 +372,16 @@ def _generate_continuous(
     detector: Verdict | None,
     eos: set[int],
     on_finish,
+    prefill_fn: Callable | None = None,
 ) -> list[list[int]]:
     """Greedy ids of ``texts`` with at most ``batch_size`` rows live at once, in input order.
 
     Continuous batching: when rows finish (a refusal marker after a few tokens, EOS), waiting prompts
     (taken in ``order``) are prefilled and join the running batch, so it stays full instead of
     running on with a handful of rows. When the cache cannot take new rows, a batch runs to its end
-    before the next one starts.
+    before the next one starts. ``prefill_fn`` replaces :func:`prefill` (same arguments and result).
     """
+    prefill_fn = prefill_fn or prefill
     device = input_device(model)
     kwargs = forward_kwargs(model)
     use_pos = accepts_position_ids(model)
@@ -389,7 +432,7 @@ def _generate_continuous(
         refill = appendable and free >= min(refill_threshold(batch_size), len(queue))
         if queue and (not alive or refill):
             rows, queue = queue[:free], queue[free:]
-            out, new_mask, new_pos = prefill(model, encode(tokenizer, [texts[i] for i in rows], device))
+            out, new_mask, new_pos = prefill_fn(model, encode(tokenizer, [texts[i] for i in rows], device))
             n_prefills += 1
             new_tok = out.logits[:, -1].argmax(-1)
             if alive:
@@ -407,6 +450,12 @@ def _generate_continuous(
     return generated
 
 
+def first_batch(model, tokenizer, texts: Sequence[str], batch_size: int) -> dict:
+    """The encoded batch :func:`generate_ids` prefills first (the ``batch_size`` longest prompts)."""
+    rows = length_order(tokenizer, texts)[:batch_size]
+    return encode(tokenizer, [texts[i] for i in rows], input_device(model))
+
+
 def generate_ids(
     model,
     tokenizer,
@@ -415,6 +464,7 @@ def generate_ids(
     batch_size: int,
     detector: Verdict | None = None,
     progress: bool = False,
+    prefill_fn: Callable | None = None,
 ) -> list[list[int]]:
     """Greedy continuation token ids of each text (EOS included when produced), in input order."""
     results: list[list[int]] = [[] for _ in texts]
@@ -427,7 +477,8 @@ def generate_ids(
     start = time.perf_counter()
     with tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress) as bar:
         results = _generate_continuous(
-            model, tokenizer, texts, order, max_new_tokens, batch_size, detector, eos, bar.update
+            model, tokenizer, texts, order, max_new_tokens, batch_size, detector, eos, bar.update,
+            prefill_fn,
         )
     seconds = time.perf_counter() - start
     n_tokens = sum(len(r) for r in results)
@@ -449,11 +500,12 @@ def generate(
     batch_size: int,
     detector: Verdict | None = None,
     progress: bool = False,
+    prefill_fn: Callable | None = None,
 ) -> list[str]:
     """Greedy responses to chat-formatted ``texts`` (special tokens removed), in input order.
 
     With a ``detector``, a response ends as soon as ``detector.verdict`` of its text so far is not
     None, so refusals cost only the tokens up to their marker.
     """
-    ids = generate_ids(model, tokenizer, texts, max_new_tokens, batch_size, detector, progress)
+    ids = generate_ids(model, tokenizer, texts, max_new_tokens, batch_size, detector, progress, prefill_fn)
     return tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,26 +18,33 @@ NEGATIVE_TOLERANCE = 1e-6
 
 
 @torch.inference_mode()
-def first_token_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int) -> torch.Tensor:
+def first_token_logprobs(
+    model, tokenizer, texts: Sequence[str], batch_size: int, prefill_fn: Callable | None = None
+) -> torch.Tensor:
     """Log-probabilities of the first response token, (n, vocab) float32 on the model's device.
 
     Read at the last prompt position (left padding puts it in the last column); only that
     position's logits are computed where the model supports ``logits_to_keep``. The softmax runs in
     float32 whatever the model's dtype, since half-precision log-probabilities of rare tokens are
-    too coarse for a KL divergence.
+    too coarse for a KL divergence. ``prefill_fn`` replaces :func:`generation.prefill`.
     """
-    device = input_device(model)
-    order = length_order(tokenizer, texts)
+    prefill_fn = prefill_fn or prefill
     rows: list[torch.Tensor] = [None] * len(texts)  # type: ignore[list-item]
-    for chunk in batches(order, batch_size):
-        enc = encode(tokenizer, [texts[i] for i in chunk], device)
-        logits = prefill(model, enc, use_cache=False)[0].logits[:, -1]
+    for chunk, enc in prompt_batches(model, tokenizer, texts, batch_size):
+        logits = prefill_fn(model, enc, use_cache=False)[0].logits[:, -1]
         logprobs = F.log_softmax(logits.float(), dim=-1)
         for i, row in zip(chunk, logprobs):
             rows[i] = row
     if not rows:
         raise ValueError("first_token_logprobs needs at least one text")
     return torch.stack(rows)
+
+
+def prompt_batches(model, tokenizer, texts: Sequence[str], batch_size: int):
+    """``(indices, encoded batch)`` pairs in the order :func:`first_token_logprobs` forwards them."""
+    device = input_device(model)
+    for chunk in batches(length_order(tokenizer, texts), batch_size):
+        yield chunk, encode(tokenizer, [texts[i] for i in chunk], device)
 
 
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:

@@ -49,7 +49,8 @@ DIRECTIONS = ("minimize", "minimize")
 OBJECTIVES = ("refusals", "kl")
 
 # Heretic uses n_startup_trials=60 of 200 trials; 10 suits the short studies of a small model.
-# n_ei_candidates stays at Optuna's default: more candidates sharpen TPE only late in long studies.
+# n_ei_candidates stays at Optuna's default (config study.n_ei_candidates): on the demo benchmark
+# Heretic's 128 concentrated trials on still-refusing ablations (benchmarks/results/*-ei128.json).
 DEFAULT_SAMPLER_KWARGS: dict[str, Any] = {"n_startup_trials": 10, "multivariate": True}
 
 # Relative values are multiplied by the last layer index (n_layers - 1), as in Heretic, so that
@@ -471,6 +472,8 @@ def run_worker(
     """Run trials until the study holds ``n_trials`` COMPLETE trials; safe to restart and to run
     in several processes at once (each with its own ``worker_id``).
 
+    ``sampler_kwargs`` are TPESampler arguments, merged over :data:`DEFAULT_SAMPLER_KWARGS`.
+
     ``objective(params, trial_number)`` gets the flat absolute parameters of
     :func:`suggest_params` and returns at least ``refusals`` (int) and ``kl`` (float); every
     returned key is stored as a user attribute (``n``, timings, ...).
@@ -499,7 +502,8 @@ def run_worker(
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
     if int(n_layers) < 1:
         raise ConfigError(f"n_layers must be >= 1, got {n_layers}")
-    sampler_kwargs = dict(DEFAULT_SAMPLER_KWARGS if sampler_kwargs is None else sampler_kwargs)
+    # Merged, not replaced: a caller that sets n_startup_trials keeps multivariate TPE.
+    sampler_kwargs = {**DEFAULT_SAMPLER_KWARGS, **(sampler_kwargs or {})}
     if "seed" in sampler_kwargs:
         raise ConfigError("sampler_kwargs must not set 'seed'; pass seed= instead")
     space = copy.deepcopy(DEFAULT_SPACE if space is None else dict(space))

@@ -35,7 +35,7 @@ class Objective:
         start = time.perf_counter()
         self.ablator.apply(ablation.AblationParams.from_flat(params))
         try:
-            scores = self.evaluator.score()
+            scores = self.evaluator.score(first_edited=self.ablator.first_edited_layer)
         finally:
             self.ablator.reset()
         return {
@@ -48,8 +48,9 @@ class Objective:
 
 
 def build_objective(config: dict, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
-                    route: str | None = None):
-    """``route`` overrides ``ablation.route`` (export needs LoRA adapters to write)."""
+                    route: str | None = None, reuse_layers: bool = False):
+    """``route`` overrides ``ablation.route`` (export needs LoRA adapters to write); ``reuse_layers``
+    records the prefills every trial repeats (worth it for a study, not for one edit)."""
     layout = architecture.discover(lm.model)
     tensors, _ = io.load_safetensors(directions_path)
     device = next(lm.model.parameters()).device
@@ -64,7 +65,8 @@ def build_objective(config: dict, lm, harmful: str, harmless: str, directions_pa
     base, _ = io.load_safetensors(baseline_path, device=device)
     _, harmless_texts = session.chats(config, lm.tokenizer, harmless, "eval")
     evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"],
-                          settings.max_new_tokens, settings.batch_size, settings.detector)
+                          settings.max_new_tokens, settings.batch_size, settings.detector,
+                          reuse_layers=reuse_layers)
     objective = Objective(ablator, evaluator)
     return objective, layout, ablator
 
@@ -72,11 +74,12 @@ def build_objective(config: dict, lm, harmful: str, harmless: str, directions_pa
 def run(config: dict, worker: int, harmful: str, harmless: str, directions_path: str, baseline_path: str,
         storage: str, study_name: str, n_trials: int, out_done: str, config_hash: str) -> dict:
     lm = session.open_model(config)
-    objective, layout, _ = build_objective(config, lm, harmful, harmless, directions_path, baseline_path)
+    objective, layout, _ = build_objective(config, lm, harmful, harmless, directions_path, baseline_path,
+                                           reuse_layers=True)
     kinds = sorted({c.kind for c in layout.components})
     result = study.run_worker(
         storage, study_name, objective, n_trials, worker_id=worker, seed=config["seed"] + worker,
-        sampler_kwargs={"n_startup_trials": config["study"]["n_startup_trials"]},
+        sampler_kwargs={key: config["study"][key] for key in ("n_startup_trials", "n_ei_candidates")},
         n_layers=layout.n_layers, space=search_space(config, kinds),
     )
     io.write_json({**result, "worker": worker, "study_name": study_name, "config_hash": config_hash,
