@@ -311,10 +311,14 @@ def workflow_splits(ours_dir: Path, run: str) -> dict[str, dict[str, list[str]]]
 #   results/<run>/model/        the merged model
 
 
-def our_config(protocol: Protocol, model: str, run: str, prompts_spec: dict | None) -> dict:
+def our_config(
+    protocol: Protocol, model: str, run: str, prompts_spec: dict | None, base: Path | None = None
+) -> dict:
+    """The workflow config of a benchmark run: ``base`` (default: the repository's config.yaml)
+    with the protocol's model, prompts, budget and batch size."""
     import yaml
 
-    config = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+    config = yaml.safe_load((base or REPO / "config.yaml").read_text(encoding="utf-8"))
     config = copy.deepcopy(config)
     config["run"] = run
     config["seed"] = protocol.seed
@@ -357,12 +361,14 @@ def snakemake_cmd(ours_dir: Path, threads: int | None, *targets: str) -> list[st
     ]
 
 
-def prepare_ours(protocol: Protocol, model: str, work: Path, run: str) -> Path:
+def prepare_ours(
+    protocol: Protocol, model: str, work: Path, run: str, base_config: Path | None = None
+) -> Path:
     import yaml
 
     ours_dir = work / "ours"
     ours_dir.mkdir(parents=True, exist_ok=True)
-    config = our_config(protocol, model, run, prompt_pools(protocol, work / "prompts"))
+    config = our_config(protocol, model, run, prompt_pools(protocol, work / "prompts"), base_config)
     # Snakefile's `configfile: "config.yaml"` is read from the working directory too.
     tmp = ours_dir / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -713,6 +719,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--out", type=Path, help="result JSON (default benchmarks/results/<protocol>-<date>.json)"
     )
+    ap.add_argument(
+        "--ours-config",
+        type=Path,
+        help="config file our side starts from instead of the repository's config.yaml "
+        "(to benchmark another setting; the protocol's keys still override it)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -735,7 +747,7 @@ def main(argv=None) -> int:
         splits = local_splits(protocol)
         ours_dir = None
     else:
-        ours_dir = prepare_ours(protocol, model, work, run)
+        ours_dir = prepare_ours(protocol, model, work, run, args.ours_config)
         if selection is None:
             import yaml
 
@@ -795,7 +807,8 @@ def main(argv=None) -> int:
     write_json_atomic(
         {
             "protocol": args.protocol,
-            "settings": asdict(protocol) | {"model": str(model)},
+            "settings": asdict(protocol)
+            | {"model": str(model), "ours_config": str(args.ours_config or "config.yaml")},
             "date": date.isoformat(),
             "machine": {
                 "platform": platform.platform(),
