@@ -28,6 +28,7 @@ import torch
 
 from . import generation, io
 from .errors import AbliterateError
+from .leading_layers import decoder_slice
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +402,7 @@ def _answer_loss(model, batch: dict) -> torch.Tensor:
     The vocabulary projection is a fifth of the model's work per token; the prompt positions carry
     no loss, so skipping them there saves time on a CPU. A batch with ``prefix`` holds the hidden
     states entering the first trained layer; the decoder must then hold only the layers from there
-    (:func:`_decoder_layers`).
+    (:func:`abliterate.leading_layers.decoder_slice`).
     """
     inputs = (
         {"inputs_embeds": batch["prefix"]} if "prefix" in batch else {"input_ids": batch["input_ids"]}
@@ -422,23 +423,6 @@ def _answer_loss(model, batch: dict) -> torch.Tensor:
     return (losses * weights).sum() / weights.sum()
 
 
-@contextlib.contextmanager
-def _decoder_layers(decoder, start: int, stop: int | None, final_norm: bool = True):
-    """Let ``decoder`` run only its layers ``start:stop`` (and its final norm only if asked).
-
-    The decoder's own forward still builds the causal mask and rotary embeddings, so a slice of
-    layers computes exactly what those layers compute inside the whole model.
-    """
-    layers, norm = decoder.layers, decoder.norm
-    decoder.layers = torch.nn.ModuleList(list(layers)[start:stop])
-    if not final_norm:
-        decoder.norm = torch.nn.Identity()
-    try:
-        yield decoder
-    finally:
-        decoder.layers, decoder.norm = layers, norm
-
-
 def _pad_states(states: list[torch.Tensor], width: int) -> torch.Tensor:
     """``(batch, width, hidden)`` from per-example states, zero-padded on the right like the ids."""
     return torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])) for h in states])
@@ -457,7 +441,7 @@ def _frozen_prefix(decoder, encoded: list, first: int, pad_id: int, device) -> l
         return None
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     states: list[torch.Tensor | None] = [None] * len(encoded)
-    with torch.no_grad(), _decoder_layers(decoder, 0, first, final_norm=False):
+    with torch.no_grad(), decoder_slice(decoder, 0, first, final_norm=False):
         for start in range(0, len(order), 32):
             rows = order[start : start + 32]
             batch = _collate([encoded[i] for i in rows], pad_id, device)
@@ -474,7 +458,7 @@ def _frozen_prefix(decoder, encoded: list, first: int, pad_id: int, device) -> l
         whole = decoder(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state
-        with _decoder_layers(decoder, first, None):
+        with decoder_slice(decoder, first, None):
             split = decoder(
                 inputs_embeds=prefix, attention_mask=batch["attention_mask"], use_cache=False
             ).last_hidden_state
@@ -552,7 +536,7 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
     prefix = _frozen_prefix(decoder, encoded, first, pad_id, device) if first > 0 else None
     peft_model.train()
     step = 0
-    layers = _decoder_layers(decoder, first, None) if prefix else contextlib.nullcontext()
+    layers = decoder_slice(decoder, first, None) if prefix else contextlib.nullcontext()
     with layers:
         for epoch in range(recipe.epochs):
             rng.shuffle(order)

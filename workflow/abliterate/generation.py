@@ -228,9 +228,8 @@ def run_prefill(
     some of its layers (:mod:`abliterate.leading_layers`); ``fill_cache(cache)`` is called once the
     prefix sits in every row, before the rows' own tokens are forwarded.
     """
-    kwargs = forward_kwargs(model)
-    if accepts_position_ids(model):
-        kwargs["position_ids"] = plan.positions
+    common = forward_kwargs(model)
+    kwargs = dict(common, position_ids=plan.positions) if accepts_position_ids(model) else dict(common)
     if embeds is None:
         prefix_in, rows_in = {"input_ids": plan.prefix}, {"input_ids": plan.ids}
     else:
@@ -243,7 +242,7 @@ def run_prefill(
             position_ids=torch.arange(plan.n_shared, device=plan.ids.device)[None],
             past_key_values=new_cache(model),
             use_cache=True,
-            **forward_kwargs(model),
+            **common,
         ).past_key_values
         cache.batch_repeat_interleave(plan.ids.shape[0])
     elif use_cache:

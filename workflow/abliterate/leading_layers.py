@@ -62,14 +62,21 @@ def _set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _layers_from(decoder, start: int):
-    """Let ``decoder`` run only its layers from ``start`` on (its final norm included)."""
-    layers = decoder.layers
-    decoder.layers = torch.nn.ModuleList(list(layers)[start:])
+def decoder_slice(decoder, start: int, stop: int | None = None, final_norm: bool = True):
+    """Let ``decoder`` run only its layers ``start:stop`` (and its final norm only if asked).
+
+    The decoder's own forward still builds the causal mask and rotary embeddings, so a slice of
+    layers computes exactly what those layers compute inside the whole model (each attention layer
+    keeps its index into the KV cache).
+    """
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if not final_norm:
+        decoder.norm = torch.nn.Identity()
     try:
-        yield
+        yield decoder
     finally:
-        decoder.layers = layers
+        decoder.layers, decoder.norm = layers, norm
 
 
 class LeadingLayers:
@@ -109,7 +116,8 @@ class LeadingLayers:
 
         Returns False (and records nothing) when reuse is off or the budget is spent.
         """
-        if not self.enabled or _key(enc) in self._recordings:
+        key = _key(enc)
+        if not self.enabled or key in self._recordings:
             return self.enabled
         plan = generation.plan_prefill(self.model, enc)
         captured: list[list[torch.Tensor]] = [[] for _ in range(self.n_layers + 1)]
@@ -157,7 +165,7 @@ class LeadingLayers:
                 self._recordings.clear()
                 return False
             self._checked.add(keep_cache)
-        self._recordings[_key(enc)] = recording
+        self._recordings[key] = recording
         self.used += kv_bytes + per_layer * len(kept)
         log.debug("recorded a prefill of %d rows (inputs of every %d. layer, %.1f MB in all so far)",
                   plan.ids.shape[0], stride, self.used / 1e6)
@@ -195,7 +203,7 @@ class LeadingLayers:
                 _set_layer(layer, keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
 
         prefix = rec.prefix_inputs[k]
-        with _layers_from(self.decoder, start):
+        with decoder_slice(self.decoder, start):
             out, mask, positions = generation.run_prefill(
                 self.model, plan, use_cache, embeds=(prefix, rec.inputs[k]), fill_cache=fill
             )
