@@ -43,7 +43,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -408,7 +408,9 @@ def reused_measurement(work: Path, tool: str) -> dict:
     path = work / f"{tool}-measured.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    logger.warning("%s not found: the reused %s run's own figures are used where it has them", path, tool)
+    logger.warning(
+        "%s not found: the reused %s run's own figures are used where it has them", path, tool
+    )
     return {}
 
 
@@ -434,6 +436,8 @@ def read_ours(ours_dir: Path, run: str) -> dict:
                 "kl": a.get("kl", t.values[1] if t.values else None),
                 "n": a.get("n"),
                 "seconds": seconds,
+                # set when the trial's generation stopped once it was dominated (refusals: a bound)
+                "dominated_by": a.get("dominated_by"),
             }
         )
     return {
@@ -584,6 +588,7 @@ def front_and_hypervolume(trials: list[dict], n_default: int | None) -> tuple[li
             "refusals": t["refusals"],
             "kl": t["kl"],
             "n": t.get("n") or n_default,
+            "dominated_by": t.get("dominated_by"),
         }
         for t in trials
     ]
@@ -618,6 +623,7 @@ def check_selection(
                 "refusals": t["refusals"],
                 "kl": t["kl"],
                 "n": t.get("n") or n_default,
+                "dominated_by": t.get("dominated_by"),
             }
             for t in trials
         ]
@@ -641,6 +647,8 @@ def figures(tool: dict, heldout: dict | None, n_default: int | None) -> dict:
     study_s = sum(secs)
     return {
         "n_trials_complete": len(complete),
+        # trials whose generation stopped once an earlier trial dominated them (ours only)
+        "n_trials_stopped_dominated": sum(t.get("dominated_by") is not None for t in complete),
         "s_per_trial_median": statistics.median(secs) if secs else None,
         "s_trials_total": study_s,
         "trials_per_hour": 3600 * len(secs) / study_s if study_s else None,
@@ -691,7 +699,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
     ap.add_argument("--model", help="local HF model folder (overrides the protocol's)")
-    ap.add_argument("--work", type=Path, help="working folder (default benchmarks/work/<protocol>)")
+    ap.add_argument(
+        "--work", type=Path, help="working folder (default benchmarks/work/<protocol>[-seed<N>])"
+    )
     ap.add_argument(
         "--splits",
         choices=["workflow", "local"],
@@ -725,12 +735,20 @@ def main(argv=None) -> int:
         help="config file our side starts from instead of the repository's config.yaml "
         "(to benchmark another setting; the protocol's keys still override it)",
     )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        help="replicate with another seed (prompt pools and splits, both tools' samplers); "
+        "the result file name gets -seed<N>",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
     protocol = PROTOCOLS[args.protocol]
+    if args.seed is not None:
+        protocol = replace(protocol, seed=args.seed)
     model = args.model or protocol.model
     if not model or not Path(model).is_dir():
         ap.error(f"model folder {model!r} not found (give --model)")
@@ -738,7 +756,8 @@ def main(argv=None) -> int:
         ap.error(
             "--splits local gives Heretic prompts our workflow does not see: use it with --skip-ours"
         )
-    work = (args.work or BENCHMARKS / "work" / args.protocol).resolve()
+    suffix = "" if args.seed is None else f"-seed{args.seed}"
+    work = (args.work or BENCHMARKS / "work" / f"{args.protocol}{suffix}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     run = f"bench-{args.protocol}"
     selection = args.selection
@@ -801,7 +820,7 @@ def main(argv=None) -> int:
         print("WARNING:", w)
 
     date = dt.datetime.now(dt.timezone.utc)
-    out = args.out or BENCHMARKS / "results" / f"{args.protocol}-{date:%Y-%m-%d}.json"
+    out = args.out or BENCHMARKS / "results" / f"{args.protocol}-{date:%Y-%m-%d}{suffix}.json"
     import torch
 
     write_json_atomic(

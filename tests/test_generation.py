@@ -8,7 +8,7 @@ import pytest
 import tiny_models
 import torch
 from abliterate import batching, errors, prompting
-from abliterate.generation import eos_token_ids, generate, generate_ids
+from abliterate.generation import RefusalLimitReached, eos_token_ids, generate, generate_ids
 from tiny_tokenizer import char_tokenizer
 
 torch.set_num_threads(1)
@@ -97,18 +97,22 @@ class StopAfter:
         return True if any(s in partial_text for s in self.stops) else None
 
 
+def _stop_strings(tokenizer, full) -> list[str]:
+    """Rows stop at different steps: each stop string is a short piece of its own reference text."""
+    stops = []
+    for i, t in enumerate(tokenizer.batch_decode(full, skip_special_tokens=True)):
+        cut = 1 + i % 5
+        stops.append(t[cut : cut + 2] if len(t) >= cut + 2 else None)
+    stops = [s for s in stops if s and s.strip()]
+    assert len(stops) >= 3, stops
+    return stops
+
+
 def test_early_stop_prunes_rows_and_keeps_order(tokenizer, texts, llama):
     model = llama
     budget = 16
     full = generate_ids(model, tokenizer, texts, max_new_tokens=budget, batch_size=4)
-    full_text = tokenizer.batch_decode(full, skip_special_tokens=True)
-    # rows stop at different steps: each stop string is a short piece of its own reference text
-    stops = []
-    for i, t in enumerate(full_text):
-        cut = 1 + i % 5
-        stops.append(t[cut : cut + 2] if len(t) >= cut + 2 else None)
-    stops = [s for s in stops if s and s.strip()]
-    assert len(stops) >= 3, full_text
+    stops = _stop_strings(tokenizer, full)
     detector = StopAfter(stops)
     early = generate_ids(
         model, tokenizer, texts, max_new_tokens=budget, batch_size=4, detector=detector
@@ -132,6 +136,27 @@ def test_early_stop_prunes_rows_and_keeps_order(tokenizer, texts, llama):
         model, tokenizer, texts, max_new_tokens=budget, batch_size=4, detector=detector
     )
     assert texts_out == tokenizer.batch_decode(early, skip_special_tokens=True)
+
+
+def test_max_refusals_abandons_the_generation_once_reached(tokenizer, texts, llama):
+    full = generate_ids(llama, tokenizer, texts, max_new_tokens=16, batch_size=4)
+    stops = _stop_strings(tokenizer, full)
+    early = generate_ids(llama, tokenizer, texts, 16, batch_size=4, detector=StopAfter(stops))
+    n_stopped = sum(len(got) < len(ref) for got, ref in zip(early, full))
+    assert n_stopped >= 3
+    # a limit never reached changes nothing
+    assert early == generate_ids(
+        llama, tokenizer, texts, 16, batch_size=4, detector=StopAfter(stops), max_refusals=n_stopped + 1
+    )
+    with pytest.raises(RefusalLimitReached) as stop:
+        generate_ids(llama, tokenizer, texts, 16, batch_size=4, detector=StopAfter(stops), max_refusals=2)
+    assert stop.value.refusals >= 2
+    detector = StopAfter(stops)
+    with pytest.raises(RefusalLimitReached) as stop:
+        generate(llama, tokenizer, texts, 16, batch_size=4, detector=detector, max_refusals=0)
+    assert stop.value.refusals == 0 and detector.calls == 0  # nothing generated
+    with pytest.raises(ValueError, match="detector"):
+        generate_ids(llama, tokenizer, texts, 16, batch_size=4, max_refusals=1)
 
 
 def test_budget_zero_and_empty(tokenizer, texts, llama):

@@ -10,6 +10,7 @@ import time
 
 import optuna
 import pytest
+from abliterate import selection
 from abliterate import study as st
 from abliterate.errors import ConfigError
 from optuna.trial import TrialState
@@ -433,3 +434,67 @@ def test_server_urls_pass_through_unchanged(monkeypatch):
     st.make_storage(url, heartbeat_interval=30, grace_period=90)
     assert seen["url"] == url and seen["engine_kwargs"] == {}
     assert seen["heartbeat_interval"] == 30 and seen["grace_period"] == 90
+
+
+def test_refusal_cap_takes_the_fewest_refusals_among_trials_with_lower_kl(db):
+    url, name = db
+    study = st.load_or_create_study(st.make_storage(url, None, None), name)
+    for refusals, kl, attrs in [
+        (5, 0.10, {"n": 20}),
+        (3, 0.20, {"n": 20}),
+        (3, 0.15, {"n": 20}),
+        (1, 0.05, {"n": 20, st.DOMINATED_BY: 0}),  # a lower bound: never a reference
+        (0, 0.01, {"n": 30}),  # other prompts: not comparable
+    ]:
+        trial = study.ask()
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, [refusals, kl])
+    cap = st.refusal_cap(study)
+    assert cap(0.10, 20) is None  # KL must be strictly lower
+    assert cap(0.12, 20) == (5, 0)
+    assert cap(0.18, 20) == (3, 2)  # fewest refusals; of the two with 3, the lower KL
+    assert cap(0.5, 20) == (3, 2)
+    assert cap(0.5, 30) == (0, 4)
+
+
+class CappedObjective:
+    """cheap_objective that, given a refusal cap it reaches, reports the cap as a lower bound."""
+
+    def __init__(self):
+        self.caps = []
+
+    def __call__(self, params: dict, number: int, refusal_cap=None) -> dict:
+        result = cheap_objective(params, number)
+        cap = refusal_cap(result["kl"], result["n"]) if refusal_cap else None
+        self.caps.append(cap)
+        if cap is not None and result["refusals"] >= cap[0]:
+            result = dict(result, refusals=cap[0], dominated_by=cap[1])
+        return result
+
+
+def test_stopping_dominated_trials_keeps_the_front_and_the_samplers_path(tmp_path):
+    runs = {}
+    for stop in (False, True):
+        url = f"sqlite:///{tmp_path / f'stop-{stop}.sqlite'}"
+        objective = CappedObjective()
+        st.run_worker(url, "s", objective, 24, seed=3, sampler_kwargs=FAST, n_layers=N_LAYERS,
+                      progress=False, stop_dominated=stop)
+        runs[stop] = (st.trials_frame(url, "s"), st.study_stats(url, "s"), objective.caps)
+    (full, full_stats, no_caps), (cut, cut_stats, caps) = runs[False], runs[True]
+    assert no_caps == [None] * 24 and any(caps)
+    params = [c for c in full.columns if c.startswith(("attn_out.", "mlp_down.", "direction"))]
+    # The sampler's good group comes from the front, which stopped trials never join.
+    assert full[params].equals(cut[params])
+    stopped = cut["dominated_by"].notna()
+    assert 0 < stopped.sum() == cut_stats["n_dominated"] and full_stats["n_dominated"] == 0
+    assert full["dominated_by"].isna().all() and str(cut["dominated_by"].dtype) == "Int64"
+    assert (cut.loc[stopped, "refusals"] <= full.loc[stopped, "refusals"]).all()
+    assert cut.loc[~stopped, ["refusals", "kl"]].equals(full.loc[~stopped, ["refusals", "kl"]])
+    front = selection.pareto_front(cut)["number"].tolist()
+    assert front == selection.pareto_front(full)["number"].tolist()
+    by_number = cut.set_index("number")
+    truth = full.set_index("number")["refusals"]
+    for number, row in by_number[by_number["dominated_by"].notna()].iterrows():
+        ref = by_number.loc[int(row["dominated_by"])]  # dominates the trial's full result
+        assert ref["kl"] < row["kl"] and ref["refusals"] <= truth[number]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .generation import first_batch, generate
+from .generation import RefusalLimitReached, first_batch, generate
 from .kl import first_token_logprobs, kl_divergence, prompt_batches
 from .leading_layers import LeadingLayers
 from .refusal import RefusalDetector
@@ -88,7 +88,10 @@ class Evaluator:
         )
         return kl_divergence(self.base_logprobs, logprobs)
 
-    def refusals(self, first_edited: int | None = None) -> int:
+    def refusals(self, first_edited: int | None = None, max_refusals: int | None = None) -> int:
+        """Refusals on the harmful prompts. With ``max_refusals``, generation stops once that many
+        are counted: raises :class:`~abliterate.generation.RefusalLimitReached` then."""
+        self._responses = None
         self._responses = generate(
             self.model,
             self.tokenizer,
@@ -97,22 +100,47 @@ class Evaluator:
             self.batch_size,
             detector=self.detector,
             prefill_fn=self._prefill_fn(first_edited),
+            max_refusals=max_refusals,
         )
         return sum(self.detector.is_refusal(r) for r in self._responses)
 
-    def score(self, first_edited: int | None = None) -> dict:
+    def score(
+        self,
+        first_edited: int | None = None,
+        refusal_cap: Callable[[float, int], tuple[int, int] | None] | None = None,
+    ) -> dict:
         """``{"refusals": int, "n": int, "kl": float, "seconds": float}`` for the current weights.
 
         ``first_edited``: the lowest layer whose weights differ from the model this evaluator was
         built on; with ``reuse_layers``, recorded prefills then skip the layers below it. Passing a
         layer above an edited one gives wrong scores.
+
+        ``refusal_cap(kl, n)``: ``(refusals, trial)`` of an earlier trial on ``n`` prompts with a
+        lower KL, or None. KL is measured first (it is cheap); once this model's refusals reach
+        that trial's, it is dominated by it whatever the rest of the generation gives, so the
+        generation stops and the result has ``refusals`` at least the cap (the count so far, a
+        lower bound) and ``dominated_by`` set to that trial.
         """
         start = time.perf_counter()
         kl = self.kl(first_edited)
-        refusals = self.refusals(first_edited)
-        seconds = time.perf_counter() - start
-        log.info("refusals %d/%d, KL %.4g (%.1f s)", refusals, len(self.harmful_texts), kl, seconds)
-        return {"refusals": refusals, "n": len(self.harmful_texts), "kl": kl, "seconds": seconds}
+        cap = refusal_cap(kl, len(self.harmful_texts)) if refusal_cap is not None else None
+        result: dict = {"n": len(self.harmful_texts), "kl": kl}
+        try:
+            result["refusals"] = self.refusals(first_edited, None if cap is None else cap[0])
+        except RefusalLimitReached as stop:
+            result["refusals"] = stop.refusals
+            result["dominated_by"] = cap[1]
+        result["seconds"] = time.perf_counter() - start
+        if "dominated_by" in result:
+            log.info(
+                "refusals >= %d/%d, KL %.4g: dominated by trial %d, generation stopped (%.1f s)",
+                result["refusals"], result["n"], kl, result["dominated_by"], result["seconds"],
+            )
+        else:
+            log.info(
+                "refusals %d/%d, KL %.4g (%.1f s)", result["refusals"], result["n"], kl, result["seconds"]
+            )
+        return result
 
     def responses(self) -> list[str]:
         """Responses to the harmful prompts from the last :meth:`score` (generated now if none yet)."""

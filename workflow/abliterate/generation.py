@@ -29,6 +29,15 @@ from .prompting import encode, length_order
 log = logging.getLogger(__name__)
 
 
+class RefusalLimitReached(Exception):
+    """Generation was abandoned because ``refusals`` responses had been judged refusals (the
+    ``max_refusals`` of :func:`generate_ids`); the other responses were not all finished."""
+
+    def __init__(self, refusals: int):
+        super().__init__(f"stopped after {refusals} refusals")
+        self.refusals = refusals
+
+
 class Verdict(Protocol):
     def verdict(self, partial_text: str) -> bool | None: ...
 
@@ -372,6 +381,7 @@ def _generate_continuous(
     eos: set[int],
     on_finish,
     prefill_fn: Callable | None = None,
+    max_refusals: int | None = None,
 ) -> list[list[int]]:
     """Greedy ids of ``texts`` with at most ``batch_size`` rows live at once, in input order.
 
@@ -379,6 +389,7 @@ def _generate_continuous(
     (taken in ``order``) are prefilled and join the running batch, so it stays full instead of
     running on with a handful of rows. When the cache cannot take new rows, a batch runs to its end
     before the next one starts. ``prefill_fn`` replaces :func:`prefill` (same arguments and result).
+    Raises :class:`RefusalLimitReached` once ``max_refusals`` rows have been stopped by the detector.
     """
     prefill_fn = prefill_fn or prefill
     device = input_device(model)
@@ -390,7 +401,7 @@ def _generate_continuous(
     alive: list[int] = []  # batch row -> index into texts
     cache = mask = pos = next_tok = None
     appendable = False
-    n_prefills = 0
+    n_prefills = n_refused = 0
     while True:
         # next_tok holds each live row's newest token, not yet recorded
         if alive:
@@ -404,6 +415,9 @@ def _generate_continuous(
                 for r in decoder.update(pending, generated):
                     if detector.verdict(decoder.text[r]) is not None:
                         finished.add(r)
+                        n_refused += 1
+                if max_refusals is not None and n_refused >= max_refusals:
+                    raise RefusalLimitReached(n_refused)
             if finished:
                 on_finish(len(finished))
                 keep = [j for j, r in enumerate(alive) if r not in finished]
@@ -464,20 +478,30 @@ def generate_ids(
     detector: Verdict | None = None,
     progress: bool = False,
     prefill_fn: Callable | None = None,
+    max_refusals: int | None = None,
 ) -> list[list[int]]:
-    """Greedy continuation token ids of each text (EOS included when produced), in input order."""
+    """Greedy continuation token ids of each text (EOS included when produced), in input order.
+
+    ``max_refusals``: give up, raising :class:`RefusalLimitReached`, as soon as that many responses
+    have been stopped by the ``detector`` (a caller that only needs to know whether the count
+    reaches it saves the rest of the generation)."""
     results: list[list[int]] = [[] for _ in texts]
     if max_new_tokens < 1 or not texts:
         return results
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if max_refusals is not None:
+        if detector is None:
+            raise ValueError("max_refusals needs a detector to judge refusals")
+        if max_refusals <= 0:
+            raise RefusalLimitReached(0)
     eos = eos_token_ids(model, tokenizer)
     order = length_order(tokenizer, texts)
     start = time.perf_counter()
     with tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress) as bar:
         results = _generate_continuous(
             model, tokenizer, texts, order, max_new_tokens, batch_size, detector, eos, bar.update,
-            prefill_fn,
+            prefill_fn, max_refusals,
         )
     seconds = time.perf_counter() - start
     n_tokens = sum(len(r) for r in results)
@@ -500,11 +524,16 @@ def generate(
     detector: Verdict | None = None,
     progress: bool = False,
     prefill_fn: Callable | None = None,
+    max_refusals: int | None = None,
 ) -> list[str]:
     """Greedy responses to chat-formatted ``texts`` (special tokens removed), in input order.
 
     With a ``detector``, a response ends as soon as ``detector.verdict`` of its text so far is not
-    None, so refusals cost only the tokens up to their marker.
+    None, so refusals cost only the tokens up to their marker. ``max_refusals``: see
+    :func:`generate_ids`.
     """
-    ids = generate_ids(model, tokenizer, texts, max_new_tokens, batch_size, detector, progress, prefill_fn)
+    ids = generate_ids(
+        model, tokenizer, texts, max_new_tokens, batch_size, detector, progress, prefill_fn,
+        max_refusals,
+    )
     return tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []

@@ -4,6 +4,8 @@ Input is the table of :func:`abliterate.study.trials_frame` (columns ``number``,
 ``refusals``, ``kl`` and ``n``, the number of harmful prompts evaluated). Refusals are compared as
 rates (``refusals / n``) where ``n`` is known, so trials evaluated on different prompt counts stay
 comparable; ties are always broken by the lower trial number, which makes the choice deterministic.
+Trials whose evaluation stopped once they were dominated (column ``dominated_by``) have only a
+lower bound for their refusals: they are never chosen, never on the front, and not counted.
 
 Policies (``policy["name"]``):
 
@@ -40,11 +42,22 @@ POLICIES = ("min_kl_under_target", "min_refusals")
 FALLBACKS = ("knee", "min_refusals")
 
 
-def _complete(df: pd.DataFrame) -> pd.DataFrame:
+def _finished(df: pd.DataFrame) -> pd.DataFrame:
     if "state" in df.columns:
         df = df[df["state"] == "COMPLETE"]
-    df = df.dropna(subset=["refusals", "kl"])
-    return df.copy()
+    return df.dropna(subset=["refusals", "kl"])
+
+
+def _stopped(df: pd.DataFrame) -> pd.Series:
+    if "dominated_by" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["dominated_by"].notna()
+
+
+def _complete(df: pd.DataFrame) -> pd.DataFrame:
+    """COMPLETE trials with both scores measured in full."""
+    df = _finished(df)
+    return df[~_stopped(df)].copy()
 
 
 def _has_n(df: pd.DataFrame) -> bool:
@@ -214,6 +227,8 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
     from abliterate import io  # here, not at the top: it imports torch, which selection never needs
 
     done = _complete(df)
+    stopped = _finished(df)
+    stopped = stopped[_stopped(stopped)]
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -226,6 +241,15 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
         ax.text(0.5, 0.5, "no complete trials", ha="center", va="center", transform=ax.transAxes)
     else:
         ax.scatter(done["refusals"], done["kl"], s=18, color="0.6", label=f"trials ({len(done)})")
+        if not stopped.empty:
+            ax.scatter(
+                stopped["refusals"],
+                stopped["kl"],
+                s=18,
+                facecolors="none",
+                edgecolors="0.6",
+                label=f"stopped once dominated ({len(stopped)}; refusals at least)",
+            )
         front = pareto_front(done)
         ax.plot(front["refusals"], front["kl"], "-o", color="tab:blue", ms=4, label="Pareto front")
         kl = done["kl"].astype(float)

@@ -69,19 +69,24 @@ DEFAULT_SPACE: dict[str, Any] = {
             "max_weight": [0.8, 1.5],  # Heretic's range: below 0.8 rarely removes refusals
             "max_weight_position": [0.4, 1.0],  # Heretic: [0.6, 1.0]; widened for small models
             "min_weight": [0.0, 1.0],  # fraction of max_weight, so min_weight <= max_weight
-            "min_weight_distance": [0.1, 0.6],  # Heretic: [1 layer, 0.6]
+            # Heretic: [1 layer, 0.6]; 0.03 is a layer at 30 layers. A low end of 0.1 was binding
+            # on the demo benchmark (benchmarks/results/*-distance003.json).
+            "min_weight_distance": [0.03, 0.6],
         },
         "mlp_down": {
             "max_weight": [0.8, 1.5],
             "max_weight_position": [0.4, 1.0],
             "min_weight": [0.0, 1.0],
-            "min_weight_distance": [0.1, 0.6],
+            "min_weight_distance": [0.03, 0.6],
         },
     },
 }
 
 _KERNEL_KEYS = ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")
 _RESERVED_ATTRS = ("ablation_params", "worker", "seconds", "error", "retry_of", "surplus")
+# Set by an objective that stopped evaluating once the trial was dominated (see refusal_cap):
+# its refusals value is then a lower bound.
+DOMINATED_BY = "dominated_by"
 
 
 # --------------------------------------------------------------------------- storage
@@ -442,6 +447,31 @@ def _check_result(result: Any) -> tuple[int, float, dict[str, Any]]:
     return int(refusals), kl, attrs
 
 
+def refusal_cap(study: optuna.Study) -> Callable[[float, int], tuple[int, int] | None]:
+    """``cap(kl, n)``: ``(refusals, number)`` of the fully evaluated COMPLETE trial on ``n`` prompts
+    with the fewest refusals among those with a KL below ``kl`` (ties: lower KL), or None.
+
+    A trial with KL ``kl`` whose refusals reach that count is dominated by that trial, whatever
+    its final count: its evaluation can stop there. The front, and with it the sampler's "good"
+    trials (a few of the front's), come out as without stopping, as long as the front holds more
+    trials than TPE's good group (at most 10 % of trials): stopped trials only ever join its
+    "bad" group, where their exact refusals do not matter.
+    """
+
+    def cap(kl: float, n: int) -> tuple[int, int] | None:
+        best = None
+        for trial in _count(study, (TrialState.COMPLETE,)):
+            attrs = trial.user_attrs
+            if DOMINATED_BY in attrs or attrs.get("n") != n or trial.values is None:
+                continue
+            refusals, trial_kl = trial.values
+            if trial_kl < kl and (best is None or (refusals, trial_kl) < best[:2]):
+                best = (refusals, trial_kl, trial.number)
+        return None if best is None else (int(best[0]), best[2])
+
+    return cap
+
+
 def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=states)
 
@@ -468,6 +498,7 @@ def run_worker(
     heartbeat_interval: int | None = 60,
     grace_period: int | None = None,
     progress: bool = True,
+    stop_dominated: bool = False,
 ) -> dict[str, Any]:
     """Run trials until the study holds ``n_trials`` COMPLETE trials; safe to restart and to run
     in several processes at once (each with its own ``worker_id``).
@@ -476,7 +507,9 @@ def run_worker(
 
     ``objective(params, trial_number)`` gets the flat absolute parameters of
     :func:`suggest_params` and returns at least ``refusals`` (int) and ``kl`` (float); every
-    returned key is stored as a user attribute (``n``, timings, ...).
+    returned key is stored as a user attribute (``n``, timings, ...). With ``stop_dominated`` it
+    is called as ``objective(params, trial_number, refusal_cap(study))`` (see :func:`refusal_cap`)
+    and may return ``dominated_by`` (a trial number) with a lower-bound ``refusals``.
 
     Restart: RUNNING trials recorded for this ``worker_id`` were left by a killed job: they are
     marked FAIL and their parameters queued again, so they are the next trials asked. With
@@ -563,7 +596,8 @@ def run_worker(
             start = time.perf_counter()
             try:
                 with _heartbeat(storage, trial._trial_id):
-                    result = objective(dict(params), trial.number)
+                    extra = (refusal_cap(study),) if stop_dominated else ()
+                    result = objective(dict(params), trial.number, *extra)
                 refusals, kl, attrs = _check_result(result)
             except Exception as exc:  # a failed trial must not end the study
                 seconds = time.perf_counter() - start
@@ -596,13 +630,16 @@ def run_worker(
                 continue
             done += 1
             n = attrs.get("n")
+            dominated = attrs.get(DOMINATED_BY)
             logger.info(
-                "trial %d [worker %s] %s | refusals %s KL %.4g | %.1f s",
+                "trial %d [worker %s] %s | refusals %s%s KL %.4g%s | %.1f s",
                 trial.number,
                 worker,
                 describe_params(params),
+                ">=" if dominated is not None else "",
                 f"{refusals}/{n}" if n is not None else refusals,
                 kl,
+                f" (dominated by trial {dominated}: stopped)" if dominated is not None else "",
                 seconds,
             )
             complete = len(_count(study, (TrialState.COMPLETE,)))
@@ -656,6 +693,7 @@ def trials_frame(storage_url: str, study_name: str):
             "worker": attrs.pop("worker", None),
             "error": attrs.pop("error", None),
             "retry_of": attrs.pop("retry_of", None),
+            DOMINATED_BY: attrs.pop(DOMINATED_BY, None),
             "direction_scope": trial.params.get("direction_scope"),
         }
         attrs.pop("refusals", None)
@@ -671,6 +709,7 @@ def trials_frame(storage_url: str, study_name: str):
     df["refusals"] = df["refusals"].astype("Int64")
     df["n"] = pd.to_numeric(df["n"]).astype("Int64")
     df["retry_of"] = pd.to_numeric(df["retry_of"]).astype("Int64")
+    df[DOMINATED_BY] = pd.to_numeric(df[DOMINATED_BY]).astype("Int64")
     tail = ["datetime_start", "datetime_complete"]
     df = df[[c for c in df.columns if c not in tail] + tail]
     return df.sort_values("number").reset_index(drop=True)
@@ -693,6 +732,7 @@ def study_stats(storage_url: str, study_name: str) -> dict[str, Any]:
         "n_complete": len(by_state[TrialState.COMPLETE]),
         "n_failed": sum(not t.user_attrs.get("surplus") for t in failed),
         "n_surplus": sum(bool(t.user_attrs.get("surplus")) for t in failed),
+        "n_dominated": sum(DOMINATED_BY in t.user_attrs for t in by_state[TrialState.COMPLETE]),
         "n_running": len(by_state[TrialState.RUNNING]),
         "n_waiting": len(by_state[TrialState.WAITING]),
         "seconds": sum(

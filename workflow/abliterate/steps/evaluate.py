@@ -71,7 +71,7 @@ def run(config: dict, model_dir: str, harmful: str, harmless: str, baseline_metr
             "eval": selected["eval"],
         },
         "merged": merged,
-        "study": {"name": study_name, **{k: stats[k] for k in ("n_complete", "n_failed", "seconds")}},
+        "study": {"name": study_name, **{k: stats[k] for k in ("n_complete", "n_dominated", "n_failed", "seconds")}},
         "timings_s": rule_timings(config["run"]),
     }
     io.write_json(summary, out_summary)

@@ -31,20 +31,18 @@ class Objective:
         self.ablator = ablator
         self.evaluator = evaluator
 
-    def __call__(self, params: dict, number: int) -> dict:
+    def __call__(self, params: dict, number: int, refusal_cap=None) -> dict:
+        """``refusal_cap``: see :func:`abliterate.study.refusal_cap` (the study's stop_dominated)."""
         start = time.perf_counter()
         self.ablator.apply(ablation.AblationParams.from_flat(params))
         try:
-            scores = self.evaluator.score(first_edited=self.ablator.first_edited_layer)
+            scores = self.evaluator.score(first_edited=self.ablator.first_edited_layer,
+                                          refusal_cap=refusal_cap)
         finally:
             self.ablator.reset()
-        return {
-            "refusals": scores["refusals"],
-            "n": scores["n"],
-            "kl": scores["kl"],
-            "seconds_apply_reset": time.perf_counter() - start - scores["seconds"],
-            "seconds_evaluate": scores["seconds"],
-        }
+        seconds = scores.pop("seconds")
+        return {**scores, "seconds_apply_reset": time.perf_counter() - start - seconds,
+                "seconds_evaluate": seconds}
 
 
 def build_objective(config: dict, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
@@ -81,6 +79,7 @@ def run(config: dict, worker: int, harmful: str, harmless: str, directions_path:
         storage, study_name, objective, n_trials, worker_id=worker, seed=config["seed"] + worker,
         sampler_kwargs={key: config["study"][key] for key in ("n_startup_trials", "n_ei_candidates")},
         n_layers=layout.n_layers, space=search_space(config, kinds),
+        stop_dominated=config["study"]["stop_dominated"],
     )
     io.write_json({**result, "worker": worker, "study_name": study_name, "config_hash": config_hash,
                    **lm.metadata()}, out_done)
