@@ -142,3 +142,18 @@ def test_plot_pareto_writes_png(tmp_path):
     sel.plot_pareto(wide, None, path)  # log-scaled KL, nothing selected
     assert path.stat().st_size > 0
     assert sorted(p.name for p in path.parent.iterdir()) == ["pareto.png"]
+
+
+def test_trials_stopped_once_dominated_are_never_chosen_or_counted(tmp_path):
+    # Trial 7 stopped after 1 refusal at KL 0.6 (dominated by trial 1: 1 refusal at KL 0.5): its
+    # refusals are a lower bound, so even a policy that would like its count must not take it.
+    df = TRIALS.assign(dominated_by=pd.NA)
+    df = pd.concat([df, frame([(7, 1, 0.6)]).assign(dominated_by=1)], ignore_index=True)
+    assert sel.pareto_front(df)["number"].tolist() == [4, 1, 2, 0]
+    row, reason = sel.select_trial(df, {"refusal_target": 0.05})
+    assert row["number"] == 1 and "3 of 6 fully evaluated" in reason  # 1, 4 and 5, not 7
+    assert "1 more stopped once dominated" in reason
+    stopped = frame([(8, 0, 0.2)]).assign(dominated_by=4)  # would be the best of all if believed
+    row, _ = sel.select_trial(pd.concat([df, stopped], ignore_index=True), {"name": "min_refusals"})
+    assert row["number"] == 4
+    sel.plot_pareto(pd.concat([df, stopped], ignore_index=True), 1, tmp_path / "pareto.png")

@@ -91,7 +91,7 @@ class Evaluator:
     def refusals(self, first_edited: int | None = None, max_refusals: int | None = None) -> int:
         """Refusals on the harmful prompts. With ``max_refusals``, generation stops once that many
         are counted: raises :class:`~abliterate.generation.RefusalLimitReached` then."""
-        self._responses = None
+        self._responses = None  # a stopped generation keeps none: responses() then runs in full
         self._responses = generate(
             self.model,
             self.tokenizer,

@@ -182,9 +182,11 @@ def select_trial(
     ok = done[rate <= target + 1e-12]
     if not ok.empty:
         row = ok.sort_values(["kl", "number"]).iloc[0]
+        stopped = int(_stopped(_finished(df)).sum())
+        others = f"; {stopped} more stopped once dominated" if stopped else ""
         return row, (
-            f"trial {int(row['number'])}: lowest KL among the {len(ok)} of {len(done)} complete "
-            f"trials with refusal rate <= {target:.0%} ({_fmt(row)})"
+            f"trial {int(row['number'])}: lowest KL among the {len(ok)} of {len(done)} fully "
+            f"evaluated trials with refusal rate <= {target:.0%}{others} ({_fmt(row)})"
         )
     best = _min_refusals(done)
     missed = f"no trial reached refusal rate <= {target:.0%} (best: {_fmt(best)})"

@@ -16,6 +16,9 @@ Design choices (Optuna 5):
 * A fresh sampler is seeded per trial from ``(seed, worker_id, number of trials so far)``. A single
   seeded sampler would replay its random start-up sequence after a restart and so repeat finished
   trials; this way a restarted or second worker draws new points and one worker stays reproducible.
+* ``stop_dominated``: the objective may stop evaluating a trial once an earlier one with lower KL
+  refuses no more (:func:`refusal_cap`); such a trial keeps a lower bound for its refusals and a
+  ``dominated_by`` attribute, and is never on the front, so TPE's "good" group does not change.
 * Ask/tell instead of ``study.optimize``: the worker controls the trial budget across processes
   (exactly ``n_trials`` COMPLETE trials) and re-queues trials of killed jobs.
 """
@@ -69,15 +72,13 @@ DEFAULT_SPACE: dict[str, Any] = {
             "max_weight": [0.8, 1.5],  # Heretic's range: below 0.8 rarely removes refusals
             "max_weight_position": [0.4, 1.0],  # Heretic: [0.6, 1.0]; widened for small models
             "min_weight": [0.0, 1.0],  # fraction of max_weight, so min_weight <= max_weight
-            # Heretic: [1 layer, 0.6]; 0.03 is a layer at 30 layers. A low end of 0.1 was binding
-            # on the demo benchmark (benchmarks/results/*-distance003.json).
-            "min_weight_distance": [0.03, 0.6],
+            "min_weight_distance": [0.1, 0.6],  # Heretic: [1 layer, 0.6]; see config.yaml
         },
         "mlp_down": {
             "max_weight": [0.8, 1.5],
             "max_weight_position": [0.4, 1.0],
             "min_weight": [0.0, 1.0],
-            "min_weight_distance": [0.03, 0.6],
+            "min_weight_distance": [0.1, 0.6],
         },
     },
 }
