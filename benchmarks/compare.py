@@ -577,22 +577,29 @@ def evaluate_heldout(
 # --- figures --------------------------------------------------------------------------------
 
 
-def front_and_hypervolume(trials: list[dict], n_default: int | None) -> tuple[list[dict], float]:
+def trials_table(trials: list[dict], n_default: int | None):
+    """A tool's trials in the columns abliterate.selection reads."""
     import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "number": t["number"],
+                "state": t.get("state", "COMPLETE"),
+                "refusals": t["refusals"],
+                "kl": t["kl"],
+                "n": t.get("n") or n_default,
+                "dominated_by": t.get("dominated_by"),
+            }
+            for t in trials
+        ]
+    )
+
+
+def front_and_hypervolume(trials: list[dict], n_default: int | None) -> tuple[list[dict], float]:
     from abliterate import selection
 
-    rows = [
-        {
-            "number": t["number"],
-            "state": t.get("state", "COMPLETE"),
-            "refusals": t["refusals"],
-            "kl": t["kl"],
-            "n": t.get("n") or n_default,
-            "dominated_by": t.get("dominated_by"),
-        }
-        for t in trials
-    ]
-    df = pd.DataFrame(rows)
+    df = trials_table(trials, n_default)
     front = selection.pareto_front(df)
     pts = [(r["refusals"] / r["n"], r["kl"]) for _, r in front.iterrows()]
     hv = selection.hypervolume_2d(pts, REF_POINT)
@@ -612,22 +619,9 @@ def check_selection(
     trials: list[dict], n_default: int, chosen: int, policy: dict | None
 ) -> str | None:
     """Cross-check the runner's stdlib selection against abliterate.selection."""
-    import pandas as pd
     from abliterate import selection
 
-    df = pd.DataFrame(
-        [
-            {
-                "number": t["number"],
-                "state": t.get("state", "COMPLETE"),
-                "refusals": t["refusals"],
-                "kl": t["kl"],
-                "n": t.get("n") or n_default,
-                "dominated_by": t.get("dominated_by"),
-            }
-            for t in trials
-        ]
-    )
+    df = trials_table(trials, n_default)
     row, _reason = selection.select_trial(df, policy)
     if int(row["number"]) != chosen:
         msg = f"selection mismatch: runner chose trial {chosen}, abliterate.selection {int(row['number'])}"
