@@ -533,7 +533,9 @@ def evaluate_heldout(
     protocol: Protocol, base_model: str, models: dict[str, str], splits: dict
 ) -> dict:
     """Refusals (harmful held-out) and KL to the base model (harmless held-out, first token)
-    of each model folder, with our package; also the base model's own refusals."""
+    of each model folder, with our package; also the base model's own refusals. Each entry
+    keeps its per-prompt outcomes under ``per_prompt`` (``refused``; ``kl`` for edited models)
+    for the paired comparison."""
     import torch
     from abliterate import kl, prompting, session
     from abliterate.steps.common import eval_settings, refusal_counts
@@ -551,11 +553,12 @@ def evaluate_heldout(
         harmless = prompting.chat_texts(
             lm.tokenizer, splits["harmless"]["heldout"], protocol.system_prompt
         )
-        counts, _, _ = refusal_counts(lm.model, lm.tokenizer, harmful, settings)
+        counts, _, flags = refusal_counts(lm.model, lm.tokenizer, harmful, settings)
         lp = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless, settings.batch_size).cpu()
-        out = {**counts, "rate": counts["refusals"] / counts["n"]}
+        out = {**counts, "rate": counts["refusals"] / counts["n"], "per_prompt": {"refused": flags}}
         if base_lp is not None:
             out["kl"] = kl.kl_divergence(base_lp, lp)
+            out["per_prompt"]["kl"] = kl.kl_per_prompt(base_lp, lp).tolist()
         del lm
         return out, lp
 
@@ -803,13 +806,28 @@ def main(argv=None) -> int:
         models["ours"] = ours["model_dir"]
     if theirs:
         models["heretic"] = theirs["model_dir"]
+    import paired
+
     heldout = evaluate_heldout(protocol, model, models, splits)
+    per_prompt = {name: result.pop("per_prompt") for name, result in heldout.items()}
+    paired_heldout = None
+    if ours and theirs:
+        paired_heldout = paired.compare(
+            per_prompt["ours"]["refused"],
+            per_prompt["heretic"]["refused"],
+            per_prompt["ours"]["kl"],
+            per_prompt["heretic"]["kl"],
+        )
 
     fig_ours = figures(ours, heldout.get("ours"), counts["harmful"]["eval"]) if ours else None
     fig_theirs = figures(theirs, heldout.get("heretic"), theirs["n_bad_eval"]) if theirs else None
     text, ratios = table(fig_ours, fig_theirs)
     print(f"\nprotocol {args.protocol}, model {model}, prompts {counts}")
     print(text)
+    if paired_heldout:
+        print(
+            f"held-out, paired on the same prompts (ours - heretic): {paired_heldout['verdict']}"
+        )
     for w in warnings:
         print("WARNING:", w)
 
@@ -834,6 +852,9 @@ def main(argv=None) -> int:
             "hypervolume_reference": REF_POINT,
             "selection_policy": selection,
             "heldout_base": heldout["base"],
+            # prompt by prompt (held-out split order): refused flags and KL(base || model)
+            "heldout_per_prompt": per_prompt,
+            "heldout_paired": paired_heldout,
             "ours": fig_ours,
             "heretic": fig_theirs,
             "ratio_ours_over_heretic": ratios,
@@ -851,5 +872,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(BENCHMARKS))  # heretic_env lives next to this script
+    sys.path.insert(0, str(BENCHMARKS))  # heretic_env and paired live next to this script
     sys.exit(main())

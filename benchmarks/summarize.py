@@ -5,7 +5,8 @@
 One row per result file and tool, then the mean and standard deviation over files per tool,
 and the mean of the per-file ratios ours/Heretic. A single seed decides little about the
 quality figures: a different seed changes the prompt splits and both samplers, and one refusal
-is 2 points of 50.
+is 2 points of 50. Files that carry per-prompt held-out outcomes (compare.py since 2026-11-26)
+add their paired comparison, and one pooled over all of them (paired.py).
 """
 
 from __future__ import annotations
@@ -85,11 +86,32 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_lines(results: list[dict]) -> list[str]:
+    """The paired held-out verdict of each file that has one, then pooled over those files."""
+    import paired
+
+    with_prompts = [r for r in results if r.get("heldout_paired") and r.get("heldout_per_prompt")]
+    lines = [f"{r['_file']}: {r['heldout_paired']['verdict']}" for r in with_prompts]
+    if len(with_prompts) > 1:
+        pool = paired.pooled([r["heldout_per_prompt"] for r in with_prompts])
+        lines.append(
+            f"pooled over {pool['n_files']} files ({pool['n_harmful']} harmful, "
+            f"{pool['n_harmless']} harmless prompts): {pool['verdict']}"
+        )
+    if lines:
+        lines.insert(0, "held-out, paired on the same prompts (ours - heretic):")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", type=Path, help="compare.py result JSON files")
     args = ap.parse_args(argv)
-    print(table(load(args.results)))
+    results = load(args.results)
+    print(table(results))
+    lines = paired_lines(results)
+    if lines:
+        print("\n" + "\n".join(lines))
     return 0
 
 

@@ -9,7 +9,7 @@ import tiny_models
 import torch
 from abliterate import errors, prompting
 from abliterate.evaluation import Evaluator, baseline
-from abliterate.kl import first_token_logprobs, kl_divergence
+from abliterate.kl import first_token_logprobs, kl_divergence, kl_per_prompt
 from abliterate.refusal import RefusalDetector
 from test_generation import PROMPTS
 from tiny_tokenizer import char_tokenizer
@@ -41,6 +41,19 @@ def test_hand_computed():
     # direction: KL(base ‖ edited), not the reverse
     reverse = (0.25 * math.log(0.5) + 0.5 * math.log(2)) / 2
     assert kl_divergence(q.log(), p.log()) == pytest.approx(reverse, rel=1e-6)
+
+
+def test_per_prompt_values_average_to_the_divergence():
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]])
+    q = torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.2, 0.7]])
+    per = kl_per_prompt(p.log(), q.log())
+    assert per.shape == (2,)
+    assert per.tolist() == pytest.approx([0.25 * math.log(2), 0.0], abs=1e-7)
+    lp = torch.randn(7, 13).log_softmax(-1)
+    other = torch.randn(7, 13).log_softmax(-1)
+    assert kl_per_prompt(lp, other).mean().item() == pytest.approx(kl_divergence(lp, other), rel=1e-6)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        kl_per_prompt(lp, other[:3])
 
 
 def test_negative_raises_and_tiny_negative_is_returned():

@@ -47,14 +47,19 @@ def prompt_batches(model, tokenizer, texts: Sequence[str], batch_size: int):
         yield chunk, encode(tokenizer, [texts[i] for i in chunk], device)
 
 
-def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
-    """KL(base ‖ edited), summed over the vocabulary and averaged over prompts (batchmean).
+def kl_per_prompt(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ edited) of each prompt, shape (n,), on the base's device.
 
-    Both arguments are log-probabilities of shape (n, vocab). Rounding can make an exact zero come
-    out as a tiny negative number; values down to ``-1e-6`` are returned as computed (not clamped,
-    so they stay visible), anything lower, NaN or infinite raises :class:`NumericalError`, since it
-    means mismatched inputs or a broken model rather than a small divergence.
+    Paired comparisons of two edited models on the same prompts need the per-prompt values; the
+    mean is :func:`kl_divergence` up to summation order. Same input checks, no sign check: one
+    prompt's rounding may go below zero where the mean does not.
     """
+    _check_logprobs(base_logprobs, logprobs)
+    logprobs = logprobs.to(base_logprobs.device)
+    return F.kl_div(logprobs, base_logprobs, reduction="none", log_target=True).sum(dim=-1)
+
+
+def _check_logprobs(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> None:
     if base_logprobs.shape != logprobs.shape:
         raise ValueError(
             f"shape mismatch: base {tuple(base_logprobs.shape)} vs {tuple(logprobs.shape)}"
@@ -63,6 +68,17 @@ def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
         raise ValueError(
             f"expected (n, vocab) log-probabilities with n > 0, got {tuple(base_logprobs.shape)}"
         )
+
+
+def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """KL(base ‖ edited), summed over the vocabulary and averaged over prompts (batchmean).
+
+    Both arguments are log-probabilities of shape (n, vocab). Rounding can make an exact zero come
+    out as a tiny negative number; values down to ``-1e-6`` are returned as computed (not clamped,
+    so they stay visible), anything lower, NaN or infinite raises :class:`NumericalError`, since it
+    means mismatched inputs or a broken model rather than a small divergence.
+    """
+    _check_logprobs(base_logprobs, logprobs)
     logprobs = logprobs.to(base_logprobs.device)
     # F.kl_div(input, target) is KL(target ‖ input): the base distribution is the target
     value = F.kl_div(logprobs, base_logprobs, reduction="batchmean", log_target=True).item()

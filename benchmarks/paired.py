@@ -1,0 +1,107 @@
+"""Paired comparison of two models on the same held-out prompts.
+
+Each tool's chosen model answers the same harmful prompts and sees the same harmless ones, so the
+per-prompt outcomes can be compared pair by pair, which separates a real difference from the
+noise of 50 prompts far better than two unpaired rates: refusals with McNemar's exact test on the
+prompts only one model refuses, KL with a percentile bootstrap of the mean per-prompt difference.
+Standard library and numpy only (compare.py and summarize.py both use it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+ALPHA = 0.05
+N_BOOTSTRAP = 10_000
+
+
+def mcnemar_exact(ours_only: int, theirs_only: int) -> float:
+    """Two-sided exact p-value of McNemar's test from the two discordant counts."""
+    n = ours_only + theirs_only
+    if n == 0:
+        return 1.0
+    k = min(ours_only, theirs_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def bootstrap_mean_ci(
+    diffs: Sequence[float], n_boot: int = N_BOOTSTRAP, seed: int = 0, alpha: float = ALPHA
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``diffs`` (seeded: reruns agree)."""
+    d = np.asarray(diffs, dtype=float)
+    if d.size == 0:
+        raise ValueError("bootstrap_mean_ci needs at least one difference")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def compare(
+    ours_refused: Sequence[bool],
+    theirs_refused: Sequence[bool],
+    ours_kl: Sequence[float],
+    theirs_kl: Sequence[float],
+) -> dict:
+    """Paired figures, ours against theirs; differences are ours minus theirs.
+
+    ``*_refused``: one flag per harmful prompt, in the same prompt order for both tools;
+    ``*_kl``: one KL(base ‖ model) per harmless prompt, likewise.
+    """
+    if len(ours_refused) != len(theirs_refused) or len(ours_kl) != len(theirs_kl):
+        raise ValueError("paired comparison needs the same prompts for both tools")
+    ours_only = sum(1 for a, b in zip(ours_refused, theirs_refused) if a and not b)
+    theirs_only = sum(1 for a, b in zip(ours_refused, theirs_refused) if b and not a)
+    diffs = [a - b for a, b in zip(ours_kl, theirs_kl)]
+    lo, hi = bootstrap_mean_ci(diffs)
+    out = {
+        "n_harmful": len(ours_refused),
+        "ours_only_refused": ours_only,
+        "theirs_only_refused": theirs_only,
+        "refusals_diff": ours_only - theirs_only,
+        "refusals_p": mcnemar_exact(ours_only, theirs_only),
+        "n_harmless": len(diffs),
+        "kl_diff_mean": float(np.mean(diffs)),
+        "kl_diff_ci95": [lo, hi],
+    }
+    out["verdict"] = verdict(out)
+    return out
+
+
+def verdict(paired: dict) -> str:
+    """One line: which differences the prompts can tell apart at the 5 % level."""
+    d, p = paired["refusals_diff"], paired["refusals_p"]
+    if p < ALPHA:
+        refusals = f"ours refuse {'fewer' if d < 0 else 'more'} ({d:+d}, p={p:.2g})"
+    else:
+        refusals = f"refusals not distinguishable ({d:+d}, p={p:.2g})"
+    lo, hi = paired["kl_diff_ci95"]
+    ci = f"{paired['kl_diff_mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}]"
+    if hi < 0:
+        kl = f"ours lower KL ({ci})"
+    elif lo > 0:
+        kl = f"ours higher KL ({ci})"
+    else:
+        kl = f"KL not distinguishable ({ci})"
+    return f"{refusals}; {kl}"
+
+
+def pooled(per_file: Sequence[dict]) -> dict:
+    """One paired comparison over several results' per-prompt outcomes (e.g. seeds).
+
+    ``per_file``: dicts with ``ours`` and ``heretic``, each holding ``refused`` and ``kl`` lists.
+    Seeds draw their held-out prompts from pools that may overlap, so a prompt can count twice:
+    the pooled interval is then somewhat too narrow.
+    """
+    cat = {
+        tool: {key: [v for f in per_file for v in f[tool][key]] for key in ("refused", "kl")}
+        for tool in ("ours", "heretic")
+    }
+    out = compare(
+        cat["ours"]["refused"], cat["heretic"]["refused"], cat["ours"]["kl"], cat["heretic"]["kl"]
+    )
+    return out | {"n_files": len(per_file)}
