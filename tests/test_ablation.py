@@ -402,11 +402,28 @@ def test_direct_route_on_a_quantized_layout_names_the_key():
 
 
 def test_study_name_does_not_depend_on_the_route():
+    from pathlib import Path
+
     import yaml
     from abliterate import workflow_config as wc
-
-    from pathlib import Path
 
     config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
     names = {wc.study_name({**config, "ablation": {**config["ablation"], "route": r}}) for r in ("lora", "direct")}
     assert len(names) == 1
+
+
+def test_study_name_keeps_its_hash_when_direction_scope_is_at_its_default():
+    from pathlib import Path
+
+    import yaml
+    from abliterate import workflow_config as wc
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    space = {k: v for k, v in config["study"]["space"].items() if k != "direction_scope"}
+
+    def name(**extra):
+        return wc.study_name({**config, "study": {**config["study"], "space": {**space, **extra}}})
+
+    # studies begun before the key existed resume; another choice is another study
+    assert name() == name(direction_scope=["global", "per_layer"])
+    assert name() != name(direction_scope=["per_layer"])

@@ -194,9 +194,28 @@ def test_suggest_params_stays_in_range_and_samples_per_layer():
     assert any(f["direction_index"] is not None for f in seen)
 
 
+@pytest.mark.parametrize("scopes", [["per_layer"], ["global"]])
+def test_one_scope_is_fixed_not_sampled(tmp_path, scopes):
+    space = {**st.DEFAULT_SPACE, "direction_index": {**st.DEFAULT_SPACE["direction_index"], "scopes": scopes}}
+    study = optuna.create_study(directions=list(st.DIRECTIONS), sampler=optuna.samplers.RandomSampler(0))
+    for _ in range(5):
+        trial = study.ask()
+        flat = st.suggest_params(trial, space, n_layers=N_LAYERS)
+        assert "direction_scope" not in trial.params
+        # per_layer alone has no use for an index, so TPE is not given a dead parameter
+        assert ("direction_index" in trial.params) == (scopes == ["global"])
+        assert (flat["direction_index"] is None) == (scopes == ["per_layer"])
+
+    url, name = f"sqlite:///{tmp_path / 's.sqlite'}", "one-scope"
+    st.run_worker(url, name, cheap_objective, 3, seed=0, space=space, n_layers=N_LAYERS, progress=False)
+    assert set(st.trials_frame(url, name)["direction_scope"]) == set(scopes)
+
+
 @pytest.mark.parametrize(
     "change, key",
     [
+        ({"direction_index": {"low": 0.2, "high": 0.9, "scopes": []}}, "scopes"),
+        ({"direction_index": {"low": 0.2, "high": 0.9, "scopes": ["layerwise"]}}, "scopes"),
         ({"direction_index": {"low": 0.9, "high": 0.2}}, "direction_index"),
         ({"components": {"attn_out": {"max_weight": [1, 2]}}}, "missing"),
         (

@@ -49,6 +49,12 @@ def test_default_config_dry_run_and_lint():
                                           capture_output=True, text=True, timeout=300, env=wr.env()).stdout
 
 
+def test_one_direction_scope_plans_the_run(tmp_path, model_path):
+    wr.write_config(tmp_path, wr.tiny_config(model_path, study={"space": {"direction_scope": ["per_layer"]}}))
+    proc = wr.run(tmp_path, "-n", check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
 def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_path, model_path):
     wr.write_config(tmp_path, wr.tiny_config(model_path))
     wr.run(tmp_path, "--resources", "gpu=1")
@@ -154,6 +160,7 @@ def test_two_workers_share_one_study(tmp_path, model_path):
         ({"study": {"n_trails": 10}}, r"n_trails"),
         ({"study": {"n_trials": 4, "n_startup_trials": 9}}, r"study\.n_startup_trials"),
         ({"study": {"space": {"max_weight": [2.0, 1.0]}}}, r"study\.space\.max_weight"),
+        ({"study": {"space": {"direction_scope": ["layerwise"]}}}, r"direction_scope"),
         ({"prompts": {"harmful": {"package": "no_such_pkg_abl"}}}, r"prompts\.harmful\.package.*not installed"),
         ({"prompts": {"harmless": {"path": "data/missing.json"}}}, r"'data/missing.json' not found in package"),
     ],

@@ -11,7 +11,8 @@ Design choices (Optuna 5):
   kernel parameters interact strongly (a high peak weight needs a narrow kernel), so they are
   sampled jointly. The search space is kept *fixed* for that reason: ``direction_index`` is
   suggested even when ``direction_scope`` is ``per_layer`` (and then ignored), as Heretic does,
-  because multivariate TPE only models parameters present in every trial. ``constant_liar``
+  because multivariate TPE only models parameters present in every trial. A space restricted to
+  one scope (``scopes``) suggests no ``direction_scope`` and, for ``per_layer``, no index. ``constant_liar``
   (Optuna's default) keeps parallel workers from sampling next to each other's running trials.
 * A fresh sampler is seeded per trial from ``(seed, worker_id, number of trials so far)``. A single
   seeded sampler would replay its random start-up sequence after a restart and so repeat finished
@@ -61,9 +62,10 @@ DEFAULT_SAMPLER_KWARGS: dict[str, Any] = {"n_startup_trials": 10, "multivariate"
 DEFAULT_SPACE: dict[str, Any] = {
     # Which layer's refusal direction to use (a float: neighbouring directions are interpolated),
     # or, via the sampled choice direction_scope == "per_layer", each layer its own direction.
+    # ``scopes`` lists the choices; with one, it is fixed rather than sampled.
     # Heretic samples [0.4, 0.9]; the low end is widened because small models (e.g. 30 layers)
     # form the refusal direction earlier.
-    "direction_index": {"low": 0.2, "high": 0.9, "relative": True, "per_layer_choice": True},
+    "direction_index": {"low": 0.2, "high": 0.9, "relative": True, "scopes": ["global", "per_layer"]},
     "components": {
         # Each component gets its own triangular weight kernel over layers: peak max_weight at
         # max_weight_position, falling linearly to min_weight at min_weight_distance layers away.
@@ -84,6 +86,7 @@ DEFAULT_SPACE: dict[str, Any] = {
 }
 
 _KERNEL_KEYS = ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")
+SCOPES = ("global", "per_layer")
 _RESERVED_ATTRS = ("ablation_params", "worker", "seconds", "error", "retry_of", "surplus")
 # Set by an objective that stopped evaluating once the trial was dominated (see refusal_cap):
 # its refusals value is then a lower bound.
@@ -240,6 +243,13 @@ def _range(spec: Any, where: str) -> tuple[float, float]:
     return low, high
 
 
+def direction_scopes(direction: Mapping[str, Any]) -> list[str]:
+    """The direction scopes a space allows (``scopes``; older spaces said ``per_layer_choice``)."""
+    if "scopes" in direction:
+        return list(direction["scopes"])
+    return list(SCOPES) if direction.get("per_layer_choice", True) else ["global"]
+
+
 def validate_space(space: Mapping[str, Any]) -> None:
     """Raise ``ConfigError`` naming the key of the first impossible range in ``space``."""
     direction = space.get("direction_index")
@@ -248,6 +258,11 @@ def validate_space(space: Mapping[str, Any]) -> None:
     low, high = _range(direction, "search space direction_index")
     if direction.get("relative", True) and not (0.0 <= low and high <= 1.0):
         raise ConfigError("search space direction_index: relative bounds must lie in [0, 1]")
+    scopes = direction_scopes(direction)
+    if not scopes or len(set(scopes)) != len(scopes) or not set(scopes) <= set(SCOPES):
+        raise ConfigError(
+            f"search space direction_index.scopes: {list(scopes)!r}; give one or both of {list(SCOPES)}"
+        )
     components = space.get("components")
     if not isinstance(components, Mapping) or not components:
         raise ConfigError("search space: 'components' must map component kinds to kernel ranges")
@@ -290,13 +305,14 @@ def suggest_params(
     width = max(last, 1.0)
 
     direction = space["direction_index"]
-    scope = "global"
-    if direction.get("per_layer_choice", True):
-        scope = trial.suggest_categorical("direction_scope", ["global", "per_layer"])
-    low, high = _range(direction, "direction_index")
-    index = trial.suggest_float("direction_index", low, high)
-    if direction.get("relative", True):
-        index *= last
+    scopes = direction_scopes(direction)
+    scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
+    index = None
+    if "global" in scopes:
+        low, high = _range(direction, "direction_index")
+        index = trial.suggest_float("direction_index", low, high)
+        if direction.get("relative", True):
+            index *= last
     flat: dict[str, float | None] = {"direction_index": index if scope == "global" else None}
 
     # Sorted, so that reordering the config (which keeps the study name) keeps the sampling order.
@@ -697,6 +713,9 @@ def trials_frame(storage_url: str, study_name: str):
             DOMINATED_BY: attrs.pop(DOMINATED_BY, None),
             "direction_scope": trial.params.get("direction_scope"),
         }
+        if row["direction_scope"] is None and params:
+            # a space with one scope does not sample it: read it off the applied parameters
+            row["direction_scope"] = "global" if params.get("direction_index") is not None else "per_layer"
         attrs.pop("refusals", None)
         attrs.pop("kl", None)
         row.update(params)

@@ -16,6 +16,7 @@ from .io import config_hash
 from .packages import package_file
 
 DEMO_PATH = "results/models/demo"
+DEFAULT_SCOPES = ("global", "per_layer")
 
 # Which config sections each stage's result depends on (cumulative, in pipeline order).
 _STAGE_KEYS = {
@@ -96,7 +97,10 @@ def check(config: dict) -> None:
         raise ConfigError(
             f"study.n_startup_trials ({study['n_startup_trials']}) exceeds study.n_trials ({study['n_trials']})"
         )
-    for key, (low, high) in study["space"].items():
+    for key, value in study["space"].items():
+        if key == "direction_scope":  # a list of names, not a range
+            continue
+        low, high = value
         if low > high:
             raise ConfigError(f"study.space.{key}: low {low} > high {high}")
     for key in ("direction_index", "max_weight_position", "min_weight", "min_weight_distance"):
@@ -174,6 +178,9 @@ def storage_url(config: dict) -> str:
 def stage_hash(config: dict, stage: str) -> str:
     cfg = copy.deepcopy(config)
     cfg["study_space"] = cfg.get("study", {}).get("space")
+    if (cfg["study_space"] or {}).get("direction_scope") == list(DEFAULT_SCOPES):
+        # Added after studies existed: at its default it hashes as before, so they resume.
+        del cfg["study_space"]["direction_scope"]
     # The route changes how fast a trial runs, not its result: switching it continues the same study.
     cfg.get("ablation", {}).pop("route", None)
     return config_hash({k: cfg.get(k) for k in _STAGE_KEYS[stage]})

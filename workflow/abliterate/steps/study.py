@@ -17,9 +17,10 @@ def search_space(config: dict, kinds: list[str]) -> dict:
     """The config's search space (shared by every component kind) in the form study.suggest_params takes."""
     space = config["study"]["space"]
     low, high = space["direction_index"]
+    scopes = list(space.get("direction_scope", study.SCOPES))
     kernel = {key: list(space[key]) for key in ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")}
     return {
-        "direction_index": {"low": low, "high": high, "relative": True, "per_layer_choice": True},
+        "direction_index": {"low": low, "high": high, "relative": True, "scopes": scopes},
         "components": {kind: dict(kernel) for kind in kinds},
     }
 
