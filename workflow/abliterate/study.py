@@ -12,8 +12,9 @@ Design choices (Optuna 5):
   sampled jointly. The search space is kept *fixed* for that reason: ``direction_index`` is
   suggested even when ``direction_scope`` is ``per_layer`` (and then ignored), as Heretic does,
   because multivariate TPE only models parameters present in every trial. A space restricted to
-  one scope (``scopes``) suggests no ``direction_scope`` and, for ``per_layer``, no index. ``constant_liar``
-  (Optuna's default) keeps parallel workers from sampling next to each other's running trials.
+  one scope (``scopes``) suggests no ``direction_scope`` and, for ``per_layer``, no index.
+  ``constant_liar`` (Optuna's default) keeps parallel workers from sampling next to each other's
+  running trials.
 * A fresh sampler is seeded per trial from ``(seed, worker_id, number of trials so far)``. A single
   seeded sampler would replay its random start-up sequence after a restart and so repeat finished
   trials; this way a restarted or second worker draws new points and one worker stays reproducible.
@@ -244,10 +245,8 @@ def _range(spec: Any, where: str) -> tuple[float, float]:
 
 
 def direction_scopes(direction: Mapping[str, Any]) -> list[str]:
-    """The direction scopes a space allows (``scopes``; older spaces said ``per_layer_choice``)."""
-    if "scopes" in direction:
-        return list(direction["scopes"])
-    return list(SCOPES) if direction.get("per_layer_choice", True) else ["global"]
+    """The direction scopes a space allows (``scopes``, default both)."""
+    return list(direction.get("scopes", SCOPES))
 
 
 def validate_space(space: Mapping[str, Any]) -> None:
