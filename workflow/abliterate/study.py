@@ -58,6 +58,9 @@ OBJECTIVES = ("refusals", "kl")
 # Heretic's 128 concentrated trials on still-refusing ablations (benchmarks/results/*-ei128.json).
 DEFAULT_SAMPLER_KWARGS: dict[str, Any] = {"n_startup_trials": 10, "multivariate": True}
 
+# A refusal direction taken at one (interpolated) layer for all, or each layer's own.
+SCOPES = ("global", "per_layer")
+
 # Relative values are multiplied by the last layer index (n_layers - 1), as in Heretic, so that
 # 1.0 is the last layer and every position is a valid layer index.
 DEFAULT_SPACE: dict[str, Any] = {
@@ -66,7 +69,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     # ``scopes`` lists the choices; with one, it is fixed rather than sampled.
     # Heretic samples [0.4, 0.9]; the low end is widened because small models (e.g. 30 layers)
     # form the refusal direction earlier.
-    "direction_index": {"low": 0.2, "high": 0.9, "relative": True, "scopes": ["global", "per_layer"]},
+    "direction_index": {"low": 0.2, "high": 0.9, "relative": True, "scopes": list(SCOPES)},
     "components": {
         # Each component gets its own triangular weight kernel over layers: peak max_weight at
         # max_weight_position, falling linearly to min_weight at min_weight_distance layers away.
@@ -87,7 +90,6 @@ DEFAULT_SPACE: dict[str, Any] = {
 }
 
 _KERNEL_KEYS = ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")
-SCOPES = ("global", "per_layer")
 _RESERVED_ATTRS = ("ablation_params", "worker", "seconds", "error", "retry_of", "surplus")
 # Set by an objective that stopped evaluating once the trial was dominated (see refusal_cap):
 # its refusals value is then a lower bound.

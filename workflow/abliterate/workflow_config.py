@@ -16,6 +16,8 @@ from .io import config_hash
 from .packages import package_file
 
 DEMO_PATH = "results/models/demo"
+# study.SCOPES, the schema's default; not imported from there, since abliterate.study loads optuna
+# and this module is read when Snakemake parses the workflow.
 DEFAULT_SCOPES = ("global", "per_layer")
 
 # Which config sections each stage's result depends on (cumulative, in pipeline order).
