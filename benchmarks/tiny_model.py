@@ -32,6 +32,24 @@ def smollm2_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def save_model_folder(model, tokenizer, out_dir: Path) -> Path:
+    """Save model and tokenizer as a Hugging Face folder, atomically (a temporary folder renamed)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def build_tiny_llama(out_dir: Path, *, seed: int = 0, hidden: int = 64, layers: int = 4) -> Path:
     """Save a random Llama (float32) plus SmolLM2's tokenizer to `out_dir` atomically.
 
@@ -57,18 +75,7 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0, hidden: int = 64, layers: 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_model_folder(model, tokenizer, out_dir)
     logger.info(
         "tiny llama (vocab %d, d=%d, %d layers) at %s", len(tokenizer), hidden, layers, out_dir
     )

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Protocol `gpu` on a machine with an NVIDIA GPU and PyTorch but no package index, in one
+# time-boxed run (a lent GPU is billed by the second):
+#
+#   python benchmarks/offline_bundle.py BUNDLE          # here, where pip works
+#   bash benchmarks/gpu_run.sh BUNDLE OUT [BUDGET_S]    # there, from the repository root
+#   STEPS=models,compare bash benchmarks/gpu_run.sh ...  # a subset (env always runs)
+#
+# Steps, each with its own time limit, cut to what is left of BUDGET_S (default 560 s). All of
+# them need about 11 minutes on an H200 (compare alone about 5.5), more than one 10-minute call:
+# split them with STEPS.
+#   env       versions, the GPU, imports of both tools
+#   models    a Qwen3-0.6B-shaped random model folder, bf16 (benchmarks/random_model.py)
+#   micro06   ablation apply+reset vs the bandwidth bound, and evaluation batches, 0.6B bf16
+#   compare   both tools end to end on that model (benchmarks/compare.py --protocol gpu)
+#   pytest    the tests marked gpu (bitsandbytes 4/8-bit cycle and CPU merge)
+#   micro4bit the 0.6B folder loaded bitsandbytes 4-bit: LoRA-route ablation and evaluation
+#   micro4b   a Qwen3-4B-shaped random model in bf16: ablation and evaluation
+# Logs and result JSONs are packed into OUT/gpu-results.tar.gz after every step, so a run cut
+# short still returns what it measured; OUT/gpu_run.log has the step summaries.
+set -u
+BUNDLE=$(realpath "$1")
+OUT=$(realpath "$2")
+BUDGET=${3:-560}
+STEPS=${STEPS:-models,micro06,compare,pytest,micro4bit,micro4b}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+START=$(date +%s)
+RES=/tmp/gpu-results
+WORK=/tmp/gpu-work
+DAY=$(date -u +%Y-%m-%d)
+mkdir -p "$OUT" "$RES" "$WORK"
+exec > >(tee -a "$OUT/gpu_run.log") 2>&1
+
+elapsed() { echo $(( $(date +%s) - START )); }
+pack() { tar czf "$OUT/gpu-results.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")"; }
+step() {  # step NAME LIMIT_S TAIL_LINES COMMAND...
+    local name=$1 limit=$2 lines=$3
+    shift 3
+    if [[ $name != env && ",$STEPS," != *",$name,"* ]]; then return; fi
+    local left=$(( BUDGET - $(elapsed) - 20 ))
+    (( limit > left )) && limit=$left
+    if (( limit < 20 )); then echo "### $name skipped: $left s left"; return; fi
+    echo "### $name: limit $limit s, at $(elapsed) s"
+    local t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" > "$RES/$name.log" 2>&1
+    echo "### $name: rc=$? after $(( $(date +%s) - t0 )) s"
+    tail -n "$lines" "$RES/$name.log"
+    pack
+}
+
+SITE=/tmp/abliterate-site
+for part in common ours heretic; do
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE/$part" \
+        "$BUNDLE"/wheels/$part/*.whl || { echo "install of $part failed"; exit 1; }
+done
+echo "### installed at $(elapsed) s"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+export ABLITERATE_SHARED_PROMPTS=$BUNDLE/prompts
+export PYTHONPATH=$SITE/ours:$SITE/common:$BUNDLE/site:$REPO/workflow
+HERETIC_PY=$WORK/heretic-python
+printf '#!/bin/sh\nPYTHONPATH=%s exec python3 "$@"\n' "$SITE/heretic:$SITE/common:$BUNDLE/site" > "$HERETIC_PY"
+chmod +x "$HERETIC_PY"
+TOK=$BUNDLE/tokenizer
+MODEL=$WORK/qwen3-0.6b
+
+cat > "$WORK/env.sh" <<ENV
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 - <<'PY'
+import sys, torch, transformers, peft, optuna, snakemake, bitsandbytes
+print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+print("transformers", transformers.__version__, "peft", peft.__version__, "optuna", optuna.__version__,
+      "snakemake", snakemake.__version__, "bitsandbytes", bitsandbytes.__version__)
+PY
+$HERETIC_PY - <<'PY'
+import heretic.main, optuna, transformers
+from importlib.metadata import version
+print("heretic", version("heretic-llm"), "optuna", optuna.__version__, "transformers", transformers.__version__)
+PY
+ENV
+step env 60 12 bash "$WORK/env.sh"
+step models 60 3 python3 benchmarks/random_model.py qwen3-0.6b "$MODEL" --device cuda --tokenizer "$TOK"
+step micro06 75 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation,eval \
+    --model qwen3-0.6b-shape --eval-model qwen3-0.6b-shape --tokenizer "$TOK" --batch-sizes 64 \
+    --max-new-tokens 64 --reps 3 --no-profile --out "$RES/micro-cuda-bf16-qwen3-0.6b-$DAY.json"
+step compare 400 25 python3 benchmarks/compare.py --protocol gpu --model "$MODEL" --heretic-python "$HERETIC_PY" \
+    --work "$WORK/compare" --out "$RES/gpu-$DAY-qwen3-0.6b.json"
+# where each tool's time went: our rules' logs (per-trial apply and evaluation times) and Heretic's
+cp -r "$WORK/compare/logs" "$RES/compare-logs" 2>/dev/null
+cp -r "$WORK/compare/ours/results/logs" "$RES/compare-ours-rule-logs" 2>/dev/null
+cp "$WORK/compare/ours/results/bench-gpu/summary.json" "$RES/compare-ours-summary.json" 2>/dev/null
+cp "$WORK/compare/heretic/result.json" "$RES/compare-heretic-result.json" 2>/dev/null
+pack
+step pytest 60 8 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantized.py
+step micro4bit 100 25 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --quantization bnb_4bit \
+    --routes lora --sections ablation,eval --model "$MODEL" --eval-model "$MODEL" --batch-sizes 64 \
+    --max-new-tokens 64 --reps 3 --no-profile --out "$RES/micro-cuda-bnb4-qwen3-0.6b-$DAY.json"
+step micro4b 100 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation,eval \
+    --model qwen3-4b-shape --eval-model qwen3-4b-shape --tokenizer "$TOK" --batch-sizes 64 \
+    --max-new-tokens 64 --reps 3 --no-profile --no-lora-eval --out "$RES/micro-cuda-bf16-qwen3-4b-$DAY.json"
+echo "### done at $(elapsed) s"
