@@ -86,6 +86,9 @@ class Protocol:
     # Throughput protocols on random-weight models: every trial generates all its tokens. A random
     # model refuses nothing, so our stop_dominated would end each trial's generation at once.
     fixed_length: bool = False
+    # bitsandbytes quantization of the study's model for both tools ("none" or "bnb_4bit", the one
+    # mode Heretic 1.4.0 offers; CUDA only). Both merge unquantized; held-out runs unquantized.
+    quantization: str = "none"
 
 
 PROTOCOLS = {
@@ -390,6 +393,7 @@ def our_config(
     )
     if protocol.fixed_length:
         config["study"]["stop_dominated"] = False
+    config["model"]["quantization"] = protocol.quantization
     return config
 
 
@@ -541,6 +545,8 @@ def run_heretic(
         "system_prompt": protocol.system_prompt,
         "out_dir": str(out_dir),
     }
+    if protocol.quantization != "none":
+        job["settings"] = {"quantization": protocol.quantization}
     if selection:
         job["selection"] = selection
     write_json_atomic(job, work / "heretic-job.json")
@@ -795,6 +801,12 @@ def main(argv=None) -> int:
         "(to benchmark another setting; the protocol's keys still override it)",
     )
     ap.add_argument(
+        "--quantization",
+        choices=["none", "bnb_4bit"],
+        help="load the study's model in bitsandbytes 4-bit for both tools (CUDA); the result file "
+        "name gets -bnb_4bit",
+    )
+    ap.add_argument(
         "--heretic-python",
         help="interpreter that imports heretic 1.4.0 (default: benchmarks/.venv-heretic, made "
         "when missing)",
@@ -813,6 +825,8 @@ def main(argv=None) -> int:
     protocol = PROTOCOLS[args.protocol]
     if args.seed is not None:
         protocol = replace(protocol, seed=args.seed)
+    if args.quantization:
+        protocol = replace(protocol, quantization=args.quantization)
     model = args.model or protocol.model
     if not model or not Path(model).is_dir():
         ap.error(f"model folder {model!r} not found (give --model)")
@@ -820,7 +834,9 @@ def main(argv=None) -> int:
         ap.error(
             "--splits local gives Heretic prompts our workflow does not see: use it with --skip-ours"
         )
-    suffix = "" if args.seed is None else f"-seed{args.seed}"
+    suffix = ("" if args.seed is None else f"-seed{args.seed}") + (
+        f"-{protocol.quantization}" if protocol.quantization != "none" else ""
+    )
     work = (args.work or BENCHMARKS / "work" / f"{args.protocol}{suffix}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     run = f"bench-{args.protocol}"

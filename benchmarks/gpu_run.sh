@@ -6,9 +6,9 @@
 #   bash benchmarks/gpu_run.sh BUNDLE OUT [BUDGET_S]    # there, from the repository root
 #   STEPS=models,compare bash benchmarks/gpu_run.sh ...  # a subset (env always runs)
 #
-# Steps, each with its own time limit, cut to what is left of BUDGET_S (default 560 s). All of
-# them need about 11 minutes on an H200 (compare alone about 5.5), more than one 10-minute call:
-# split them with STEPS.
+# Steps, each with its own time limit, cut to what is left of BUDGET_S (default 560 s). The
+# default ones need about 11 minutes on an H200 (compare alone about 5.5), more than one 10-minute
+# call: split them with STEPS.
 #   env       versions, the GPU, imports of both tools
 #   models    a Qwen3-0.6B-shaped random model folder, bf16 (benchmarks/random_model.py)
 #   micro06   ablation apply+reset vs the bandwidth bound, and evaluation batches, 0.6B bf16
@@ -16,6 +16,8 @@
 #   pytest    the tests marked gpu (bitsandbytes 4/8-bit cycle and CPU merge)
 #   micro4bit the 0.6B folder loaded bitsandbytes 4-bit: LoRA-route ablation and evaluation
 #   micro4b   a Qwen3-4B-shaped random model in bf16: ablation and evaluation
+# and, only when named in STEPS: compare4bit (both tools in bitsandbytes 4-bit), models4b and
+# compare4b (both tools on a Qwen3-4B-shaped folder).
 # Logs and result JSONs are packed into OUT/gpu-results.tar.gz after every step, so a run cut
 # short still returns what it measured; OUT/gpu_run.log has the step summaries.
 set -u
@@ -82,14 +84,19 @@ step models 60 3 python3 benchmarks/random_model.py qwen3-0.6b "$MODEL" --device
 step micro06 75 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation,eval \
     --model qwen3-0.6b-shape --eval-model qwen3-0.6b-shape --tokenizer "$TOK" --batch-sizes 64 \
     --max-new-tokens 64 --reps 3 --no-profile --out "$RES/micro-cuda-bf16-qwen3-0.6b-$DAY.json"
-step compare 400 25 python3 benchmarks/compare.py --protocol gpu --model "$MODEL" --heretic-python "$HERETIC_PY" \
-    --work "$WORK/compare" --out "$RES/gpu-$DAY-qwen3-0.6b.json"
-# where each tool's time went: our rules' logs (per-trial apply and evaluation times) and Heretic's
-cp -r "$WORK/compare/logs" "$RES/compare-logs" 2>/dev/null
-cp -r "$WORK/compare/ours/results/logs" "$RES/compare-ours-rule-logs" 2>/dev/null
-cp "$WORK/compare/ours/results/bench-gpu/summary.json" "$RES/compare-ours-summary.json" 2>/dev/null
-cp "$WORK/compare/heretic/result.json" "$RES/compare-heretic-result.json" 2>/dev/null
-pack
+compare() {  # compare NAME MODEL_DIR [compare.py options...]: both tools, then what each spent time on
+    local name=$1 model=$2
+    shift 2
+    step "$name" 400 25 python3 benchmarks/compare.py --protocol gpu --model "$model" \
+        --heretic-python "$HERETIC_PY" --work "$WORK/$name" --out "$RES/gpu-$DAY-$name.json" "$@"
+    [[ -d $WORK/$name ]] || return
+    cp -r "$WORK/$name/logs" "$RES/$name-logs" 2>/dev/null
+    cp -r "$WORK/$name/ours/results/logs" "$RES/$name-ours-rule-logs" 2>/dev/null
+    cp "$WORK/$name/ours/results/bench-gpu/summary.json" "$RES/$name-ours-summary.json" 2>/dev/null
+    cp "$WORK/$name/heretic/result.json" "$RES/$name-heretic-result.json" 2>/dev/null
+    pack
+}
+compare compare "$MODEL"
 step pytest 60 8 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantized.py
 step micro4bit 100 25 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --quantization bnb_4bit \
     --routes lora --sections ablation,eval --model "$MODEL" --eval-model "$MODEL" --batch-sizes 64 \
@@ -97,4 +104,9 @@ step micro4bit 100 25 python3 benchmarks/micro.py --device cuda --dtype bfloat16
 step micro4b 100 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation,eval \
     --model qwen3-4b-shape --eval-model qwen3-4b-shape --tokenizer "$TOK" --batch-sizes 64 \
     --max-new-tokens 64 --reps 3 --no-profile --no-lora-eval --out "$RES/micro-cuda-bf16-qwen3-4b-$DAY.json"
+# Not in the default STEPS (each needs most of a call): both tools in bitsandbytes 4-bit, and on
+# the Qwen3-4B shape (models4b saves its 8 GB folder first).
+compare compare4bit "$MODEL" --quantization bnb_4bit
+step models4b 90 3 python3 benchmarks/random_model.py qwen3-4b "$WORK/qwen3-4b" --device cuda --tokenizer "$TOK"
+compare compare4b "$WORK/qwen3-4b"
 echo "### done at $(elapsed) s"

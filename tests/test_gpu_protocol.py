@@ -38,6 +38,19 @@ def test_gpu_protocol_generates_every_token(bench):
     assert gpu["model"]["dtypes"] == ["bfloat16"] and gpu["evaluation"]["max_new_tokens"] == 64
     demo = compare.our_config(compare.PROTOCOLS["cpu-demo"], "M", "bench", None)
     assert demo["study"]["stop_dominated"] is True  # the shipped setting, untouched
+    assert demo["model"]["quantization"] == "none"
+
+
+def test_quantized_protocol_is_a_valid_workflow_config(bench):
+    from dataclasses import replace
+
+    from snakemake.utils import validate
+
+    compare, _ = bench
+    protocol = replace(compare.PROTOCOLS["gpu"], quantization="bnb_4bit")
+    config = compare.our_config(protocol, "M", "bench-gpu", None)
+    assert config["model"]["quantization"] == "bnb_4bit"
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
 
 
 def test_tree_sampler_reports_rss_and_gpu_only_where_sampled(bench):
