@@ -16,6 +16,11 @@ import numpy as np
 
 ALPHA = 0.05
 N_BOOTSTRAP = 10_000
+# Student's t, two-sided 95 %, by degrees of freedom (numpy has no quantile function for it);
+# past 30 the normal 1.96 is within 2 %.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042)
 
 
 def mcnemar_exact(ours_only: int, theirs_only: int) -> float:
@@ -105,3 +110,45 @@ def pooled(per_file: Sequence[dict]) -> dict:
         cat["ours"]["refused"], cat["heretic"]["refused"], cat["ours"]["kl"], cat["heretic"]["kl"]
     )
     return out | {"n_files": len(per_file)}
+
+
+def across_runs(per_file: Sequence[dict]) -> dict:
+    """The files' paired differences taken as one observation each (e.g. one per seed).
+
+    :func:`pooled` treats every chosen model as fixed and only the prompts as a sample; but another
+    seed gives another study and another chosen model, and that variation is usually the larger.
+    Here each file's mean KL difference and refusal difference is one unit: their mean, a Student t
+    95 % interval of it (needs two files or more), and a sign test on how many files favour each
+    tool (ties dropped; the exact binomial test is McNemar's formula on the two counts).
+    ``per_file``: the ``heldout_paired`` dicts compare.py writes.
+    """
+    if not per_file:
+        raise ValueError("across_runs needs at least one file")
+    out: dict = {"n_files": len(per_file)}
+    for key, name in (("kl_diff_mean", "kl"), ("refusals_diff", "refusals")):
+        d = np.asarray([f[key] for f in per_file], dtype=float)
+        mean = float(d.mean())
+        out[f"{name}_mean"] = mean
+        if d.size > 1:
+            df = d.size - 1
+            t = T975[df - 1] if df <= len(T975) else 1.96
+            half = t * float(d.std(ddof=1)) / math.sqrt(d.size)
+            out[f"{name}_ci95"] = [mean - half, mean + half]
+        higher, lower = int((d > 0).sum()), int((d < 0).sum())
+        out[f"{name}_files_higher"], out[f"{name}_files_lower"] = higher, lower
+        out[f"{name}_sign_p"] = mcnemar_exact(higher, lower)
+    return out
+
+
+def across_runs_line(summary: dict) -> str:
+    """One line for :func:`across_runs`: mean, interval and sign test of each difference."""
+    parts = []
+    for name, fmt in (("kl", "{:+.4f}"), ("refusals", "{:+.2f}")):
+        ci = summary.get(f"{name}_ci95")
+        interval = f", 95% t-interval [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else ""
+        parts.append(
+            f"{name} {fmt.format(summary[f'{name}_mean'])}{interval}, ours higher in "
+            f"{summary[f'{name}_files_higher']} and lower in {summary[f'{name}_files_lower']} "
+            f"(sign test p={summary[f'{name}_sign_p']:.2g})"
+        )
+    return f"across {summary['n_files']} files, one unit each (ours - heretic): " + "; ".join(parts)

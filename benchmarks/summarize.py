@@ -6,7 +6,9 @@ One row per result file and tool, then the mean and standard deviation over file
 and the mean of the per-file ratios ours/Heretic. A single seed decides little about the
 quality figures: a different seed changes the prompt splits and both samplers, and one refusal
 is 2 points of 50. Files that carry per-prompt held-out outcomes (compare.py since 2026-11-26)
-add their paired comparison, and one pooled over all of them (paired.py).
+add their paired comparison, one pooled over all of them, and one that takes each file (each
+seed's chosen models) as a single observation: the pooled interval only counts the prompts as
+random, while another seed also gives another study and chosen model (paired.py).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def paired_lines(results: list[dict]) -> list[str]:
             f"pooled over {pool['n_files']} files ({pool['n_harmful']} harmful, "
             f"{pool['n_harmless']} harmless prompts): {pool['verdict']}"
         )
+        lines.append(paired.across_runs_line(paired.across_runs([r["heldout_paired"] for r in with_prompts])))
     if lines:
         lines.insert(0, "held-out, paired on the same prompts (ours - heretic):")
     return lines

@@ -93,3 +93,21 @@ def test_summary_pools_the_files_with_per_prompt_outcomes(bench, tmp_path):
     assert lines[3].startswith("pooled over 2 files (8 harmful, 8 harmless prompts): ")
     assert "(-2, p=0.5)" in lines[3] and "ours lower KL (-0.0100" in lines[3]
     assert summarize.paired_lines(summarize.load([old])) == []
+
+
+def test_across_runs_takes_each_file_as_one_observation(bench):
+    paired, _ = bench
+    files = [{"kl_diff_mean": 0.01, "refusals_diff": 2}, {"kl_diff_mean": 0.03, "refusals_diff": -1},
+             {"kl_diff_mean": -0.01, "refusals_diff": 0}]
+    out = paired.across_runs(files)
+    assert out["n_files"] == 3 and out["kl_mean"] == pytest.approx(0.01)
+    # sd 0.02, se 0.02 / sqrt(3), t(2) = 4.303
+    half = 4.303 * 0.02 / math.sqrt(3)
+    assert out["kl_ci95"] == pytest.approx([0.01 - half, 0.01 + half])
+    assert (out["kl_files_higher"], out["kl_files_lower"]) == (2, 1)
+    assert out["kl_sign_p"] == paired.mcnemar_exact(2, 1) == 1.0
+    # a tie (refusals_diff 0) counts for neither side
+    assert (out["refusals_files_higher"], out["refusals_files_lower"]) == (1, 1)
+    assert "t-interval" in paired.across_runs_line(out)
+    single = paired.across_runs(files[:1])
+    assert "kl_ci95" not in single and "t-interval" not in paired.across_runs_line(single)
