@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helper modules beside the tests
 
-from slurm_cluster import slurm_cluster  # noqa: E402,F401  (a session fixture)
+from slurm_cluster import slurm_cluster  # noqa: F401  (a session fixture)
 
 # Tests must behave the same on a developer's GPU machine: pin the CPU unless a test asks otherwise.
 os.environ.setdefault("ABLITERATE_DEVICE", "cpu")

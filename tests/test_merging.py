@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
-
 import tiny_models as tm
+import torch
 from abliterate import ablation, architecture, loading, merging
 from abliterate.errors import AbliterateError
 from tiny_tokenizer import tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
 PARAMS = ablation.AblationParams(
     direction_index=1.3,

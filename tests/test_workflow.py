@@ -11,7 +11,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 import workflow_runner as wr
 from tiny_tokenizer import tiny_model_dir
 
