@@ -84,11 +84,11 @@ step models 60 3 python3 benchmarks/random_model.py qwen3-0.6b "$MODEL" --device
 step micro06 75 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation,eval \
     --model qwen3-0.6b-shape --eval-model qwen3-0.6b-shape --tokenizer "$TOK" --batch-sizes 64 \
     --max-new-tokens 64 --reps 3 --no-profile --out "$RES/micro-cuda-bf16-qwen3-0.6b-$DAY.json"
-compare() {  # compare NAME MODEL_DIR [compare.py options...]: both tools, then what each spent time on
-    local name=$1 model=$2
-    shift 2
+compare() {  # compare NAME LABEL MODEL_DIR [compare.py options...]: both tools, then where their time went
+    local name=$1 label=$2 model=$3
+    shift 3
     step "$name" 400 25 python3 benchmarks/compare.py --protocol gpu --model "$model" \
-        --heretic-python "$HERETIC_PY" --work "$WORK/$name" --out "$RES/gpu-$DAY-$name.json" "$@"
+        --heretic-python "$HERETIC_PY" --work "$WORK/$name" --out "$RES/gpu-$DAY-$label.json" "$@"
     [[ -d $WORK/$name ]] || return
     cp -r "$WORK/$name/logs" "$RES/$name-logs" 2>/dev/null
     cp -r "$WORK/$name/ours/results/logs" "$RES/$name-ours-rule-logs" 2>/dev/null
@@ -96,7 +96,7 @@ compare() {  # compare NAME MODEL_DIR [compare.py options...]: both tools, then 
     cp "$WORK/$name/heretic/result.json" "$RES/$name-heretic-result.json" 2>/dev/null
     pack
 }
-compare compare "$MODEL"
+compare compare qwen3-0.6b "$MODEL"
 step pytest 60 8 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantized.py
 step micro4bit 100 25 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --quantization bnb_4bit \
     --routes lora --sections ablation,eval --model "$MODEL" --eval-model "$MODEL" --batch-sizes 64 \
@@ -106,7 +106,7 @@ step micro4b 100 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 -
     --max-new-tokens 64 --reps 3 --no-profile --no-lora-eval --out "$RES/micro-cuda-bf16-qwen3-4b-$DAY.json"
 # Not in the default STEPS (each needs most of a call): both tools in bitsandbytes 4-bit, and on
 # the Qwen3-4B shape (models4b saves its 8 GB folder first).
-compare compare4bit "$MODEL" --quantization bnb_4bit
+compare compare4bit qwen3-0.6b-bnb_4bit "$MODEL" --quantization bnb_4bit
 step models4b 90 3 python3 benchmarks/random_model.py qwen3-4b "$WORK/qwen3-4b" --device cuda --tokenizer "$TOK"
-compare compare4b "$WORK/qwen3-4b"
+compare compare4b qwen3-4b "$WORK/qwen3-4b"
 echo "### done at $(elapsed) s"
