@@ -4,7 +4,7 @@
 #
 #   python benchmarks/offline_bundle.py BUNDLE          # here, where pip works
 #   bash benchmarks/gpu_run.sh BUNDLE OUT [BUDGET_S]    # there, from the repository root
-#   STEPS=models,compare bash benchmarks/gpu_run.sh ...  # a subset (env always runs)
+#   STEPS=models,compare bash benchmarks/gpu_run.sh ...  # a subset (env runs unless SKIP_ENV=1)
 #
 # Steps, each with its own time limit, cut to what is left of BUDGET_S (default 560 s). The
 # default ones need about 11 minutes on an H200 (compare alone about 5.5), more than one 10-minute
@@ -12,8 +12,9 @@
 #   env       versions, the GPU, imports of both tools
 #   models    a Qwen3-0.6B-shaped random model folder, bf16 (benchmarks/random_model.py)
 #   micro06   ablation apply+reset vs the bandwidth bound, and evaluation batches, 0.6B bf16
+#   eval06    only the evaluation batches of micro06 (continuous batching vs CUDA graphs)
 #   compare   both tools end to end on that model (benchmarks/compare.py --protocol gpu)
-#   pytest    the tests marked gpu (bitsandbytes 4/8-bit cycle and CPU merge)
+#   pytest    the tests marked gpu (bitsandbytes 4/8-bit cycle and CPU merge, CUDA-graph decoding)
 #   micro4bit the 0.6B folder loaded bitsandbytes 4-bit: LoRA-route ablation and evaluation
 #   micro4b   a Qwen3-4B-shaped random model in bf16: ablation and evaluation
 # and, only when named in STEPS: compare4bit (both tools in bitsandbytes 4-bit), models4b and
@@ -39,6 +40,7 @@ step() {  # step NAME LIMIT_S TAIL_LINES COMMAND...
     local name=$1 limit=$2 lines=$3
     shift 3
     if [[ $name != env && ",$STEPS," != *",$name,"* ]]; then return; fi
+    if [[ $name == env && ${SKIP_ENV:-0} == 1 ]]; then return; fi
     local left=$(( BUDGET - $(elapsed) - 20 ))
     (( limit > left )) && limit=$left
     if (( limit < 20 )); then echo "### $name skipped: $left s left"; return; fi
@@ -81,9 +83,14 @@ PY
 ENV
 step env 60 12 bash "$WORK/env.sh"
 step models 60 3 python3 benchmarks/random_model.py qwen3-0.6b "$MODEL" --device cuda --tokenizer "$TOK"
+step pytest 60 8 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantized.py \
+    tests/test_fixed_decoding.py
 step micro06 75 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation,eval \
     --model qwen3-0.6b-shape --eval-model qwen3-0.6b-shape --tokenizer "$TOK" --batch-sizes 64 \
     --max-new-tokens 64 --reps 3 --no-profile --out "$RES/micro-cuda-bf16-qwen3-0.6b-$DAY.json"
+step eval06 90 20 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections eval \
+    --eval-model qwen3-0.6b-shape --tokenizer "$TOK" --batch-sizes 64 \
+    --max-new-tokens 64 --reps 3 --out "$RES/micro-cuda-bf16-qwen3-0.6b-eval-$DAY.json"
 compare() {  # compare NAME LABEL MODEL_DIR [compare.py options...]: both tools, then where their time went
     local name=$1 label=$2 model=$3
     shift 3
@@ -97,7 +104,6 @@ compare() {  # compare NAME LABEL MODEL_DIR [compare.py options...]: both tools,
     pack
 }
 compare compare qwen3-0.6b "$MODEL"
-step pytest 60 8 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantized.py
 step micro4bit 100 25 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --quantization bnb_4bit \
     --routes lora --sections ablation,eval --model "$MODEL" --eval-model "$MODEL" --batch-sizes 64 \
     --max-new-tokens 64 --reps 3 --no-profile --out "$RES/micro-cuda-bnb4-qwen3-0.6b-$DAY.json"

@@ -227,27 +227,38 @@ def bench_eval(model, tokenizer, device: torch.device, reps: int, batch_sizes, m
         model = ablator.model
         label = "lora"
     detector = RefusalDetector()
+    # on CUDA each batch is decoded both ways: continuous batching, and fixed shapes as CUDA graphs
+    decodes = (False, True) if device.type == "cuda" else (False,)
     for batch in batch_sizes:
         texts = harmless_texts(tokenizer, batch)
         for early_stop in (False, True):
             det = detector if early_stop else None
-            tokens: list[int] = []
+            reference: list[list[int]] = []
+            for graphs in decodes:
+                outputs: list[list[list[int]]] = []
 
-            def run():
-                ids = generate_ids(model, tokenizer, texts, max_new_tokens, batch, det)
-                tokens.append(sum(len(x) for x in ids))
+                def run():
+                    outputs.append(generate_ids(model, tokenizer, texts, max_new_tokens, batch, det,
+                                                cuda_graphs=graphs))
 
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t = timed(run, reps, device)
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            results.append({
-                "peak_gpu_allocated_bytes": peak,
-                "model_state": label, "task": "generate", "batch": batch, "early_stop": early_stop,
-                "max_new_tokens": max_new_tokens, "batch_s": t["median_s"], "times_s": t["times_s"],
-                "tokens_per_batch": tokens[-1], "tokens_per_s": tokens[-1] / t["median_s"],
-            })
-            logger.info("generate %s b=%d early_stop=%s: %.2f s", label, batch, early_stop, t["median_s"])
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t = timed(run, reps, device)
+                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+                ids = outputs[-1]
+                reference = reference or ids
+                # bf16 rounding differs between the two decodes (KV lengths): how many tokens agree
+                same = sum(a == b for x, y in zip(ids, reference) for a, b in zip(x, y))
+                n_tokens = sum(len(x) for x in ids)
+                results.append({
+                    "peak_gpu_allocated_bytes": peak, "cuda_graphs": graphs,
+                    "model_state": label, "task": "generate", "batch": batch, "early_stop": early_stop,
+                    "max_new_tokens": max_new_tokens, "batch_s": t["median_s"], "times_s": t["times_s"],
+                    "tokens_per_batch": n_tokens, "tokens_per_s": n_tokens / t["median_s"],
+                    "same_tokens_as_first_decode": same / max(1, sum(len(x) for x in reference)),
+                })
+                logger.info("generate %s b=%d early_stop=%s graphs=%s: %.3f s (%.3f of tokens as eager)",
+                            label, batch, early_stop, graphs, t["median_s"], results[-1]["same_tokens_as_first_decode"])
         t = timed(lambda: kl.first_token_logprobs(model, tokenizer, texts, batch), reps, device)
         results.append({"model_state": label, "task": "first_token_logprobs", "batch": batch,
                         "batch_s": t["median_s"], "times_s": t["times_s"]})
@@ -391,14 +402,16 @@ def table(result: dict) -> str:
                          f"  {'yes' if r['target_met'] else 'NO'}")
     if "eval" in result:
         lines.append(f"\nevaluation batches, model {result['eval_model']} (harmless prompts)")
-        lines.append(f"{'state':<6}{'task':<22}{'batch':>6}{'early':>7}{'s/batch':>9}{'tokens':>8}{'tok/s':>8}"
-                     f"{'GPU GiB':>9}")
+        lines.append(f"{'state':<6}{'task':<22}{'batch':>6}{'early':>7}{'graphs':>7}{'s/batch':>9}{'tokens':>8}"
+                     f"{'tok/s':>8}{'GPU GiB':>9}")
         for r in result["eval"]:
             early = "" if r["task"] != "generate" else ("yes" if r["early_stop"] else "no")
+            graphs = "" if r["task"] != "generate" else ("yes" if r.get("cuda_graphs") else "no")
             tok = f"{r['tokens_per_batch']:>8}{r['tokens_per_s']:>8.1f}" if r["task"] == "generate" else " " * 16
             gpu = r.get("peak_gpu_allocated_bytes")
             gpu = f"{gpu / GIB:>9.2f}" if gpu else ""
-            lines.append(f"{r['model_state']:<6}{r['task']:<22}{r['batch']:>6}{early:>7}{r['batch_s']:>9.3f}{tok}{gpu}")
+            lines.append(f"{r['model_state']:<6}{r['task']:<22}{r['batch']:>6}{early:>7}{graphs:>7}{r['batch_s']:>9.3f}"
+                         f"{tok}{gpu}")
     if "merge" in result:
         base = result["merge"][0]["baseline_rss_bytes"] if result["merge"] else 0
         lines.append(f"\nCPU merge (subprocess; baseline RSS of python + torch + transformers {base / GIB:.2f} GiB; "

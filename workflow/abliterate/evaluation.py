@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .architecture import unwrap
 from .generation import RefusalLimitReached, first_batch, generate
 from .kl import first_token_logprobs, kl_divergence, prompt_batches
 from .leading_layers import LeadingLayers
@@ -37,12 +38,13 @@ class Evaluator:
         batch_size: int,
         detector: RefusalDetector | None = None,
         reuse_layers: bool = False,
+        cuda_graphs: bool = True,
     ):
         if base_logprobs.shape[0] != len(harmless_texts):
             raise ValueError(
                 f"base_logprobs has {base_logprobs.shape[0]} rows for {len(harmless_texts)} harmless texts"
             )
-        self.model = model
+        self.model = unwrap(model)  # see generation.generate_ids
         self.tokenizer = tokenizer
         self.harmful_texts = list(harmful_texts)
         self.harmless_texts = list(harmless_texts)
@@ -50,6 +52,7 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.detector = detector if detector is not None else RefusalDetector()
+        self.cuda_graphs = cuda_graphs
         self._responses: list[str] | None = None
         self._leading = self._record_leading_layers() if reuse_layers else None
 
@@ -101,6 +104,7 @@ class Evaluator:
             detector=self.detector,
             prefill_fn=self._prefill_fn(first_edited),
             max_refusals=max_refusals,
+            cuda_graphs=self.cuda_graphs,
         )
         return sum(self.detector.is_refusal(r) for r in self._responses)
 

@@ -17,6 +17,7 @@ import functools
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,6 +25,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from .architecture import unwrap
 from .prompting import encode, length_order
 
 log = logging.getLogger(__name__)
@@ -369,19 +371,52 @@ def refill_threshold(batch_size: int) -> int:
     return max(1, batch_size // 4)
 
 
+class _Responses:
+    """Each prompt's generated ids, and which rows a step's tokens finish.
+
+    A row finishes on an EOS id, at ``max_new_tokens``, or when the ``detector`` has a verdict on
+    its text so far; ``on_finish(n)`` is told how many finished. Raises
+    :class:`RefusalLimitReached` once ``max_refusals`` rows have been stopped by the detector.
+    """
+
+    def __init__(self, tokenizer, n: int, max_new_tokens: int, detector, eos: set[int], on_finish,
+                 max_refusals: int | None):
+        self.generated: list[list[int]] = [[] for _ in range(n)]
+        self.decoder = _IncrementalText(tokenizer, n) if detector is not None else None
+        self.max_new_tokens, self.detector, self.eos = max_new_tokens, detector, eos
+        self.on_finish, self.max_refusals = on_finish, max_refusals
+        self.refused = 0
+
+    def record(self, rows: Sequence[int], tokens: Sequence[int]) -> set[int]:
+        """Append each row's newest token (``tokens[j]`` belongs to ``rows[j]``); return the rows
+        that are finished now."""
+        finished = set()
+        for row, tok in zip(rows, tokens):
+            self.generated[row].append(tok)
+            if tok in self.eos or len(self.generated[row]) >= self.max_new_tokens:
+                finished.add(row)
+        if self.decoder is not None:
+            pending = [r for r in rows if r not in finished]
+            for r in self.decoder.update(pending, self.generated):
+                if self.detector.verdict(self.decoder.text[r]) is not None:
+                    finished.add(r)
+                    self.refused += 1
+            if self.max_refusals is not None and self.refused >= self.max_refusals:
+                raise RefusalLimitReached(self.refused)
+        if finished:
+            self.on_finish(len(finished))
+        return finished
+
+
 @torch.inference_mode()
 def _generate_continuous(
     model,
     tokenizer,
     texts: Sequence[str],
     order: Sequence[int],
-    max_new_tokens: int,
     batch_size: int,
-    detector: Verdict | None,
-    eos: set[int],
-    on_finish,
+    responses: _Responses,
     prefill_fn: Callable | None = None,
-    max_refusals: int | None = None,
 ) -> list[list[int]]:
     """Greedy ids of ``texts`` with at most ``batch_size`` rows live at once, in input order.
 
@@ -389,37 +424,21 @@ def _generate_continuous(
     (taken in ``order``) are prefilled and join the running batch, so it stays full instead of
     running on with a handful of rows. When the cache cannot take new rows, a batch runs to its end
     before the next one starts. ``prefill_fn`` replaces :func:`prefill` (same arguments and result).
-    Raises :class:`RefusalLimitReached` once ``max_refusals`` rows have been stopped by the detector.
     """
     prefill_fn = prefill_fn or prefill
     device = input_device(model)
     kwargs = forward_kwargs(model)
     use_pos = accepts_position_ids(model)
-    generated: list[list[int]] = [[] for _ in texts]
-    decoder = _IncrementalText(tokenizer, len(texts)) if detector is not None else None
     queue = list(order)
     alive: list[int] = []  # batch row -> index into texts
     cache = mask = pos = next_tok = None
     appendable = False
-    n_prefills = n_refused = 0
+    n_prefills = 0
     while True:
         # next_tok holds each live row's newest token, not yet recorded
         if alive:
-            finished = set()
-            for row, tok in zip(alive, next_tok.cpu().tolist()):
-                generated[row].append(tok)
-                if tok in eos or len(generated[row]) >= max_new_tokens:
-                    finished.add(row)
-            if decoder is not None:
-                pending = [r for r in alive if r not in finished]
-                for r in decoder.update(pending, generated):
-                    if detector.verdict(decoder.text[r]) is not None:
-                        finished.add(r)
-                        n_refused += 1
-                if max_refusals is not None and n_refused >= max_refusals:
-                    raise RefusalLimitReached(n_refused)
+            finished = responses.record(alive, next_tok.cpu().tolist())
             if finished:
-                on_finish(len(finished))
                 keep = [j for j, r in enumerate(alive) if r not in finished]
                 alive = [alive[j] for j in keep]
                 if alive:
@@ -460,7 +479,79 @@ def _generate_continuous(
         if not alive:
             break
     log.debug("%d prompts in %d prefills of at most %d rows", len(texts), n_prefills, batch_size)
-    return generated
+    return responses.generated
+
+
+@torch.inference_mode()
+def _generate_fixed(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    order: Sequence[int],
+    batch_size: int,
+    responses: _Responses,
+    prefill_fn: Callable | None = None,
+) -> list[list[int]]:
+    """Greedy ids of ``texts``, a batch at a time, each decoded at fixed shapes
+    (:class:`~abliterate.fixed_decoding.FixedShapeDecoder`), as a CUDA graph on a CUDA device.
+
+    A batch runs until all its rows are finished; no rows join it on the way.
+    """
+    from .fixed_decoding import FixedShapeDecoder
+
+    prefill_fn = prefill_fn or prefill
+    device = input_device(model)
+    graph = device.type == "cuda"
+    for start in range(0, len(order), batch_size):
+        rows = list(order[start : start + batch_size])
+        out, mask, pos = prefill_fn(model, encode(tokenizer, [texts[i] for i in rows], device))
+        first = out.logits[:, -1].argmax(-1)
+        # a row records the prefill's token, then at most max_new_tokens - 1 decoded ones
+        steps = responses.max_new_tokens - 1
+        try:
+            decoder = FixedShapeDecoder(model, out.past_key_values, mask, pos[:, -1:], first, steps, graph)
+        except RuntimeError as error:
+            if not graph:
+                raise
+            # e.g. a kernel that syncs with the host; the rest of this call runs without a graph
+            log.warning("CUDA graph capture failed (%s); decoding without graphs for this model", error)
+            _GRAPH_FAILED.add(model)
+            graph = False
+            decoder = FixedShapeDecoder(model, out.past_key_values, mask, pos[:, -1:], first, steps, graph)
+        del out
+        live = list(range(len(rows)))
+        tokens = first
+        while True:
+            values = tokens.cpu().tolist()
+            finished = responses.record([rows[j] for j in live], [values[j] for j in live])
+            live = [j for j in live if rows[j] not in finished]
+            if not live:
+                break
+            tokens = decoder.step()
+        del decoder
+    return responses.generated
+
+
+# Models whose graph capture failed once; also decisions already logged (one line per model).
+_GRAPH_FAILED: weakref.WeakSet = weakref.WeakSet()
+_GRAPH_LOGGED: weakref.WeakSet = weakref.WeakSet()
+
+
+def cuda_graph_reason(model) -> str | None:
+    """Why this model's decoding cannot replay CUDA graphs (None: it can)."""
+    from .fixed_decoding import _MASKS, attention_implementation
+
+    if model in _GRAPH_FAILED:
+        return "an earlier capture failed"
+    if not accepts_position_ids(model) or not full_attention_only(model):
+        return "the model takes no position ids or has sliding-window layers"
+    if attention_implementation(model) not in _MASKS:
+        return f"attention implementation {attention_implementation(model)} is not sdpa or eager"
+    if new_cache(model) is None:
+        return "its KV cache has special layers"
+    if input_device(model).type != "cuda":
+        return "not on a CUDA device"
+    return None
 
 
 def first_batch(model, tokenizer, texts: Sequence[str], batch_size: int) -> dict:
@@ -479,12 +570,18 @@ def generate_ids(
     progress: bool = False,
     prefill_fn: Callable | None = None,
     max_refusals: int | None = None,
+    cuda_graphs: bool = True,
 ) -> list[list[int]]:
     """Greedy continuation token ids of each text (EOS included when produced), in input order.
 
     ``max_refusals``: give up, raising :class:`RefusalLimitReached`, as soon as that many responses
     have been stopped by the ``detector`` (a caller that only needs to know whether the count
-    reaches it saves the rest of the generation)."""
+    reaches it saves the rest of the generation). ``cuda_graphs``: on a CUDA device, decode each
+    batch at fixed shapes replayed as a CUDA graph (:mod:`abliterate.fixed_decoding`) where the
+    model allows it; otherwise, and on other devices, decode with continuous batching."""
+    # a PeftModel's forward hides position_ids and logits_to_keep: call the model under it (its
+    # layers carry the adapter)
+    model = unwrap(model)
     results: list[list[int]] = [[] for _ in texts]
     if max_new_tokens < 1 or not texts:
         return results
@@ -497,12 +594,18 @@ def generate_ids(
             raise RefusalLimitReached(0)
     eos = eos_token_ids(model, tokenizer)
     order = length_order(tokenizer, texts)
+    reason = cuda_graph_reason(model) if cuda_graphs else "turned off (evaluation.cuda_graphs)"
+    if model not in _GRAPH_LOGGED and (reason is None or input_device(model).type == "cuda"):
+        _GRAPH_LOGGED.add(model)
+        if reason is None:
+            log.info("decoding with CUDA graphs at fixed shapes")
+        else:
+            log.info("decoding without CUDA graphs: %s", reason)
     start = time.perf_counter()
     with tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress) as bar:
-        results = _generate_continuous(
-            model, tokenizer, texts, order, max_new_tokens, batch_size, detector, eos, bar.update,
-            prefill_fn, max_refusals,
-        )
+        responses = _Responses(tokenizer, len(texts), max_new_tokens, detector, eos, bar.update, max_refusals)
+        run = _generate_continuous if reason is not None else _generate_fixed
+        results = run(model, tokenizer, texts, order, batch_size, responses, prefill_fn)
     seconds = time.perf_counter() - start
     n_tokens = sum(len(r) for r in results)
     log.debug(
@@ -525,6 +628,7 @@ def generate(
     progress: bool = False,
     prefill_fn: Callable | None = None,
     max_refusals: int | None = None,
+    cuda_graphs: bool = True,
 ) -> list[str]:
     """Greedy responses to chat-formatted ``texts`` (special tokens removed), in input order.
 
@@ -534,6 +638,6 @@ def generate(
     """
     ids = generate_ids(
         model, tokenizer, texts, max_new_tokens, batch_size, detector, progress, prefill_fn,
-        max_refusals,
+        max_refusals, cuda_graphs,
     )
     return tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .architecture import unwrap
 from .errors import NumericalError
 from .generation import input_device, prefill
 from .prompting import batches, encode, length_order
@@ -29,6 +30,7 @@ def first_token_logprobs(
     too coarse for a KL divergence. ``prefill_fn`` replaces :func:`generation.prefill`.
     """
     prefill_fn = prefill_fn or prefill
+    model = unwrap(model)  # see generation.generate_ids
     rows: list[torch.Tensor] = [None] * len(texts)  # type: ignore[list-item]
     for chunk, enc in prompt_batches(model, tokenizer, texts, batch_size):
         logits = prefill_fn(model, enc, use_cache=False)[0].logits[:, -1]

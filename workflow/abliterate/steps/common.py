@@ -20,9 +20,10 @@ class EvalSettings:
     max_new_tokens: int
     batch_size: int
     detector: refusal.RefusalDetector
+    cuda_graphs: bool = True
 
 
-def resolve_batch_size(value, lm, max_new_tokens: int, texts: list[str]) -> int:
+def resolve_batch_size(value, lm, max_new_tokens: int, texts: list[str], cuda_graphs: bool = True) -> int:
     """An explicit size, or the automatic choice for this model, device and workload.
 
     On CUDA the probe generates the full token budget for copies of the longest prompt (the worst
@@ -34,7 +35,9 @@ def resolve_batch_size(value, lm, max_new_tokens: int, texts: list[str]) -> int:
 
     def probe(size: int) -> None:
         if max_new_tokens > 1:
-            generation.generate(lm.model, lm.tokenizer, [longest] * size, max_new_tokens, size)
+            generation.generate(
+                lm.model, lm.tokenizer, [longest] * size, max_new_tokens, size, cuda_graphs=cuda_graphs
+            )
         else:
             kl.first_token_logprobs(lm.model, lm.tokenizer, [longest] * size, size)
 
@@ -50,15 +53,17 @@ def eval_settings(config: dict, lm, texts: list[str]) -> EvalSettings:
     markers = ev["markers"] or refusal.DEFAULT_MARKERS
     return EvalSettings(
         max_new_tokens=ev["max_new_tokens"],
-        batch_size=resolve_batch_size(ev["batch_size"], lm, ev["max_new_tokens"], texts),
+        batch_size=resolve_batch_size(ev["batch_size"], lm, ev["max_new_tokens"], texts, ev["cuda_graphs"]),
         detector=refusal.RefusalDetector(markers),
+        cuda_graphs=ev["cuda_graphs"],
     )
 
 
 def refusal_counts(model, tokenizer, texts: list[str], settings: EvalSettings) -> tuple[dict, list[str], list[bool]]:
     """Generate (stopping at the first refusal marker) and count refusals."""
     responses = generation.generate(
-        model, tokenizer, texts, settings.max_new_tokens, settings.batch_size, settings.detector, progress=True
+        model, tokenizer, texts, settings.max_new_tokens, settings.batch_size, settings.detector, progress=True,
+        cuda_graphs=settings.cuda_graphs,
     )
     flags = [settings.detector.is_refusal(r) for r in responses]
     return {"refusals": int(sum(flags)), "n": len(flags)}, responses, flags

@@ -65,7 +65,7 @@ def build_objective(config: dict, lm, harmful: str, harmless: str, directions_pa
     _, harmless_texts = session.chats(config, lm.tokenizer, harmless, "eval")
     evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"],
                           settings.max_new_tokens, settings.batch_size, settings.detector,
-                          reuse_layers=reuse_layers)
+                          reuse_layers=reuse_layers, cuda_graphs=settings.cuda_graphs)
     objective = Objective(ablator, evaluator)
     return objective, layout, ablator
 
