@@ -100,6 +100,12 @@ def test_reasons_to_decode_without_graphs():
     assert generation.cuda_graph_reason(_model("llama", "sdpa")) == "not on a CUDA device"
     assert "sliding-window" in generation.cuda_graph_reason(tiny_models.FACTORIES["gemma3_text"]())
     assert "flash" in generation.cuda_graph_reason(_model("llama", "flash_attention_2"))
+    split = _model("llama", "sdpa")
+    split.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    assert "several devices" in generation.cuda_graph_reason(split)
+    quantized = _model("llama", "sdpa")
+    quantized.is_loaded_in_4bit = True
+    assert "bitsandbytes" in generation.cuda_graph_reason(quantized)
 
 
 @cuda

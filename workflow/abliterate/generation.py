@@ -540,9 +540,15 @@ _GRAPH_LOGGED: weakref.WeakSet = weakref.WeakSet()
 def cuda_graph_reason(model) -> str | None:
     """Why this model's decoding cannot replay CUDA graphs (None: it can)."""
     from .fixed_decoding import _MASKS, attention_implementation
+    from .quantization import is_quantized
 
     if model in _GRAPH_FAILED:
         return "an earlier capture failed"
+    if is_quantized(model):
+        # capture may well work, but no GPU run has compared its tokens yet
+        return "bitsandbytes layers have not been checked under CUDA graphs"
+    if len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
+        return "the model is split over several devices"
     if not accepts_position_ids(model) or not full_attention_only(model):
         return "the model takes no position ids or has sliding-window layers"
     if attention_implementation(model) not in _MASKS:
