@@ -55,7 +55,7 @@ class StopAfter:
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("factory", ["llama", "qwen3"])
+@pytest.mark.parametrize("factory", ["llama", "qwen3", "moe_fused"])
 @pytest.mark.parametrize("system_prompt", [None, "Be brief."])  # with and without a shared prefix
 def test_fixed_shapes_give_the_continuous_tokens(factory, attention, system_prompt, tokenizer, monkeypatch):
     model = _model(factory, attention)
@@ -64,6 +64,16 @@ def test_fixed_shapes_give_the_continuous_tokens(factory, attention, system_prom
     _fixed(monkeypatch)
     assert generate_ids(model, tokenizer, texts, max_new_tokens=12, batch_size=3) == expected
     assert generate_ids(model, tokenizer, texts, max_new_tokens=1, batch_size=8) == [e[:1] for e in expected]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_fixed_shapes_on_gpt2(attention, tokenizer, monkeypatch):
+    # learned absolute positions, Conv1D layers; its position table (32) only fits short prompts
+    model = _model("gpt2", attention)
+    texts = prompting.chat_texts(tokenizer, ["Hi", "2+2?", "ok", "Name a color."], system_prompt=None)
+    expected = generate_ids(model, tokenizer, texts, max_new_tokens=8, batch_size=3)
+    _fixed(monkeypatch)
+    assert generate_ids(model, tokenizer, texts, max_new_tokens=8, batch_size=3) == expected
 
 
 def test_fixed_shapes_stop_rows_early_and_count_refusals(tokenizer, monkeypatch):
