@@ -158,3 +158,36 @@ def test_a_peft_model_is_generated_through_the_model_under_it(tokenizer):
     ours = generate_ids(ablator.model, tokenizer, texts, 8, 4)
     assert [o[:len(r)] for o, r in zip(ours, reference)] == [r[:len(o)] for o, r in zip(ours, reference)]
     assert ours == generate_ids(generation.unwrap(ablator.model), tokenizer, texts, 8, 4) != base
+
+
+def test_a_failed_capture_falls_back_but_out_of_memory_propagates(tokenizer, monkeypatch):
+    from abliterate import fixed_decoding
+
+    model = _model("llama", "sdpa")
+    texts = prompting.chat_texts(tokenizer, PROMPTS, system_prompt=None)
+    expected = generate_ids(model, tokenizer, texts, 6, 4)
+    real_init = fixed_decoding.FixedShapeDecoder.__init__
+    failure = {}
+
+    def init(self, *args):
+        *rest, graph = args
+        if graph:  # stands in for a capture that fails on a GPU
+            raise failure["error"]
+        real_init(self, *rest, graph)
+
+    monkeypatch.setattr(fixed_decoding.FixedShapeDecoder, "__init__", init)
+
+    def run():
+        order = prompting.length_order(tokenizer, texts)
+        responses = generation._Responses(tokenizer, len(texts), 6, None, generation.eos_token_ids(model, tokenizer),
+                                          lambda n: None, None)
+        return generation._generate_fixed(model, tokenizer, texts, order, 4, responses, graph=True)
+
+    failure["error"] = torch.cuda.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # the batch-size probe must see it
+        run()
+    assert model not in generation._GRAPH_FAILED
+    failure["error"] = RuntimeError("operation not permitted when stream is capturing")
+    assert run() == expected
+    assert model in generation._GRAPH_FAILED
+    assert generation.cuda_graph_reason(model) == "an earlier capture failed"

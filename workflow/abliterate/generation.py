@@ -491,9 +491,11 @@ def _generate_fixed(
     batch_size: int,
     responses: _Responses,
     prefill_fn: Callable | None = None,
+    graph: bool | None = None,
 ) -> list[list[int]]:
     """Greedy ids of ``texts``, a batch at a time, each decoded at fixed shapes
-    (:class:`~abliterate.fixed_decoding.FixedShapeDecoder`), as a CUDA graph on a CUDA device.
+    (:class:`~abliterate.fixed_decoding.FixedShapeDecoder`), as a CUDA graph when ``graph`` (default:
+    on a CUDA device).
 
     A batch runs until all its rows are finished; no rows join it on the way.
     """
@@ -501,7 +503,7 @@ def _generate_fixed(
 
     prefill_fn = prefill_fn or prefill
     device = input_device(model)
-    graph = device.type == "cuda"
+    graph = device.type == "cuda" if graph is None else graph
     for start in range(0, len(order), batch_size):
         rows = list(order[start : start + batch_size])
         out, mask, pos = prefill_fn(model, encode(tokenizer, [texts[i] for i in rows], device))
@@ -510,6 +512,8 @@ def _generate_fixed(
         steps = responses.max_new_tokens - 1
         try:
             decoder = FixedShapeDecoder(model, out.past_key_values, mask, pos[:, -1:], first, steps, graph)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the batch is too large (the batch-size probe counts on seeing this), not the graph
         except RuntimeError as error:
             if not graph:
                 raise

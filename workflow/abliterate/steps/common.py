@@ -42,7 +42,10 @@ def resolve_batch_size(value, lm, max_new_tokens: int, texts: list[str], cuda_gr
             kl.first_token_logprobs(lm.model, lm.tokenizer, [longest] * size, size)
 
     device = next(lm.model.parameters()).device
-    key = f"{lm.source.description}|{lm.dtype}|{lm.quantization}|{max_new_tokens}|{len(longest)}"
+    # the two decoding paths hold different memory (a full-length cache and a graph's pool, or a
+    # cache that grows by doubling): a size probed for one is not reused for the other
+    decode = "graphs" if cuda_graphs and max_new_tokens > 1 else "continuous"
+    key = f"{lm.source.description}|{lm.dtype}|{lm.quantization}|{max_new_tokens}|{len(longest)}|{decode}"
     cap = 1 << max(0, (len(texts) - 1).bit_length())  # a batch larger than the work is never used
     return batching.auto_batch_size(probe, device, key, BATCH_CACHE, start=1, max_size=min(256, cap))
 
