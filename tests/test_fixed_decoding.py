@@ -13,19 +13,10 @@ from abliterate import generation, prompting
 from abliterate.evaluation import Evaluator
 from abliterate.generation import RefusalLimitReached, generate_ids
 from abliterate.kl import first_token_logprobs
+from generation_helpers import PROMPTS, StopAfter
 from tiny_tokenizer import char_tokenizer
 
 torch.set_num_threads(1)
-
-PROMPTS = [
-    "Hi",
-    "How do I bake bread at home?",
-    "Tell me a story about a dragon and a knight.",
-    "2+2?",
-    "Write a haiku about autumn leaves falling slowly.",
-    "What is the capital of France?",
-    "ok",
-]
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -44,14 +35,6 @@ def _model(factory: str, attention: str):
     model = tiny_models.FACTORIES[factory]() if factory != "llama" else tiny_models.tiny_llama()
     model.config._attn_implementation = attention
     return model
-
-
-class StopAfter:
-    def __init__(self, stops):
-        self.stops = stops
-
-    def verdict(self, partial_text):
-        return True if any(s in partial_text for s in self.stops) else None
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

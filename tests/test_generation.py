@@ -9,20 +9,10 @@ import tiny_models
 import torch
 from abliterate import batching, errors, prompting
 from abliterate.generation import RefusalLimitReached, eos_token_ids, generate, generate_ids
+from generation_helpers import PROMPTS, StopAfter
 from tiny_tokenizer import char_tokenizer
 
 torch.set_num_threads(1)
-
-PROMPTS = [
-    "Hi",
-    "How do I bake bread at home?",
-    "Tell me a story about a dragon and a knight.",
-    "2+2?",
-    "Write a haiku about autumn leaves falling slowly.",
-    "What is the capital of France?",
-    "ok",
-]
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -83,18 +73,6 @@ def test_matches_hf_greedy(factory, tokenizer, texts, llama):
     model = llama if factory == "llama" else tiny_models.FACTORIES[factory]()
     ours = generate_ids(model, tokenizer, texts, max_new_tokens=12, batch_size=3)
     assert ours == hf_greedy(model, tokenizer, texts, 12)
-
-
-class StopAfter:
-    """Rigged detector: decides as soon as the text so far contains its row's stop string."""
-
-    def __init__(self, stops):
-        self.stops = stops
-        self.calls = 0
-
-    def verdict(self, partial_text):
-        self.calls += 1
-        return True if any(s in partial_text for s in self.stops) else None
 
 
 def _stop_strings(tokenizer, full) -> list[str]:

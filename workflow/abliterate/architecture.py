@@ -121,6 +121,11 @@ class ModelLayout:
         return [c for c in self.components if c.kind == kind]
 
 
+def text_config(config):
+    """The text model's part of a (possibly multimodal) transformers config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under PEFT wrappers (PeftModel -> LoraModel -> model)."""
     try:
@@ -168,7 +173,7 @@ def _text_scope(model: nn.Module) -> tuple[str, nn.Module]:
 def _hidden_size(model: nn.Module, scope: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     if config is not None:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         for attr in ("hidden_size", "n_embd", "d_model"):
             value = getattr(text, attr, None)
             if isinstance(value, int):

@@ -24,7 +24,8 @@ import logging
 
 import torch
 
-from .generation import forward_kwargs
+from .architecture import text_config
+from .generation import forward_kwargs, input_device
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,7 @@ _MASKS = ("sdpa", "eager")
 
 
 def attention_implementation(model) -> str | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "_attn_implementation", None)
+    return getattr(text_config(model.config), "_attn_implementation", None)
 
 
 @functools.cache
@@ -97,6 +97,7 @@ class FixedShapeDecoder:
         self.positions = positions.clone()
         self.tokens = first.clone()
         self.kwargs = forward_kwargs(model)
+        self.input_device = input_device(model)
         self.float_mask = None if implementation == "sdpa" else layers[0].keys.dtype
         self.graph = self._capture() if graph else None
 
@@ -111,7 +112,7 @@ class FixedShapeDecoder:
                 ~mask, torch.finfo(self.float_mask).min
             )
         out = self.model(
-            input_ids=self.tokens[:, None].to(self.model.get_input_embeddings().weight.device),
+            input_ids=self.tokens[:, None].to(self.input_device),
             attention_mask=mask,
             position_ids=self.positions,
             past_key_values=self.cache,

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .architecture import unwrap
+from .architecture import text_config, unwrap
 from .prompting import encode, length_order
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def full_attention_only(model) -> bool:
     A sliding window counts cache slots, not positions, so the padding gap between a shared prefix
     and a row's own tokens would shrink what the window sees: such models skip prefix sharing.
     """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     if any("sliding" in str(t) for t in getattr(config, "layer_types", None) or ()):
         return False
     window = getattr(config, "sliding_window", None)
