@@ -412,6 +412,20 @@ def test_study_name_does_not_depend_on_the_route():
     assert len(names) == 1
 
 
+def test_cuda_graphs_setting_leaves_every_stage_hash_alone():
+    from pathlib import Path
+
+    import yaml
+    from abliterate import workflow_config as wc
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    before = {k: v for k, v in config["evaluation"].items() if k != "cuda_graphs"}  # as before the key
+    for stage in ("baseline", "study"):
+        hashes = {wc.stage_hash({**config, "evaluation": {**before, **extra}}, stage)
+                  for extra in ({}, {"cuda_graphs": True}, {"cuda_graphs": False})}
+        assert len(hashes) == 1, stage
+
+
 def test_study_name_keeps_its_hash_when_direction_scope_is_at_its_default():
     from pathlib import Path
 

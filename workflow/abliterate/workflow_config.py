@@ -183,8 +183,10 @@ def stage_hash(config: dict, stage: str) -> str:
     if (cfg["study_space"] or {}).get("direction_scope") == list(DEFAULT_SCOPES):
         # Added after studies existed: at its default it hashes as before, so they resume.
         del cfg["study_space"]["direction_scope"]
-    # The route changes how fast a trial runs, not its result: switching it continues the same study.
+    # The route and CUDA-graph decoding change how fast a trial runs, not its result: switching them
+    # continues the same study, and runs made before evaluation.cuda_graphs existed keep their hashes.
     cfg.get("ablation", {}).pop("route", None)
+    cfg.get("evaluation", {}).pop("cuda_graphs", None)
     return config_hash({k: cfg.get(k) for k in _STAGE_KEYS[stage]})
 
 
