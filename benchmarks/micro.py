@@ -25,6 +25,7 @@ recorded, since this machine's cores are shared. Writes one JSON (``--out``) and
 from __future__ import annotations
 
 import argparse
+import itertools
 import datetime as dt
 import json
 import logging
@@ -162,48 +163,49 @@ def profile_top_ops(fn, device: torch.device, top: int = 8) -> dict:
 
 
 def bench_ablation(model, device: torch.device, bandwidth: dict, reps: int, row_norms, routes,
-                   profile: bool = True) -> list[dict]:
-    """apply+reset of a trial that edits every component, per (route, row_norm), vs the bandwidth bound."""
+                   profile: bool = True, paths=("per_component", "batched")) -> list[dict]:
+    """apply+reset of a trial that edits every component, per (path, route, row_norm), vs the bandwidth
+    bound. ``paths``: the per-component loop and the stacked, batched edit (abliterate.batched_ablation)."""
     params = AblationParams.constant(1.0)
     results = []
-    for route in routes:
-        for row_norm in row_norms:
-            layout = discover(model)
-            directions = random_directions(layout)
-            ablator = Ablator(model, layout, directions, row_norm=row_norm, force_direct=(route == "direct"),
-                              backup_device=None if device.type != "cpu" else "cpu")
+    for path, route, row_norm in itertools.product(paths, routes, row_norms):
+        layout = discover(model)
+        directions = random_directions(layout)
+        ablator = Ablator(model, layout, directions, row_norm=row_norm, force_direct=(route == "direct"),
+                          backup_device=None if device.type != "cpu" else "cpu",
+                          batched=(path == "batched"))
+        ablator.apply(params)
+        edited = list(ablator._factors)
+        nbytes = sum(tensor_bytes(c.weight) for c in edited)
+        ablator.reset()
+        bound = nbytes / bandwidth["bandwidth_bytes_per_s"]
+
+        apply = timed(lambda: ablator.apply(params), reps, device)
+        reset = timed(ablator.reset, reps, device)
+
+        def cycle():
             ablator.apply(params)
-            edited = list(ablator._factors)
-            nbytes = sum(tensor_bytes(c.weight) for c in edited)
             ablator.reset()
-            bound = nbytes / bandwidth["bandwidth_bytes_per_s"]
 
-            apply = timed(lambda: ablator.apply(params), reps, device)
-            reset = timed(ablator.reset, reps, device)
-
-            def cycle():
-                ablator.apply(params)
-                ablator.reset()
-
-            both = timed(cycle, reps, device, warmup=0)
-            row = {
-                "route": route, "row_norm": RowNorm(row_norm).value,
-                "components": len(edited), "edited_bytes": nbytes, "bound_s": bound,
-                "apply_s": apply["median_s"], "reset_s": reset["median_s"],
-                "apply_reset_s": both["median_s"], "apply_reset_min_s": both["min_s"],
-                "apply_reset_times_s": both["times_s"], "ratio_min": both["min_s"] / bound,
-                "ratio": both["median_s"] / bound, "target_ratio": ABLATION_TARGET,
-                "target_met": both["median_s"] / bound <= ABLATION_TARGET,
-            }
-            if profile:
-                row["profile"] = profile_top_ops(cycle, device)
-            logger.info("ablation %s/%s: %.1f ms (bound %.1f ms, %.1fx)", route, row["row_norm"],
-                        row["apply_reset_s"] * 1e3, bound * 1e3, row["ratio"])
-            results.append(row)
-            ablator.reset()
-            if ablator.peft_model is not None:
-                # drop the LoRA layers (no merge) so the next configuration wraps a clean model
-                model = ablator.peft_model.base_model.unload()
+        both = timed(cycle, reps, device, warmup=0)
+        row = {
+            "path": path, "route": route, "row_norm": RowNorm(row_norm).value,
+            "components": len(edited), "edited_bytes": nbytes, "bound_s": bound,
+            "apply_s": apply["median_s"], "reset_s": reset["median_s"],
+            "apply_reset_s": both["median_s"], "apply_reset_min_s": both["min_s"],
+            "apply_reset_times_s": both["times_s"], "ratio_min": both["min_s"] / bound,
+            "ratio": both["median_s"] / bound, "target_ratio": ABLATION_TARGET,
+            "target_met": both["median_s"] / bound <= ABLATION_TARGET,
+        }
+        if profile:
+            row["profile"] = profile_top_ops(cycle, device)
+        logger.info("ablation %s/%s/%s: %.1f ms (bound %.1f ms, %.1fx)", path, route, row["row_norm"],
+                    row["apply_reset_s"] * 1e3, bound * 1e3, row["ratio"])
+        results.append(row)
+        ablator.reset()
+        if ablator.peft_model is not None:
+            # drop the LoRA layers (no merge) so the next configuration wraps a clean model
+            model = ablator.peft_model.base_model.unload()
     return results
 
 
@@ -393,10 +395,10 @@ def table(result: dict) -> str:
     if "ablation" in result:
         lines.append(f"\nablation apply+reset, model {result['ablation_model']} "
                      f"(every component edited; target <= {ABLATION_TARGET}x bound)")
-        lines.append(f"{'route':<7}{'row_norm':<9}{'MB':>8}{'bound ms':>10}{'apply ms':>10}{'reset ms':>10}"
+        lines.append(f"{'path':<14}{'route':<7}{'row_norm':<9}{'MB':>8}{'bound ms':>10}{'apply ms':>10}{'reset ms':>10}"
                      f"{'a+r ms':>10}{'min ms':>9}{'ratio':>8}{'min':>7}  met")
         for r in result["ablation"]:
-            lines.append(f"{r['route']:<7}{r['row_norm']:<9}{r['edited_bytes'] / 1e6:>8.1f}{r['bound_s'] * 1e3:>10.1f}"
+            lines.append(f"{r.get('path', 'per_component'):<14}{r['route']:<7}{r['row_norm']:<9}{r['edited_bytes'] / 1e6:>8.1f}{r['bound_s'] * 1e3:>10.1f}"
                          f"{r['apply_s'] * 1e3:>10.1f}{r['reset_s'] * 1e3:>10.1f}{r['apply_reset_s'] * 1e3:>10.1f}"
                          f"{r['apply_reset_min_s'] * 1e3:>9.1f}{r['ratio']:>8.1f}{r['ratio_min']:>7.1f}"
                          f"  {'yes' if r['target_met'] else 'NO'}")
@@ -449,7 +451,7 @@ def run(args) -> dict:
             result["ablation_loadavg"] = loadavg()
             result["ablation"] = bench_ablation(model, device, result["bandwidth"], args.reps,
                                                 args.row_norms.split(","), args.routes.split(","),
-                                                profile=not args.no_profile)
+                                                profile=not args.no_profile, paths=args.paths.split(","))
             del model
             devices.free_memory()
         if "eval" in sections:
@@ -488,6 +490,8 @@ def parse_args(argv=None):
     p.add_argument("--sections", default="ablation,eval,merge")
     p.add_argument("--routes", default="lora,direct")
     p.add_argument("--row-norms", default="none,pre,full")
+    p.add_argument("--paths", default="per_component,batched",
+                   help="ablation paths: the per-component loop, the stacked batched edit, or both")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--bandwidth-mib", type=int, default=512)

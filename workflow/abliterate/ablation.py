@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import io
+from . import batched_ablation, io
 from .architecture import KINDS, Component, ModelLayout, unwrap
 from .errors import ConfigError, NumericalError, UnsupportedArchitectureError
 
@@ -297,9 +297,12 @@ class Ablator:
         seed: int = 0,
         force_direct: bool = False,
         backup_device: str | torch.device | None = "cpu",
+        batched: bool = True,
     ) -> None:
         """``backup_device``: where direct-edit backups live ("cpu" saves accelerator memory; None keeps
-        each backup on its weight's device, faster resets)."""
+        each backup on its weight's device, faster resets). ``batched``: stack the weights of each
+        component kind and edit all its layers at once (:mod:`abliterate.batched_ablation`); False
+        keeps the per-component loop, the reference the batched maths is tested against."""
         expected = (layout.n_layers + 1, layout.hidden_size)
         if directions.ndim != 2 or tuple(directions.shape) != expected:
             raise ConfigError(
@@ -335,6 +338,29 @@ class Ablator:
             raise UnsupportedArchitectureError(
                 f"quantized layers cannot be edited in place: {quantized[:3]}; use the LoRA route (force_direct=False)"
             )
+        self._groups: list[batched_ablation.WeightGroup] = []
+        self._grouped: set[Component] = set()
+        self._table: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if batched:
+            self._stack()
+
+    def _stack(self) -> None:
+        self._groups = batched_ablation.stack_groups(self.layout.components, set(self._lora_layers))
+        for group in self._groups:
+            self._grouped.update(group.components)
+            if self.row_norm != RowNorm.NONE:
+                group.norms = batched_ablation.row_norms(group)
+            if group.lora:
+                out, inp = group.weights.shape[1:]
+                k = min(self.rank, out, inp)
+                for c in group.components:
+                    lora_b, lora_a = self._lora_weights(c)
+                    group.lora_b.append(lora_b[:, :k])
+                    group.lora_a.append(lora_a[:k])
+        log.info(
+            "batched edits: %d of %d components in %d stacked groups (row_norm=%s)",
+            len(self._grouped), len(self.layout.components), len(self._groups), self.row_norm.value,
+        )
 
     # -- LoRA route -------------------------------------------------------------------------------
     def _lora_config(self):
@@ -461,16 +487,71 @@ class Ablator:
             return pairs[0]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
+    def _trial_directions(self, device: torch.device, direction_index: float | None) -> torch.Tensor:
+        """(n_layers, hidden) float32 unit directions of this trial, one per decoder layer, on ``device``."""
+        if device not in self._table:
+            table = self.directions.to(device)
+            norms = torch.linalg.vector_norm(table[1:], dim=1, keepdim=True)
+            # per-layer directions are the same every trial: normalised and checked once, not per trial
+            ok = bool((norms > 0).all())  # `not >` also catches NaN
+            self._table[device] = (table, table[1:] / norms if ok else None)
+        table, per_layer = self._table[device]
+        if direction_index is not None:
+            return direction_for(table, direction_index).expand(self.layout.n_layers, -1)
+        if per_layer is None:
+            raise NumericalError("a layer's direction has zero or NaN norm; the direction table is broken")
+        return per_layer
+
+    def _apply_group(self, group, weights: list[float], direction_index: float | None, directions: dict) -> int:
+        """One group's edit from its per-layer weights; returns the number of components edited."""
+        active = [i for i, w in enumerate(weights) if w != 0.0]
+        if not active:
+            if group.lora:
+                torch._foreach_zero_(group.lora_b)
+            return 0
+        lo, hi = active[0], active[-1] + 1  # a kernel's support is contiguous in layers
+        device = group.stored.device
+        if device not in directions:
+            directions[device] = self._trial_directions(device, direction_index)
+        b, a = batched_ablation.batched_factors(
+            group.weights[lo:hi], directions[device][group.layer_index(lo, hi)],
+            torch.tensor(weights[lo:hi], dtype=torch.float32, device=device), self.row_norm.value,
+            norms=None if group.norms is None else group.norms[lo:hi], rank=self.full_rank, seed=self.seed,
+            oversampling=FULL_OVERSAMPLING, niter=FULL_NITER,
+            split=batched_ablation.split_products_supported(device.type, group.stored.dtype),
+        )
+        if group.lora:
+            torch._foreach_copy_(group.lora_b[lo:hi], list(b.unbind(0)))
+            torch._foreach_copy_(group.lora_a[lo:hi], list(a.unbind(0)))
+            outside = group.lora_b[:lo] + group.lora_b[hi:]
+            if outside:
+                torch._foreach_zero_(outside)
+        else:
+            group.edit(lo, b, a, self.backup_device)
+            for i, c in enumerate(group.components):
+                self._backups.setdefault(c, group.backup[i])
+        for i in active:
+            self._factors[group.components[i]] = (b[i - lo], a[i - lo])
+        return len(active)
+
     def apply(self, params: AblationParams) -> None:
         """Set the model to base weights + the edit described by ``params`` (previous edits are replaced)."""
         start = time.perf_counter()
-        directions: dict[tuple[int, torch.device], torch.Tensor] = {}
+        directions: dict = {}
         edited = 0
         with torch.no_grad():
             for c in list(self._dirty):
                 self._restore(c)
+            for group in self._groups:
+                group.restore()
             self._factors.clear()
+            for group in self._groups:
+                kernel = params.kernels.get(group.components[0].kind)
+                weights = [kernel.weight_at(c.layer) if kernel is not None else 0.0 for c in group.components]
+                edited += self._apply_group(group, weights, params.direction_index, directions)
             for c in self.layout.components:
+                if c in self._grouped:
+                    continue
                 kernel = params.kernels.get(c.kind)
                 weight = kernel.weight_at(c.layer) if kernel is not None else 0.0
                 if weight == 0.0:
@@ -504,10 +585,12 @@ class Ablator:
     def reset(self) -> None:
         """Back to the base model: LoRA B factors zeroed, direct edits restored bit for bit from backups."""
         with torch.no_grad():
-            for c in self._lora_layers:
-                self._lora_weights(c)[0].zero_()
+            if self._lora_layers:
+                torch._foreach_zero_([self._lora_weights(c)[0] for c in self._lora_layers])
             for c in list(self._dirty):
                 self._restore(c)
+            for group in self._groups:
+                group.restore()
         self._factors.clear()
         self._params = None
 
