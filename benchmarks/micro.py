@@ -25,8 +25,8 @@ recorded, since this machine's cores are shared. Writes one JSON (``--out``) and
 from __future__ import annotations
 
 import argparse
-import itertools
 import datetime as dt
+import itertools
 import json
 import logging
 import os
