@@ -152,7 +152,8 @@ def profile_top_ops(fn, device: torch.device, top: int = 8) -> dict:
         fn()
         devices.synchronize(device)
     wall = time.perf_counter() - start
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    # torch >= 2.4 names GPU time "device" time; self_cuda_time_total is gone in 2.11
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     ops = [
         {"op": e.key, "calls": e.count, "self_ms": round(getattr(e, key) / 1e3, 2)}

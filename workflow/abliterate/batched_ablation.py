@@ -94,13 +94,48 @@ def right_product(w: torch.Tensor, x: torch.Tensor, split: bool) -> torch.Tensor
 
 
 # -- factors -----------------------------------------------------------------------------------------
-def _randomized_svd(apply, apply_t, rows: int, cols: int, batch: int, q: int, niter: int, seed: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.svd_lowrank`` (no mean) of a batched operator M (rows, cols) known through
-    ``apply(X) = M X`` and ``apply_t(Y) = Mᵀ Y``: U (L, rows, q), S (L, q), V (L, cols, q).
+def orthonormal_basis(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning each ``x[l]`` (L, m, q), float32: shifted CholeskyQR2 in float64.
 
-    The same steps as torch's implementation, including the transposition of a wide matrix and the
-    Gaussian start drawn after ``torch.manual_seed(seed)``, which the per-matrix path also uses.
+    Batched Householder QR (``torch.linalg.qr``) runs one cuSOLVER call per matrix and dominated the
+    batched full mode on a GPU; here every step is one batched kernel (Gram product, Cholesky of a
+    q×q matrix, triangular solve). Two passes give orthogonality to float64 rounding for the
+    condition numbers the power iterations produce; float64 squares the condition number safely.
+    The shift keeps the Cholesky defined for a zero or rank-deficient ``x`` (a layer with λ = 0
+    inside a kernel's support), whose basis then comes out zero, as its ΔW is.
+    """
+    y = x.double()
+    eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
+    for _ in range(2):
+        gram = y.mT @ y
+        shift = 1e-15 * gram.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] + 1e-300
+        upper = torch.linalg.cholesky(gram + shift * eye, upper=True)
+        y = torch.linalg.solve_triangular(upper, y, upper=True, left=False)
+    return y.float()
+
+
+def _top_singular(small: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k leading singular triplets of wide ``small`` (L, q, n): U (L, q, k), S (L, k), V (L, n, k).
+
+    From the eigenvectors of the q×q Gram matrix in float64 (one batched ``eigh`` instead of one SVD
+    call per matrix); only the leading values are used, so squaring them loses nothing that matters.
+    """
+    b = small.double()
+    values, vectors = torch.linalg.eigh(b @ b.mT)  # ascending
+    values, u = values.flip(-1)[:, :k], vectors.flip(-1)[..., :k]
+    sing = values.clamp_min(0).sqrt()
+    v = (b.mT @ u) / torch.where(sing > 0, sing, torch.ones_like(sing))[:, None, :]
+    return u.float(), sing.float(), v.float()
+
+
+def _randomized_svd(apply, apply_t, rows: int, cols: int, batch: int, q: int, k: int, niter: int, seed: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-k truncated ``torch.svd_lowrank`` (no mean) of a batched operator M (rows, cols) known through
+    ``apply(X) = M X`` and ``apply_t(Y) = Mᵀ Y``: U (L, rows, k), S (L, k), V (L, cols, k).
+
+    torch's steps (Halko et al. 2009, algorithm 5.1): the transposition of a wide matrix, the
+    Gaussian start drawn after ``torch.manual_seed(seed)`` as the per-matrix path draws it, ``niter``
+    power iterations; with the orthonormalisation and the small SVD done batched (see above).
     """
     from .ablation import _rng_fork  # one RNG-isolation rule for both paths
 
@@ -111,14 +146,12 @@ def _randomized_svd(apply, apply_t, rows: int, cols: int, batch: int, q: int, ni
     with _rng_fork(device):
         torch.manual_seed(seed)
         start = torch.randn(n, q, dtype=torch.float32, device=device)
-    basis = torch.linalg.qr(apply(start.expand(batch, n, q))).Q
+    basis = orthonormal_basis(apply(start.expand(batch, n, q)))
     for _ in range(niter):
-        basis = torch.linalg.qr(apply_t(basis)).Q
-        basis = torch.linalg.qr(apply(basis)).Q
-    small = apply_t(basis).mT  # Qᵀ M_tall, (L, q, n)
-    u, s, vh = torch.linalg.svd(small, full_matrices=False)
+        basis = orthonormal_basis(apply_t(basis))
+        basis = orthonormal_basis(apply(basis))
+    u, s, v = _top_singular(apply_t(basis).mT, k)  # of Qᵀ M_tall, (L, q, n)
     u = basis @ u
-    v = vh.mT
     return (v, s, u) if wide else (u, s, v)
 
 
@@ -167,9 +200,9 @@ def batched_factors(
     rows, cols = w.shape[1:]
     k = min(rank, rows, cols)
     q = min(k + oversampling, rows, cols)
-    left, sing, right = _randomized_svd(apply, apply_t, rows, cols, w.shape[0], q, niter, seed, w.device)
-    root = sing[:, :k].sqrt()
-    return left[..., :k] * root[:, None, :], root[..., None] * right[..., :k].mT
+    left, sing, right = _randomized_svd(apply, apply_t, rows, cols, w.shape[0], q, k, niter, seed, w.device)
+    root = sing.sqrt()
+    return left * root[:, None, :], root[..., None] * right.mT
 
 
 # -- stacking --------------------------------------------------------------------------------------
