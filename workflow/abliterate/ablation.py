@@ -256,6 +256,13 @@ def _source_weight(c: Component) -> torch.Tensor:
     return c.weight.detach()
 
 
+def _host_to(values: list[float], device: torch.device) -> torch.Tensor:
+    """A float32 tensor of Python numbers on ``device``; to a GPU through pinned memory, so the copy is
+    queued behind the work already there instead of waiting for it (a pageable copy syncs the stream)."""
+    host = torch.tensor(values, dtype=torch.float32, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 ROUTES = ("auto", "lora", "direct")
 
 
@@ -338,6 +345,8 @@ class Ablator:
             raise UnsupportedArchitectureError(
                 f"quantized layers cannot be edited in place: {quantized[:3]}; use the LoRA route (force_direct=False)"
             )
+        # every LoRA B factor, looked up once: PEFT's module lookups cost more than zeroing them
+        self._lora_b = [self._lora_weights(c)[0] for c in self._lora_layers]
         self._groups: list[batched_ablation.WeightGroup] = []
         self._grouped: set[Component] = set()
         self._table: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -515,14 +524,15 @@ class Ablator:
             directions[device] = self._trial_directions(device, direction_index)
         b, a = batched_ablation.batched_factors(
             group.weights[lo:hi], directions[device][group.layer_index(lo, hi)],
-            torch.tensor(weights[lo:hi], dtype=torch.float32, device=device), self.row_norm.value,
+            _host_to(weights[lo:hi], device), self.row_norm.value,
             norms=None if group.norms is None else group.norms[lo:hi], rank=self.full_rank, seed=self.seed,
             oversampling=FULL_OVERSAMPLING, niter=FULL_NITER,
             split=batched_ablation.split_products_supported(device.type, group.stored.dtype),
         )
+        bs, as_ = b.unbind(0), a.unbind(0)  # all views in one call: per-row indexing cost more than the maths
         if group.lora:
-            torch._foreach_copy_(group.lora_b[lo:hi], list(b.unbind(0)))
-            torch._foreach_copy_(group.lora_a[lo:hi], list(a.unbind(0)))
+            torch._foreach_copy_(group.lora_b[lo:hi], bs)
+            torch._foreach_copy_(group.lora_a[lo:hi], as_)
             outside = group.lora_b[:lo] + group.lora_b[hi:]
             if outside:
                 torch._foreach_zero_(outside)
@@ -531,7 +541,7 @@ class Ablator:
             for i, c in enumerate(group.components):
                 self._backups.setdefault(c, group.backup[i])
         for i in active:
-            self._factors[group.components[i]] = (b[i - lo], a[i - lo])
+            self._factors[group.components[i]] = (bs[i - lo], as_[i - lo])
         return len(active)
 
     def apply(self, params: AblationParams) -> None:
@@ -585,8 +595,8 @@ class Ablator:
     def reset(self) -> None:
         """Back to the base model: LoRA B factors zeroed, direct edits restored bit for bit from backups."""
         with torch.no_grad():
-            if self._lora_layers:
-                torch._foreach_zero_([self._lora_weights(c)[0] for c in self._lora_layers])
+            if self._lora_b:
+                torch._foreach_zero_(self._lora_b)
             for c in list(self._dirty):
                 self._restore(c)
             for group in self._groups:
