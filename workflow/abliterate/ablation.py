@@ -25,6 +25,13 @@ factors are overwritten per trial (``lora_alpha == r`` so the scaling is 1, drop
 others (fused 3-D experts, unusual modules), or all with ``force_direct=True``, are edited in place,
 with a backup taken at their first edit so ``reset()`` restores them bit for bit.
 
+Two paths, one result. By default the weights of each component kind (one same-shaped matrix per
+layer) are stacked into one tensor and a trial edits all of them with batched products
+(:mod:`abliterate.batched_ablation`: on a GPU the loop below was bound by kernel launches, not
+bytes); components that do not stack (fused experts, quantized or tied weights) and
+``batched=False`` take the per-component loop with :func:`delta_factors`, which the tests use as
+the reference.
+
 Adapter dtype: ``get_peft_model`` runs with ``autocast_adapter_dtype=True`` (PEFT's default), so for
 float16/bfloat16 bases the LoRA factors stay float32 (PEFT casts the layer input to the adapter dtype
 and the result back), and the factors are stored without a second rounding.
@@ -51,7 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import batched_ablation, io
+from . import batched_ablation, devices, io
 from .architecture import KINDS, Component, ModelLayout, unwrap
 from .errors import ConfigError, NumericalError, UnsupportedArchitectureError
 
@@ -186,12 +193,6 @@ def _row_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return n, torch.where(n > 0, n, torch.ones_like(n))
 
 
-def _rng_fork(device: torch.device):
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=[device], device_type=device.type)
-
-
 def delta_factors(
     w: torch.Tensor,
     r: torch.Tensor,
@@ -223,7 +224,7 @@ def delta_factors(
         delta = w_new - w32
         k = min(rank, *delta.shape)
         q = min(k + oversampling, *delta.shape)
-        with _rng_fork(delta.device):
+        with devices.fork_rng(delta.device):
             torch.manual_seed(seed)
             u, s, v = torch.svd_lowrank(delta, q=q, niter=niter)
         root = s[:k].sqrt()

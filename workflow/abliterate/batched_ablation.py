@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import devices
 from .architecture import Component
 
 log = logging.getLogger(__name__)
@@ -137,13 +138,11 @@ def _randomized_svd(apply, apply_t, rows: int, cols: int, batch: int, q: int, k:
     Gaussian start drawn after ``torch.manual_seed(seed)`` as the per-matrix path draws it, ``niter``
     power iterations; with the orthonormalisation and the small SVD done batched (see above).
     """
-    from .ablation import _rng_fork  # one RNG-isolation rule for both paths
-
     wide = rows < cols
     if wide:  # torch works on the tall Mᵀ
         apply, apply_t = apply_t, apply
     n = min(rows, cols)
-    with _rng_fork(device):
+    with devices.fork_rng(device):
         torch.manual_seed(seed)
         start = torch.randn(n, q, dtype=torch.float32, device=device)
     basis = orthonormal_basis(apply(start.expand(batch, n, q)))

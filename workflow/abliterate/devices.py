@@ -80,3 +80,11 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def fork_rng(device: torch.device):
+    """A context that restores the global RNG state of ``device`` (and the CPU's) on exit, so a seeded
+    draw inside it leaves the caller's random stream untouched."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
