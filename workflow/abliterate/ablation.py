@@ -539,8 +539,8 @@ class Ablator:
                 torch._foreach_zero_(outside)
         else:
             group.edit(lo, b, a, self.backup_device)
-            for i, c in enumerate(group.components):
-                self._backups.setdefault(c, group.backup[i])
+            if group.components[0] not in self._backups:  # the stacked backup was just taken
+                self._backups.update(zip(group.components, group.backup.unbind(0)))
         for i in active:
             self._factors[group.components[i]] = (bs[i - lo], as_[i - lo])
         return len(active)
