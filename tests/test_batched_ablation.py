@@ -182,3 +182,27 @@ def test_batched_matches_per_component_on_cuda_bfloat16(row_norm, force_direct):
             assert ((got - want).abs() <= 2**-7 * (base.abs() + want.abs()) + 1e-6).all()
         else:  # float32 factors: the split product keeps float32 precision
             assert (got - want).norm() <= 1e-4 * want.norm() + 1e-7
+
+
+def test_no_stacking_without_memory_for_it(monkeypatch, caplog):
+    """Stacking briefly holds a kind's matrices twice: where that does not fit, the loop edits them."""
+    from abliterate import devices
+
+    monkeypatch.setattr(devices, "free_bytes", lambda device: 1000)
+    directions = torch.randn(tm.LAYERS + 1, tm.HIDDEN, generator=torch.Generator().manual_seed(6))
+    model = tm.tiny_llama()
+    with caplog.at_level("WARNING", logger="abliterate.batched_ablation"):
+        ab = Ablator(model, discover(model), directions)
+    assert ab._groups == []
+    assert sum("not stacked" in r.getMessage() for r in caplog.records) == 2
+    ab.apply(AblationParams.constant(1.0))
+    reference = tm.tiny_llama()
+    ref = Ablator(reference, discover(reference), directions, batched=False)
+    ref.apply(AblationParams.constant(1.0))
+    torch.testing.assert_close(_logits(ab.model), _logits(ref.model), rtol=0, atol=0)
+
+
+def test_free_bytes_knows_the_cpu():
+    from abliterate import devices
+
+    assert devices.free_bytes(torch.device("cpu")) > 0

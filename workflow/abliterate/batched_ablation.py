@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -269,6 +270,26 @@ def group_key(c: Component, lora: bool) -> tuple:
     return (c.kind, c.layout, lora, tuple(w.shape), w.dtype, w.device)
 
 
+# Stacking holds the old matrices and the new stack at once, until the old ones are freed one by one.
+STACK_HEADROOM = 0.8  # of the free memory a stack may take: the rest stays for whatever runs next
+
+
+def _allocate_stack(kind: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """An empty stack, or None (with a warning) when the device cannot hold it next to the model."""
+    need = math.prod(shape) * dtype.itemsize
+    free = devices.free_bytes(device)
+    if free is not None and need > STACK_HEADROOM * free:
+        log.warning("%s weights not stacked: the stack needs %.2f GiB while stacking and %s has %.2f GiB free; "
+                    "they are edited one by one (slower trials, same result)", kind, need / 2**30, device, free / 2**30)
+        return None
+    try:
+        return torch.empty(shape, dtype=dtype, device=device)
+    except torch.OutOfMemoryError:
+        log.warning("%s weights not stacked: out of memory allocating %.2f GiB on %s; they are edited one by one",
+                    kind, need / 2**30, device)
+        return None
+
+
 def stack_groups(components: Sequence[Component], lora: set[Component]) -> list[WeightGroup]:
     """Stack the weights of each set of ≥ 2 same-kind, same-shape components (one per layer).
 
@@ -287,7 +308,9 @@ def stack_groups(components: Sequence[Component], lora: set[Component]) -> list[
             continue  # tied or repeated weights: the per-component path handles them
         members = sorted(members, key=lambda c: c.layer)
         params = [c.weight for c in members]
-        stored = torch.empty((len(members), *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+        stored = _allocate_stack(key[0], (len(members), *params[0].shape), params[0].dtype, params[0].device)
+        if stored is None:
+            continue
         for i, p in enumerate(params):
             stored[i].copy_(p.detach())
             p.data = stored[i]

@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 
+import psutil
 import torch
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,17 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take: free GPU memory plus what PyTorch's caching
+    allocator holds unused, or the RAM available on the CPU; None where it is not known (MPS)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        return psutil.virtual_memory().available
+    return None
 
 
 def fork_rng(device: torch.device):
