@@ -155,17 +155,23 @@ def test_partial_kernel_support_and_trial_after_trial(row_norm, force_direct):
     assert torch.equal(runs[1][2][1], runs[0][2][1])  # reset: the base model again, bit for bit
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bfloat16 products with a float32 out_dtype")
+CUDA = pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bfloat16 products with a float32 out_dtype"),
+])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("force_direct", [False, True], ids=["lora", "direct"])
 @pytest.mark.parametrize("row_norm", list(RowNorm))
-def test_batched_matches_per_component_on_cuda_bfloat16(row_norm, force_direct):
-    assert batched_ablation.split_products_supported("cuda", torch.bfloat16)
+def test_batched_matches_per_component_in_bfloat16(row_norm, force_direct, device):
+    """On CUDA the split product; on the CPU the weight cast per product."""
+    assert batched_ablation.split_products_supported(device, torch.bfloat16) == (device == "cuda")
     directions = torch.randn(tm.LAYERS + 1, tm.HIDDEN, generator=torch.Generator().manual_seed(3))
     params = AblationParams(0.7, {"attn_out": Kernel(1.3, 1.0, 0.4, 1.5), "mlp_down": Kernel(0.9, 2.0, 0.2, 2.5)})
     runs = []
     for batched in (True, False):
-        model = tm.tiny_qwen3().to("cuda", torch.bfloat16)
+        model = tm.tiny_qwen3().to(device, torch.bfloat16)
         ab = Ablator(model, discover(model), directions, row_norm=row_norm, force_direct=force_direct,
                      batched=batched, backup_device=None)
         assert bool(ab._groups) == batched
