@@ -111,7 +111,9 @@ def orthonormal_basis(x: torch.Tensor) -> torch.Tensor:
     for _ in range(2):
         gram = y.mT @ y
         shift = 1e-15 * gram.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] + 1e-300
-        upper = torch.linalg.cholesky(gram + shift * eye, upper=True)
+        # _ex: no error check, so no host sync per call on CUDA (torch.linalg.cholesky syncs to check
+        # `info`); the shift keeps the matrix positive definite, so there is no error to report
+        upper, _ = torch.linalg.cholesky_ex(gram + shift * eye, upper=True)
         y = torch.linalg.solve_triangular(upper, y, upper=True, left=False)
     return y.float()
 
