@@ -212,3 +212,14 @@ def test_free_bytes_knows_the_cpu():
     from abliterate import devices
 
     assert devices.free_bytes(torch.device("cpu")) > 0
+
+
+def test_moving_the_model_after_stacking_is_an_error():
+    """Stacked edits on weights the model no longer reads would score every trial as the base model."""
+    from abliterate.errors import AbliterateError
+
+    model = tm.tiny_llama()
+    ab = Ablator(model, discover(model), torch.randn(tm.LAYERS + 1, tm.HIDDEN))
+    model.to(torch.float64)  # a new tensor per parameter, as a move to another device makes
+    with pytest.raises(AbliterateError, match="moved or replaced"):
+        ab.apply(AblationParams.constant(1.0))

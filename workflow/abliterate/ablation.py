@@ -514,6 +514,7 @@ class Ablator:
 
     def _apply_group(self, group, weights: list[float], direction_index: float | None, directions: dict) -> int:
         """One group's edit from its per-layer weights; returns the number of components edited."""
+        group.check_views()
         active = [i for i, w in enumerate(weights) if w != 0.0]
         if not active:
             if group.lora:

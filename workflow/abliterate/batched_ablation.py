@@ -39,6 +39,7 @@ import torch
 
 from . import devices
 from .architecture import Component
+from .errors import AbliterateError
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,16 @@ class WeightGroup:
         if layers == list(range(layers[0], layers[0] + len(layers))):
             return slice(layers[0], layers[-1] + 1)
         return torch.tensor(layers, device=self.stored.device)
+
+    def check_views(self) -> None:
+        """The model still computes with the stack: a ``model.to(...)`` or a reload after stacking would
+        leave it editing a tensor nobody reads, and every trial would score the unedited model."""
+        for i in (0, len(self.components) - 1):
+            if self.components[i].weight.data_ptr() != self.stored[i].data_ptr():
+                raise AbliterateError(
+                    f"{self.components[i].name}: the model's weights were moved or replaced after the Ablator "
+                    "stacked them; build a new Ablator for the moved model"
+                )
 
     def restore(self) -> None:
         """Direct edits undone bit for bit from the stacked backup, in one copy."""
