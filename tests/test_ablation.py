@@ -249,6 +249,20 @@ def test_full_mode_is_seeded_and_deterministic():
 
 
 @BATCHED
+def test_a_layer_without_direction_only_fails_the_trials_that_edit_it(batched):
+    """The directions rule writes a zero row where the means coincide: editing other layers works."""
+    directions = _directions()
+    directions[3] = 0  # the output of layer 2
+    model = tm.tiny_llama()
+    ab = Ablator(model, discover(model), directions, batched=batched)
+    ab.apply(AblationParams(None, {"mlp_down": Kernel(1.0, 0.0, 1.0, 1.5)}))  # layers 0 and 1
+    assert sorted(c.layer for c in ab._factors) == [0, 1]
+    ab.apply(AblationParams(1.0, {"mlp_down": Kernel(1.0, 2.0, 1.0, 0.5)}))  # a global direction
+    with pytest.raises(NumericalError, match=r"layer\(s\) \[2\]"):
+        ab.apply(AblationParams(None, {"mlp_down": Kernel(1.0, 2.0, 1.0, 0.5)}))
+
+
+@BATCHED
 def test_zero_weight_kind_is_untouched(batched):
     ab = _ablator("llama", batched=batched)
     ab.apply(AblationParams(None, {"attn_out": Kernel(1.0, 0.0, 1.0, 10.0)}))

@@ -325,6 +325,9 @@ class Ablator:
         self.layout = layout
         # The projection math is defined in float32; a float16/float64 table is converted once here.
         self.directions = directions.detach().to(torch.float32)
+        # one host sync here instead of one per edited layer and trial (`not >` also catches NaN)
+        ok = (torch.linalg.vector_norm(self.directions[1:], dim=1) > 0).tolist()
+        self._broken_layers = {layer for layer, good in enumerate(ok) if not good}
         self.full_rank = full_rank
         self.seed = seed
         self.backup_device = None if backup_device is None else torch.device(backup_device)
@@ -350,7 +353,7 @@ class Ablator:
         self._lora_b = [self._lora_weights(c)[0] for c in self._lora_layers]
         self._groups: list[batched_ablation.WeightGroup] = []
         self._grouped: set[Component] = set()
-        self._table: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._table: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if batched:
             self._stack()
 
@@ -497,20 +500,32 @@ class Ablator:
             return pairs[0]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-    def _trial_directions(self, device: torch.device, direction_index: float | None) -> torch.Tensor:
-        """(n_layers, hidden) float32 unit directions of this trial, one per decoder layer, on ``device``."""
-        if device not in self._table:
-            table = self.directions.to(device)
-            norms = torch.linalg.vector_norm(table[1:], dim=1, keepdim=True)
-            # per-layer directions are the same every trial: normalised and checked once, not per trial
-            ok = bool((norms > 0).all())  # `not >` also catches NaN
-            self._table[device] = (table, table[1:] / norms if ok else None)
-        table, per_layer = self._table[device]
-        if direction_index is not None:
-            return direction_for(table, direction_index).expand(self.layout.n_layers, -1)
-        if per_layer is None:
-            raise NumericalError("a layer's direction has zero or NaN norm; the direction table is broken")
-        return per_layer
+    def _trial_directions(self, device: torch.device, direction_index: float | None,
+                          edited_layers, cache: dict) -> torch.Tensor:
+        """(n_layers, hidden) float32 unit directions of this trial, one per decoder layer, on ``device``;
+        ``cache`` holds them for the rest of the trial.
+
+        Per-layer directions are the same every trial, so they are normalised once per device, with no
+        host sync per layer; a layer without a direction (zero or NaN, as the directions rule writes
+        where the means coincide) is an error only when the trial edits it."""
+        if direction_index is None:
+            broken = sorted(self._broken_layers.intersection(edited_layers))
+            if broken:
+                raise NumericalError(
+                    f"no direction for layer(s) {broken} (zero or NaN norm in the direction table), "
+                    "and the trial edits them with per-layer directions"
+                )
+        if device not in cache:
+            if device not in self._table:
+                table = self.directions.to(device)
+                norms = torch.linalg.vector_norm(table[1:], dim=1, keepdim=True)
+                self._table[device] = (table, table[1:] / torch.where(norms > 0, norms, torch.ones_like(norms)))
+            table, per_layer = self._table[device]
+            cache[device] = (
+                per_layer if direction_index is None
+                else direction_for(table, direction_index).expand(self.layout.n_layers, -1)
+            )
+        return cache[device]
 
     def _apply_group(self, group, weights: list[float], direction_index: float | None, directions: dict) -> int:
         """One group's edit from its per-layer weights; returns the number of components edited."""
@@ -522,10 +537,10 @@ class Ablator:
             return 0
         lo, hi = active[0], active[-1] + 1  # a kernel's support is contiguous in layers
         device = group.stored.device
-        if device not in directions:
-            directions[device] = self._trial_directions(device, direction_index)
+        table = self._trial_directions(device, direction_index, [group.components[i].layer for i in active],
+                                       directions)
         b, a = batched_ablation.batched_factors(
-            group.weights[lo:hi], directions[device][group.layer_index(lo, hi)],
+            group.weights[lo:hi], table[group.layer_index(lo, hi)],
             _host_to(weights[lo:hi], device), self.row_norm.value,
             norms=None if group.norms is None else group.norms[lo:hi], rank=self.full_rank, seed=self.seed,
             oversampling=FULL_OVERSAMPLING, niter=FULL_NITER,
@@ -549,7 +564,7 @@ class Ablator:
     def apply(self, params: AblationParams) -> None:
         """Set the model to base weights + the edit described by ``params`` (previous edits are replaced)."""
         start = time.perf_counter()
-        directions: dict = {}
+        directions: dict[torch.device, torch.Tensor] = {}
         edited = 0
         with torch.no_grad():
             for c in list(self._dirty):
@@ -570,13 +585,8 @@ class Ablator:
                     if c in self._lora_layers:
                         self._lora_weights(c)[0].zero_()
                     continue
-                device = c.weight.device
-                key = (c.layer, device)
-                if key not in directions:
-                    directions[key] = layer_direction(
-                        self.directions, c.layer, params.direction_index
-                    ).to(device)
-                b, a = self._factors_for(c, directions[key], weight)
+                table = self._trial_directions(c.weight.device, params.direction_index, [c.layer], directions)
+                b, a = self._factors_for(c, table[c.layer], weight)
                 if c in self._lora_layers:
                     self._set_lora(c, b, a)
                 else:
