@@ -85,15 +85,9 @@ def left_product(x: torch.Tensor, w: torch.Tensor, split: bool) -> torch.Tensor:
 
 
 def right_product(w: torch.Tensor, x: torch.Tensor, split: bool) -> torch.Tensor:
-    """``w @ x`` in float32 for a weight stack ``w`` (L, out, in) and float32 ``x`` (L, in, m)."""
-    if w.dtype == torch.float32:
-        return torch.bmm(w, x)
-    if not split:
-        return torch.bmm(w.float(), x)
-    m = x.shape[2]
-    hi, lo = _split(x, w.dtype)
-    both = _low_precision_bmm(w, torch.cat([hi, lo], dim=2))
-    return both[..., :m] + both[..., m:]
+    """``w @ x`` in float32 for a weight stack ``w`` (L, out, in) and float32 ``x`` (L, in, m): the left
+    product of the transposes (views; ``bmm`` takes transposed operands without copying them)."""
+    return left_product(x.mT, w.mT, split).mT
 
 
 # -- factors -----------------------------------------------------------------------------------------
@@ -315,12 +309,11 @@ def stack_groups(components: Sequence[Component], lora: set[Component]) -> list[
             buckets.setdefault(group_key(c, c in lora), []).append(c)
     groups = []
     for key, members in buckets.items():
+        members = sorted(members, key=lambda c: c.layer)
         params = [c.weight for c in members]
         layers = [c.layer for c in members]
         if len(members) < 2 or len({id(p) for p in params}) < len(params) or len(set(layers)) < len(layers):
             continue  # tied or repeated weights: the per-component path handles them
-        members = sorted(members, key=lambda c: c.layer)
-        params = [c.weight for c in members]
         stored = _allocate_stack(key[0], (len(members), *params[0].shape), params[0].dtype, params[0].device)
         if stored is None:
             continue
