@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import batched_ablation, devices, io
+from . import batched_ablation, devices, edit_graph, io
 from .architecture import KINDS, Component, ModelLayout, unwrap
 from .errors import ConfigError, NumericalError, UnsupportedArchitectureError
 
@@ -257,13 +257,6 @@ def _source_weight(c: Component) -> torch.Tensor:
     return c.weight.detach()
 
 
-def _host_to(values: list[float], device: torch.device) -> torch.Tensor:
-    """A float32 tensor of Python numbers on ``device``; to a GPU through pinned memory, so the copy is
-    queued behind the work already there instead of waiting for it (a pageable copy syncs the stream)."""
-    host = torch.tensor(values, dtype=torch.float32, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
-
-
 ROUTES = ("auto", "lora", "direct")
 
 
@@ -306,11 +299,14 @@ class Ablator:
         force_direct: bool = False,
         backup_device: str | torch.device | None = "cpu",
         batched: bool = True,
+        graphs: bool = True,
     ) -> None:
         """``backup_device``: where direct-edit backups live ("cpu" saves accelerator memory; None keeps
         each backup on its weight's device, faster resets). ``batched``: stack the weights of each
         component kind and edit all its layers at once (:mod:`abliterate.batched_ablation`); False
-        keeps the per-component loop, the reference the batched maths is tested against."""
+        keeps the per-component loop, the reference the batched maths is tested against. ``graphs``: on
+        CUDA, record the stacked LoRA groups' edit as a CUDA graph at the first trial and replay it
+        (:mod:`abliterate.edit_graph`; not for row_norm full)."""
         expected = (layout.n_layers + 1, layout.hidden_size)
         if directions.ndim != 2 or tuple(directions.shape) != expected:
             raise ConfigError(
@@ -350,12 +346,15 @@ class Ablator:
                 f"quantized layers cannot be edited in place: {quantized[:3]}; use the LoRA route (force_direct=False)"
             )
         # every LoRA B factor, looked up once: PEFT's module lookups cost more than zeroing them
-        self._lora_b = [self._lora_weights(c)[0] for c in self._lora_layers]
+        self._lora_b_rest = [self._lora_weights(c)[0] for c in self._lora_layers]  # the ones no graph zeroes
         self._groups: list[batched_ablation.WeightGroup] = []
         self._grouped: set[Component] = set()
         self._table: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._graph: edit_graph.EditGraph | None = None
+        self._graph_groups: list[batched_ablation.WeightGroup] = []
         if batched:
             self._stack()
+            self._plan_graph(graphs)
 
     def _stack(self) -> None:
         self._groups = batched_ablation.stack_groups(self.layout.components, set(self._lora_layers))
@@ -374,6 +373,28 @@ class Ablator:
             "batched edits: %d of %d components in %d stacked groups (row_norm=%s)",
             len(self._grouped), len(self.layout.components), len(self._groups), self.row_norm.value,
         )
+
+    def _plan_graph(self, enabled: bool) -> None:
+        lora_groups = [g for g in self._groups if g.lora]
+        reason = edit_graph.graph_reason(lora_groups, self.row_norm.value, enabled)
+        if reason is None:
+            self._graph_groups = lora_groups  # recorded at the first apply, under its no_grad
+        elif any(g.stored.device.type == "cuda" for g in lora_groups):
+            log.info("edit graph: not used, %s; trials run the batched edit eagerly", reason)
+
+    def _record_graph(self) -> None:
+        groups, self._graph_groups = self._graph_groups, []
+        try:
+            self._graph = edit_graph.EditGraph(
+                groups, lambda g, r, lam: self._group_factors(g, r, lam, 0, len(g.components)),
+                self.layout.n_layers, self.layout.hidden_size,
+            )
+        except RuntimeError as err:  # e.g. a kernel that syncs with the host: the eager path is the same maths
+            log.warning("edit graph: recording failed (%s); trials run the batched edit eagerly",
+                        str(err).splitlines()[0][:200])
+            return
+        recorded = {c for g in groups for c in g.components}
+        self._lora_b_rest = [self._lora_weights(c)[0] for c in self._lora_layers if c not in recorded]
 
     # -- LoRA route -------------------------------------------------------------------------------
     def _lora_config(self):
@@ -527,6 +548,33 @@ class Ablator:
             )
         return cache[device]
 
+    def _group_factors(self, group, directions: torch.Tensor, lam: torch.Tensor, lo: int,
+                       hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched (B, A) for rows lo..hi-1 of a group from their unit directions and weights."""
+        return batched_ablation.batched_factors(
+            group.weights[lo:hi], directions, lam, self.row_norm.value,
+            norms=None if group.norms is None else group.norms[lo:hi], rank=self.full_rank, seed=self.seed,
+            oversampling=FULL_OVERSAMPLING, niter=FULL_NITER,
+            split=batched_ablation.split_products_supported(group.stored.device.type, group.stored.dtype),
+        )
+
+    def _replay_graph(self, weights: list[list[float]], direction_index: float | None, directions: dict) -> int:
+        """The recorded groups' edit from their per-layer weights; returns the number of components edited."""
+        graph = self._graph
+        for group in graph.groups:
+            group.check_views()
+        active = [[i for i, w in enumerate(ws) if w != 0.0] for ws in weights]
+        layers = [g.components[i].layer for g, rows in zip(graph.groups, active) for i in rows]
+        if not layers:
+            graph.zero()
+            return 0
+        table = self._trial_directions(graph.device, direction_index, layers, directions)
+        graph.replay([w for ws in weights for w in ws], table)
+        for group, rows, (bs, as_) in zip(graph.groups, active, graph.outputs):
+            components = group.components
+            self._factors.update({components[i]: (bs[i], as_[i]) for i in rows})
+        return len(layers)
+
     def _apply_group(self, group, weights: list[float], direction_index: float | None, directions: dict) -> int:
         """One group's edit from its per-layer weights; returns the number of components edited."""
         group.check_views()
@@ -539,13 +587,8 @@ class Ablator:
         device = group.stored.device
         table = self._trial_directions(device, direction_index, [group.components[i].layer for i in active],
                                        directions)
-        b, a = batched_ablation.batched_factors(
-            group.weights[lo:hi], table[group.layer_index(lo, hi)],
-            _host_to(weights[lo:hi], device), self.row_norm.value,
-            norms=None if group.norms is None else group.norms[lo:hi], rank=self.full_rank, seed=self.seed,
-            oversampling=FULL_OVERSAMPLING, niter=FULL_NITER,
-            split=batched_ablation.split_products_supported(device.type, group.stored.dtype),
-        )
+        b, a = self._group_factors(group, table[group.layer_index(lo, hi)], devices.host_to(weights[lo:hi], device),
+                                   lo, hi)
         bs, as_ = b.unbind(0), a.unbind(0)  # all views in one call: per-row indexing cost more than the maths
         if group.lora:
             torch._foreach_copy_(group.lora_b[lo:hi], bs)
@@ -565,17 +608,30 @@ class Ablator:
         """Set the model to base weights + the edit described by ``params`` (previous edits are replaced)."""
         start = time.perf_counter()
         directions: dict[torch.device, torch.Tensor] = {}
-        edited = 0
+        edited = lora = 0
         with torch.no_grad():
             for c in list(self._dirty):
                 self._restore(c)
             for group in self._groups:
                 group.restore()
             self._factors.clear()
+            if self._graph_groups:
+                self._record_graph()
+            recorded = set() if self._graph is None else set(map(id, self._graph.groups))
+            graph_weights = []
             for group in self._groups:
                 kernel = params.kernels.get(group.components[0].kind)
                 weights = [kernel.weight_at(c.layer) if kernel is not None else 0.0 for c in group.components]
-                edited += self._apply_group(group, weights, params.direction_index, directions)
+                if id(group) in recorded:
+                    graph_weights.append(weights)
+                else:
+                    n = self._apply_group(group, weights, params.direction_index, directions)
+                    edited += n
+                    lora += n if group.lora else 0
+            if recorded:
+                n = self._replay_graph(graph_weights, params.direction_index, directions)
+                edited += n
+                lora += n
             for c in self.layout.components:
                 if c in self._grouped:
                     continue
@@ -589,6 +645,7 @@ class Ablator:
                 b, a = self._factors_for(c, table[c.layer], weight)
                 if c in self._lora_layers:
                     self._set_lora(c, b, a)
+                    lora += 1
                 else:
                     self._edit_direct(c, b, a)
                 self._factors[c] = (b, a)
@@ -598,8 +655,8 @@ class Ablator:
             "ablation applied to %d of %d components (%d LoRA, %d direct, row_norm=%s) in %.3f s",
             edited,
             len(self.layout.components),
-            sum(c in self._lora_layers for c in self._factors),
-            sum(c not in self._lora_layers for c in self._factors),
+            lora,
+            edited - lora,
             self.row_norm.value,
             time.perf_counter() - start,
         )
@@ -607,8 +664,10 @@ class Ablator:
     def reset(self) -> None:
         """Back to the base model: LoRA B factors zeroed, direct edits restored bit for bit from backups."""
         with torch.no_grad():
-            if self._lora_b:
-                torch._foreach_zero_(self._lora_b)
+            if self._graph is not None:
+                self._graph.zero()
+            if self._lora_b_rest:
+                torch._foreach_zero_(self._lora_b_rest)
             for c in list(self._dirty):
                 self._restore(c)
             for group in self._groups:

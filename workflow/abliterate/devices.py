@@ -100,3 +100,10 @@ def fork_rng(device: torch.device):
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[])
     return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
+def host_to(values: list[float], device: torch.device) -> torch.Tensor:
+    """A float32 tensor of Python numbers on ``device``; to a GPU through pinned memory, so the copy is
+    queued behind the work already there instead of waiting for it (a pageable copy syncs the stream)."""
+    host = torch.tensor(values, dtype=torch.float32, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)

@@ -58,6 +58,7 @@ def build_objective(config: dict, lm, harmful: str, harmless: str, directions_pa
         row_norm=ablation.RowNorm(config["ablation"]["row_norm"]),
         full_rank=config["ablation"]["full_rank"], seed=config["seed"],
         force_direct=ablation.direct_route(route or config["ablation"]["route"], layout, device),
+        graphs=config["evaluation"]["cuda_graphs"],
     )
     _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "eval")
     settings = eval_settings(config, lm, harmful_texts)
