@@ -254,22 +254,24 @@ def load_model(
         bnb = quantization.bnb_config(quant, dtype)
         if bnb is not None:
             load_kwargs["quantization_config"] = bnb
-            load_kwargs["device_map"] = device_map or {"": device.index or 0}
-        elif device_map is not None:
+        if device_map is not None:
             load_kwargs["device_map"] = device_map
+        elif bnb is not None or device.type != "cpu":
+            # weights go straight to the accelerator, not through a full copy in RAM first
+            load_kwargs["device_map"] = {"": (device.index or 0) if device.type == "cuda" else str(device)}
         with _gguf_errors(res), _remote_code_errors():
             try:
                 model = auto.from_pretrained(res.location, **load_kwargs)
             except OSError as exc:
                 raise ModelLoadError(f"cannot load the weights of {res.description}: {exc}") from exc
         drop_gguf_state(model)
-        if bnb is None and device_map is None:
-            model.to(device)
         model.eval()
         model.requires_grad_(False)
+        weights_s = time.perf_counter() - start
         if _probe(model, tokenizer):
             seconds = time.perf_counter() - start
-            log.info("loaded in %s (%s) in %.1f s", str(dtype).removeprefix("torch."), reason, seconds)
+            log.info("loaded in %s (%s) in %.1f s (weights %.1f s, probe forward %.1f s)",
+                     str(dtype).removeprefix("torch."), reason, seconds, weights_s, seconds - weights_s)
             return LoadedModel(model, tokenizer, dtype, quant, res, seconds)
         msg = f"{str(dtype).removeprefix('torch.')} gives non-finite logits (overflow)"
         reasons.append(msg)
