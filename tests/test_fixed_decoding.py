@@ -97,8 +97,8 @@ def test_reasons_to_decode_without_graphs():
     split.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
     assert "several devices" in generation.cuda_graph_reason(split)
     quantized = _model("llama", "sdpa")
-    quantized.is_loaded_in_4bit = True
-    assert "bitsandbytes" in generation.cuda_graph_reason(quantized)
+    quantized.is_loaded_in_8bit = True
+    assert "bitsandbytes 8-bit" in generation.cuda_graph_reason(quantized)
 
 
 @cuda

@@ -48,3 +48,41 @@ def test_quantized_cycle_and_cpu_merge(tmp_path, mode, caplog):
     # The adapter was computed from dequantised weights: merged and quantized-ablated differ only by
     # the quantization error of the base weights.
     assert kl.kl_divergence(after.float(), merged_lp) < 0.05
+
+
+@pytest.mark.parametrize("mode", ["bnb_4bit", "bnb_8bit"])
+def test_cuda_graph_decoding_in_bitsandbytes(tmp_path, mode, caplog, monkeypatch):
+    """Fixed-shape decoding replayed as CUDA graphs writes the tokens the same steps write eagerly,
+    through quantized layers and a LoRA adapter. 4-bit models decode with graphs by default; 8-bit
+    ones are forced here: on an H200 their capture failed and the fallback wrote the same tokens (if a
+    bitsandbytes release makes it work, the printed line says so and cuda_graph_reason can allow them)."""
+    pytest.importorskip("bitsandbytes", reason="pip install -e '.[quant]'")
+    import functools
+    import logging
+
+    caplog.set_level(logging.INFO)
+    lm = loading.load_model(loading.ModelSource(path=str(tiny_model_dir(tmp_path / "base", layers=4))),
+                            torch.device("cuda"), cascade=["bfloat16"], quant=mode)
+    reason = generation.cuda_graph_reason(lm.model)
+    assert (reason is None) == (mode == "bnb_4bit")
+    if reason is not None:
+        monkeypatch.setattr(generation, "cuda_graph_reason", lambda model: None)
+    layout = architecture.discover(lm.model)
+    torch.manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=-1)
+    ablator = ablation.Ablator(lm.model, layout, directions)
+    texts = prompting.chat_texts(lm.tokenizer, ["Say hello.", "Name a colour.", "Count to three.", "Why?"])
+    fixed = generation._generate_fixed
+    for params in (None, ablation.AblationParams.constant(0.7, direction_index=1.5)):
+        if params is not None:
+            ablator.apply(params)
+        caplog.clear()
+        graphed = generation.generate_ids(ablator.model, lm.tokenizer, texts, 10, 4)
+        failed = [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()]
+        with monkeypatch.context() as m:  # the same fixed-shape steps, run eagerly
+            m.setattr(generation, "_generate_fixed", functools.partial(fixed, graph=False))
+            eager = generation.generate_ids(ablator.model, lm.tokenizer, texts, 10, 4)
+        print(mode, "edited" if params else "base", "capture failed:" if failed else "graph replayed", failed)
+        assert graphed == eager
+        if mode == "bnb_4bit":
+            assert not failed
