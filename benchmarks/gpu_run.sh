@@ -13,8 +13,11 @@
 #   models    a Qwen3-0.6B-shaped random model folder, bf16 (benchmarks/random_model.py)
 #   micro06   ablation apply+reset vs the bandwidth bound, and evaluation batches, 0.6B bf16
 #   eval06    only the evaluation batches of micro06 (continuous batching vs CUDA graphs)
-#   ablate06  only the ablation of micro06: per-component loop vs stacked batched edits, profiled
-#   ablate4b  the same on the Qwen3-4B shape (LoRA route)
+#   ablate06  only the ablation of micro06, LoRA route: the stacked batched edit run eagerly against
+#             the same edit replayed as a CUDA graph, profiled (PATHS=per_component,batched,graph
+#             adds the per-component loop)
+#   ablate4b  the same on the Qwen3-4B shape
+#   load06    where a rule's model load goes (CUDA start-up, CPU load + .to(cuda) vs device_map)
 #   compare   both tools end to end on that model (benchmarks/compare.py --protocol gpu)
 #   pytest    the tests marked gpu (bitsandbytes 4/8-bit cycle and CPU merge, CUDA-graph decoding)
 #   micro4bit the 0.6B folder loaded bitsandbytes 4-bit: LoRA-route ablation and evaluation
@@ -85,10 +88,12 @@ PY
 ENV
 step env 60 12 bash "$WORK/env.sh"
 step models 60 3 python3 benchmarks/random_model.py qwen3-0.6b "$MODEL" --device cuda --tokenizer "$TOK"
-step pytest 90 8 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantized.py \
-    tests/test_fixed_decoding.py tests/test_batched_ablation.py
+PATHS=${PATHS:-batched,graph}
+step pytest 90 8 python3 -m pytest -q -rP -p no:cacheprovider -m gpu tests/test_quantized.py \
+    tests/test_fixed_decoding.py tests/test_batched_ablation.py tests/test_edit_graph.py
+step load06 60 30 python3 benchmarks/load_time.py "$MODEL" --out "$RES/load-cuda-bf16-qwen3-0.6b-$DAY.json"
 step ablate06 75 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation \
-    --model qwen3-0.6b-shape --tokenizer "$TOK" --reps 5 \
+    --model qwen3-0.6b-shape --tokenizer "$TOK" --reps 20 --routes lora --paths "$PATHS" \
     --out "$RES/micro-cuda-bf16-qwen3-0.6b-ablation-$DAY.json"
 step micro06 75 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation,eval \
     --model qwen3-0.6b-shape --eval-model qwen3-0.6b-shape --tokenizer "$TOK" --batch-sizes 64 \
@@ -110,7 +115,7 @@ compare() {  # compare NAME LABEL MODEL_DIR [compare.py options...]: both tools,
 }
 compare compare qwen3-0.6b "$MODEL"
 step ablate4b 100 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation \
-    --model qwen3-4b-shape --tokenizer "$TOK" --reps 5 --routes lora --no-profile \
+    --model qwen3-4b-shape --tokenizer "$TOK" --reps 20 --routes lora --paths "$PATHS" --no-profile \
     --out "$RES/micro-cuda-bf16-qwen3-4b-ablation-$DAY.json"
 step micro4bit 100 25 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --quantization bnb_4bit \
     --routes lora --sections ablation,eval --model "$MODEL" --eval-model "$MODEL" --batch-sizes 64 \
