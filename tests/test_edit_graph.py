@@ -73,13 +73,19 @@ def test_graph_matches_the_eager_batched_edit(row_norm, dtype, device):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_trials_need_no_direction_where_they_edit_nothing(device):
-    """A zero row in the direction table fails only the trials that edit its layer, as eagerly."""
+@pytest.mark.parametrize("broken", [0.0, float("nan")], ids=["zero", "nan"])
+def test_trials_need_no_direction_where_they_edit_nothing(device, broken):
+    """A zero or NaN row in the direction table fails only the trials that edit its layer, as eagerly;
+    the graph computes that layer with weight 0, which must leave it unedited (0 · NaN is NaN)."""
     directions = torch.randn(tm.LAYERS + 1, tm.HIDDEN, generator=torch.Generator().manual_seed(5))
-    directions[3] = 0  # layer 2's direction
+    directions[3] = broken  # layer 2's direction
     ab = _ablator(device, torch.float32, RowNorm.NONE, True, directions)
+    base = _logits(ab.model)
     ab.apply(AblationParams(None, {"mlp_down": Kernel(1.0, 0.0, 1.0, 1.5)}))  # layers 0 and 1
     assert sorted(c.layer for c in ab._factors) == [0, 1]
+    assert torch.isfinite(_logits(ab.model)).all()
+    ab.reset()
+    assert torch.equal(_logits(ab.model), base)
     with pytest.raises(Exception, match=r"no direction for layer\(s\) \[2\]"):
         ab.apply(AblationParams(None, {"mlp_down": Kernel(1.0, 2.0, 1.0, 0.5)}))
 

@@ -540,7 +540,11 @@ class Ablator:
             if device not in self._table:
                 table = self.directions.to(device)
                 norms = torch.linalg.vector_norm(table[1:], dim=1, keepdim=True)
-                self._table[device] = (table, table[1:] / torch.where(norms > 0, norms, torch.ones_like(norms)))
+                good = norms > 0  # False for NaN too
+                # a broken layer's row is zero, not NaN: no trial edits it, but the edit graph computes
+                # every layer with weight 0 outside the kernels, and 0 · NaN would still be NaN
+                unit = torch.where(good, table[1:] / torch.where(good, norms, torch.ones_like(norms)), 0.0)
+                self._table[device] = (table, unit)
             table, per_layer = self._table[device]
             cache[device] = (
                 per_layer if direction_index is None
