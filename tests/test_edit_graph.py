@@ -20,6 +20,7 @@ CUDA = pytest.param("cuda", marks=[
 TRIALS = [
     AblationParams.constant(1.0, direction_index=0.5),  # every layer, one interpolated direction
     AblationParams(None, {"mlp_down": Kernel(1.2, 1.0, 0.5, 0.9), "attn_out": Kernel(0.8, 2.0, 0.8, 0.5)}),
+    AblationParams(None, {"mlp_down": Kernel(0.6, 2.0, 0.6, 3.0)}),  # per-layer again, other kernel
     AblationParams(None, {}),  # nothing edited
     AblationParams(1.5, {"attn_out": Kernel(1.1, 0.0, 0.3, 1.5)}),  # one kind only
 ]
@@ -68,7 +69,7 @@ def test_graph_matches_the_eager_batched_edit(row_norm, dtype, device):
         for x, y in zip(w0, w1):
             torch.testing.assert_close(y, x, rtol=0, atol=1e-6 * max(1.0, x.abs().max().item()))
         torch.testing.assert_close(l1, l0, rtol=0, atol=1e-4 if dtype == torch.float32 else 5e-2)
-    assert want[2][2] == []  # the empty trial edits nothing
+    assert want[3][2] == []  # the empty trial edits nothing
     assert torch.equal(got[-1][1], base)  # reset: the base model again, bit for bit
 
 

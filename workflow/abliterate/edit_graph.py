@@ -68,6 +68,7 @@ class EditGraph:
         self.weights = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
         self.directions = torch.zeros(n_layers, hidden, dtype=torch.float32, device=self.device)
         self._lams = self.weights.split(sizes)
+        self._copied: torch.Tensor | None = None  # the table self.directions holds a copy of
         # a layer index that is a tensor must exist before recording: creating it copies from the host
         self._index = [g.layer_index(0, len(g.components)) for g in self.groups]
         self._factors = factors
@@ -110,7 +111,9 @@ class EditGraph:
         """Write this trial's factors: ``weights`` per layer of every group in order, ``directions``
         (n_layers, hidden) float32 unit directions on the graph's device."""
         self.weights.copy_(devices.host_to(weights, self.device), non_blocking=True)
-        self.directions.copy_(directions)
+        if directions is not self._copied:  # per-layer tables are one tensor, never changed: copied once
+            self.directions.copy_(directions)
+            self._copied = directions
         if self._edit is None:
             self.outputs = self._step()
         else:

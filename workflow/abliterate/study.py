@@ -47,6 +47,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from abliterate.errors import ConfigError, NumericalError
+from abliterate.kl_target import KLTargetTPESampler
 
 logger = logging.getLogger(__name__)
 
@@ -350,6 +351,10 @@ def describe_params(flat: Mapping[str, Any]) -> str:
 def _sampler(seed: int, worker: str, n_trials_so_far: int, kwargs: Mapping[str, Any]):
     blob = f"{seed}:{worker}:{n_trials_so_far}".encode()
     derived = int.from_bytes(hashlib.sha256(blob).digest()[:4], "little")
+    kwargs = dict(kwargs)
+    target = kwargs.pop("kl_target", None)
+    if target:
+        return KLTargetTPESampler(target, seed=derived, **kwargs)
     return optuna.samplers.TPESampler(seed=derived, **kwargs)
 
 
@@ -578,6 +583,9 @@ def run_worker(
         n_trials,
         worker,
     )
+    if sampler_kwargs.get("kl_target"):
+        logger.info("sampler: trials with KL below %g count by their refusals in TPE's view (study.kl_target); "
+                    "the study stores measured values", sampler_kwargs["kl_target"])
     bar = tqdm(
         total=n_trials,
         initial=min(complete, n_trials),
