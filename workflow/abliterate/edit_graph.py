@@ -72,6 +72,7 @@ class EditGraph:
         # a layer index that is a tensor must exist before recording: creating it copies from the host
         self._index = [g.layer_index(0, len(g.components)) for g in self.groups]
         self._factors = factors
+        self._lora_b = [b for g in self.groups for b in g.lora_b]  # what the reset zeroes
         self.outputs: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = []
         self._edit = self._zero = None
         if self.device.type != "cuda":
@@ -105,7 +106,7 @@ class EditGraph:
         with torch.cuda.graph(self._edit):
             self.outputs = self._step()
         with torch.cuda.graph(self._zero):
-            torch._foreach_zero_([b for g in self.groups for b in g.lora_b])
+            torch._foreach_zero_(self._lora_b)
 
     def replay(self, weights: list[float], directions: torch.Tensor) -> None:
         """Write this trial's factors: ``weights`` per layer of every group in order, ``directions``
@@ -122,6 +123,6 @@ class EditGraph:
     def zero(self) -> None:
         """Every recorded group back to B = 0 (the base model), in one launch."""
         if self._zero is None:
-            torch._foreach_zero_([b for g in self.groups for b in g.lora_b])
+            torch._foreach_zero_(self._lora_b)
         else:
             self._zero.replay()

@@ -58,7 +58,3 @@ def bnb_config(mode: str, compute_dtype: torch.dtype):
         log.info("loading in 8-bit (LLM.int8) with compute dtype %s", str(compute_dtype).removeprefix("torch."))
         return BitsAndBytesConfig(load_in_8bit=True)
     raise QuantizationBackendError(f"model.quantization must be one of {', '.join(MODES)}, not {mode!r}")
-
-
-def is_quantized(model) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
