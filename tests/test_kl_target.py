@@ -63,3 +63,28 @@ def test_run_worker_with_a_kl_target(tmp_path, caplog):
 def test_the_sampler_is_chosen_by_the_setting():
     assert isinstance(study._sampler(0, "0", 0, {"kl_target": 0.01}), kl_target.KLTargetTPESampler)
     assert type(study._sampler(0, "0", 0, {"kl_target": None})) is optuna.samplers.TPESampler
+
+
+def test_the_refusal_floor():
+    assert kl_target.sampler_values(2, 0.07, 50, None, 0.1) == (5, 0.07)
+    assert kl_target.sampler_values(8, 0.04, 50, None, 0.1) == (8, 0.04)
+    assert kl_target.sampler_values(38, 0.004, 50, 0.01, 0.1) == (38, 38 / 50 * 0.01)
+    assert kl_target.sampler_values(0, 0.2, 50, None, 0.0) == (0, 0.2)
+
+
+def test_the_refusal_floor_ranks_trials_under_the_target_by_kl_alone():
+    # (1, 0.3) and (0, 0.5) are on the measured front; under a floor of 5 refusals they are
+    # dominated by (4, 0.07), which the export target accepts at a lower KL
+    s = _study([(1, 0.3), (0, 0.5), (4, 0.07), (30, 0.01), (20, 0.02), (45, 0.2), (40, 0.3), (35, 0.4)])
+    trials = s._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    view = kl_target._SamplerView(s, None, 0.1)
+    seen = view._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    below, _ = _split_trials(s, trials, 3)
+    below_view, _ = _split_trials(view, seen, 3)
+    assert {0, 1} & {t.number for t in below}
+    assert not {0, 1} & {t.number for t in below_view} and 2 in {t.number for t in below_view}
+
+
+def test_a_refusal_floor_alone_picks_the_view_sampler():
+    sampler = study._sampler(0, "0", 0, {"kl_target": None, "refusal_floor": 0.1})
+    assert isinstance(sampler, kl_target.KLTargetTPESampler)

@@ -1,4 +1,5 @@
-"""What the sampler sees of a trial's KL: below a target, the KL objective becomes a refusal score.
+"""What the sampler sees of a trial: below a KL target, KL becomes a refusal score; below a refusal
+floor, refusals count as the floor.
 
 Why. Trials that barely change the model (KL near 0, refusals near the baseline's) are on the
 (refusals, KL) Pareto front, because nothing has a lower KL; multi-objective TPE takes its "good"
@@ -12,6 +13,12 @@ Here the same transform applies to the sampler's view only, with refusals counte
 the trial's prompts instead of the baseline's refusals (a positive per-axis scale, which changes
 neither the non-domination ranks nor TPE's hypervolume tie-break). The study stores the measured
 (refusals, KL), so the front, the exported trial, the report and ``stop_dominated`` are unchanged.
+
+The refusal floor (``study.refusal_floor``) is the same idea on the other axis: refusals below a
+fraction of the prompts count as that fraction, so all trials the export target accepts share one
+refusal value and TPE ranks them by KL alone (a 0-refusal trial at high KL leaves the good group).
+On the demo it lowered the chosen trial's eval KL but chose trials at the edge of the target, which
+held-out prompts refused far more often (README), so it is off by default.
 """
 
 from __future__ import annotations
@@ -24,19 +31,24 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 
-def sampler_values(refusals: float, kl: float, n: int, target: float) -> tuple[float, float]:
-    """(refusals, KL) as the sampler sees them: KL below ``target`` becomes ``refusals / n × target``."""
-    if kl >= target:
-        return refusals, kl
-    return refusals, refusals / max(n, 1) * target
+def sampler_values(refusals: float, kl: float, n: int, target: float | None,
+                   floor: float | None = None) -> tuple[float, float]:
+    """(refusals, KL) as the sampler sees them: KL below ``target`` becomes ``refusals / n × target``;
+    refusals below ``floor × n`` count as ``floor × n``."""
+    if target and kl < target:
+        kl = refusals / max(n, 1) * target
+    if floor is not None:
+        refusals = max(refusals, floor * n)
+    return refusals, kl
 
 
 class _SamplerView:
     """The study as the sampler reads it: its trials with the transformed KL, the rest delegated."""
 
-    def __init__(self, study: optuna.Study, target: float) -> None:
+    def __init__(self, study: optuna.Study, target: float | None, floor: float | None = None) -> None:
         self._study = study
         self._target = target
+        self._floor = floor
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
@@ -45,7 +57,8 @@ class _SamplerView:
         if trial.state != TrialState.COMPLETE or trial.values is None or len(trial.values) != 2:
             return trial
         refusals, kl = trial.values
-        seen = sampler_values(refusals, kl, int(trial.user_attrs.get("n", 0)), self._target)
+        seen = sampler_values(refusals, kl, int(trial.user_attrs.get("n", 0)), self._target,
+                              self._floor)
         if seen == (refusals, kl):
             return trial
         trial = copy.copy(trial)
@@ -59,11 +72,13 @@ class _SamplerView:
 
 
 class KLTargetTPESampler(optuna.samplers.TPESampler):
-    """``TPESampler`` whose TPE step sees KL below ``kl_target`` as a refusal score (module docstring)."""
+    """``TPESampler`` whose TPE step sees KL below ``kl_target`` as a refusal score and refusals below
+    ``refusal_floor`` as that floor (module docstring)."""
 
-    def __init__(self, kl_target: float, **kwargs: Any) -> None:
+    def __init__(self, kl_target: float | None, refusal_floor: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._kl_target = kl_target
+        self._refusal_floor = refusal_floor
 
     def _sample(self, study, trial, search_space):
-        return super()._sample(_SamplerView(study, self._kl_target), trial, search_space)
+        return super()._sample(_SamplerView(study, self._kl_target, self._refusal_floor), trial, search_space)

@@ -353,8 +353,9 @@ def _sampler(seed: int, worker: str, n_trials_so_far: int, kwargs: Mapping[str, 
     derived = int.from_bytes(hashlib.sha256(blob).digest()[:4], "little")
     kwargs = dict(kwargs)
     target = kwargs.pop("kl_target", None)
-    if target:
-        return KLTargetTPESampler(target, seed=derived, **kwargs)
+    floor = kwargs.pop("refusal_floor", None)
+    if target or floor is not None:
+        return KLTargetTPESampler(target, floor, seed=derived, **kwargs)
     return optuna.samplers.TPESampler(seed=derived, **kwargs)
 
 
@@ -586,6 +587,9 @@ def run_worker(
     if sampler_kwargs.get("kl_target"):
         logger.info("sampler: trials with KL below %g count by their refusals in TPE's view (study.kl_target); "
                     "the study stores measured values", sampler_kwargs["kl_target"])
+    if sampler_kwargs.get("refusal_floor") is not None:
+        logger.info("sampler: refusals below %g of the prompts count as that many in TPE's view (study.refusal_floor); "
+                    "the study stores measured values", sampler_kwargs["refusal_floor"])
     bar = tqdm(
         total=n_trials,
         initial=min(complete, n_trials),
