@@ -1,0 +1,75 @@
+"""benchmarks/heldout_front.py: every front trial of a finished run, re-applied and measured held out."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from abliterate import io, study
+from conftest import REPO
+
+
+@pytest.fixture()
+def heldout_front(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    return importlib.import_module("heldout_front")
+
+
+def _work(tmp_path, n_layers: int):
+    """The parts of a compare.py working folder the script reads: our run's config, prompt splits,
+    directions and study (three trials from a stand-in objective; the script never calls it)."""
+    ours = tmp_path / "work" / "ours"
+    run = ours / "results" / "bench-smoke"
+    run.mkdir(parents=True)
+    shutil.copy(REPO / "config.yaml", ours / "config.yaml")
+    for name in ("harmful", "harmless"):
+        rows = [{"prompt": f"{name} prompt {i}", "split": split} for split in ("train", "eval", "heldout")
+                for i in range(3)]
+        io.write_parquet(pd.DataFrame(rows), ours / "results" / "prompts" / f"{name}.parquet")
+    torch.manual_seed(0)
+    io.save_safetensors({"directions": torch.randn(n_layers + 1, 64)}, run / "directions.safetensors")
+
+    def objective(params, number):  # stands in for the study's evaluation
+        w = params["attn_out.max_weight"]
+        return {"refusals": number, "kl": 1.0 / (1 + number) * w, "n": 3}
+
+    study.run_worker(f"sqlite:///{run / 'study.sqlite'}", "smoke", objective, 3, seed=1, n_layers=n_layers,
+                     sampler_kwargs={"n_startup_trials": 3}, progress=False)
+    return tmp_path / "work"
+
+
+def test_each_front_trial_is_measured_on_the_heldout_split(heldout_front, tmp_path, tiny_model_path, capsys):
+    work = _work(tmp_path, n_layers=3)
+    out = tmp_path / "front.json"
+    assert heldout_front.main(["--work", str(work), "--protocol", "smoke", "--model", str(tiny_model_path),
+                               "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    numbers = [t["number"] for t in result["trials"]]
+    assert numbers == [0, 1, 2]  # refusals rise as KL falls: all three are on the front
+    for t in result["trials"]:
+        assert t["heldout"]["n"] == 3 and len(t["heldout"]["refused"]) == 3
+        assert t["heldout"]["kl"] > 0 and len(t["heldout"]["kl_per_prompt"]) == 3
+        assert t["eval"]["n"] == 3
+    assert result["base"]["n"] == 3
+    assert set(result["hypervolume"]) == {"eval", "heldout"}
+    assert "held-out" in capsys.readouterr().out
+
+
+def test_each_trial_starts_from_the_base_model(heldout_front, tmp_path, tiny_model_path):
+    # the edit is reset after each trial: measuring in the other order gives the same figures
+    ours = _work(tmp_path, n_layers=3) / "ours"
+    smoke = heldout_front.compare.PROTOCOLS["smoke"]
+
+    def kls(order):
+        trials = heldout_front.front_trials(ours, "bench-smoke", everything=True)
+        trials = [trials[i] for i in order]
+        result = heldout_front.measure(smoke, str(tiny_model_path), ours, "bench-smoke", trials)
+        return {t["number"]: t["heldout"]["kl"] for t in result["trials"]}
+
+    forward, backward = kls([0, 1, 2]), kls([2, 1, 0])
+    assert forward == pytest.approx(backward, rel=1e-5, abs=1e-7)
+    assert len(set(forward.values())) == 3
