@@ -57,6 +57,7 @@ def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, tr
     import yaml
     from abliterate import ablation, architecture, io, kl, prompting, session
     from abliterate.steps.common import eval_settings, refusal_counts
+    from tqdm import tqdm
 
     if protocol.threads:
         torch.set_num_threads(protocol.threads)
@@ -88,7 +89,7 @@ def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, tr
         full_rank=run_config["ablation"]["full_rank"], seed=run_config["seed"],
         force_direct=ablation.direct_route(run_config["ablation"]["route"], layout, device),
     )
-    for trial in trials:
+    for trial in tqdm(trials, desc="held-out trials", unit="trial"):
         ablator.apply(ablation.AblationParams.from_flat(trial["params"]))
         try:
             trial["heldout"], _ = heldout(base_lp)
@@ -97,7 +98,8 @@ def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, tr
         logger.info("trial %d: eval %d/%d KL %.4f -> held-out %d/%d KL %.4f", trial["number"],
                     trial["eval"]["refusals"], trial["eval"]["n"], trial["eval"]["kl"],
                     trial["heldout"]["refusals"], trial["heldout"]["n"], trial["heldout"]["kl"])
-    return {"base": {k: base[k] for k in ("refusals", "n")}, "trials": trials}
+    return {"run_config_hash": io.config_hash(run_config), "base": {k: base[k] for k in ("refusals", "n")},
+            "trials": trials}
 
 
 def main(argv=None) -> int:
@@ -130,7 +132,10 @@ def main(argv=None) -> int:
     }
     print(f"hypervolume of these trials, ref {compare.REF_POINT}: eval {hv['eval']:.4f}, held-out {hv['heldout']:.4f}")
     if args.out:
+        import datetime as dt
+
         compare.write_json_atomic({"work": str(args.work), "protocol": args.protocol, "model": str(model),
+                                   "date": dt.datetime.now(dt.timezone.utc).isoformat(),
                                    "hypervolume": hv, **result}, args.out)
         print(f"wrote {args.out}")
     return 0
