@@ -595,6 +595,31 @@ def eval_config(protocol: Protocol) -> dict:
     return config
 
 
+def heldout_prompts(config: dict, lm, protocol: Protocol, splits: dict):
+    """The held-out harmful and harmless prompts as chat texts, and the settings to answer them."""
+    from abliterate import prompting
+    from abliterate.steps.common import eval_settings
+
+    harmful = prompting.chat_texts(lm.tokenizer, splits["harmful"]["heldout"], protocol.system_prompt)
+    harmless = prompting.chat_texts(lm.tokenizer, splits["harmless"]["heldout"], protocol.system_prompt)
+    return harmful, harmless, eval_settings(config, lm, harmful)
+
+
+def measure_heldout(lm, harmful: list[str], harmless: list[str], settings, base_lp=None):
+    """Refusals of ``lm`` on ``harmful`` (count, n, per-prompt ``refused``) and its first-token
+    log-probabilities on ``harmless``; given the base model's, also ``kl`` and ``kl_per_prompt``."""
+    from abliterate import kl
+    from abliterate.steps.common import refusal_counts
+
+    counts, _, flags = refusal_counts(lm.model, lm.tokenizer, harmful, settings)
+    lp = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless, settings.batch_size).cpu()
+    out = {**counts, "refused": flags}
+    if base_lp is not None:
+        out["kl"] = kl.kl_divergence(base_lp, lp)
+        out["kl_per_prompt"] = kl.kl_per_prompt(base_lp, lp).tolist()
+    return out, lp
+
+
 def evaluate_heldout(
     protocol: Protocol, base_model: str, models: dict[str, str], splits: dict
 ) -> dict:
@@ -603,8 +628,7 @@ def evaluate_heldout(
     keeps its per-prompt outcomes under ``per_prompt`` (``refused``; ``kl`` for edited models)
     for the paired comparison."""
     import torch
-    from abliterate import kl, prompting, session
-    from abliterate.steps.common import eval_settings, refusal_counts
+    from abliterate import session
 
     if protocol.threads:
         torch.set_num_threads(protocol.threads)
@@ -612,19 +636,12 @@ def evaluate_heldout(
 
     def measure(path: str, base_lp=None):
         lm = session.open_model(config, path=path)
-        harmful = prompting.chat_texts(
-            lm.tokenizer, splits["harmful"]["heldout"], protocol.system_prompt
-        )
-        settings = eval_settings(config, lm, harmful)
-        harmless = prompting.chat_texts(
-            lm.tokenizer, splits["harmless"]["heldout"], protocol.system_prompt
-        )
-        counts, _, flags = refusal_counts(lm.model, lm.tokenizer, harmful, settings)
-        lp = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless, settings.batch_size).cpu()
-        out = {**counts, "rate": counts["refusals"] / counts["n"], "per_prompt": {"refused": flags}}
+        got, lp = measure_heldout(lm, *heldout_prompts(config, lm, protocol, splits), base_lp)
+        out = {"refusals": got["refusals"], "n": got["n"], "rate": got["refusals"] / got["n"],
+               "per_prompt": {"refused": got["refused"]}}
         if base_lp is not None:
-            out["kl"] = kl.kl_divergence(base_lp, lp)
-            out["per_prompt"]["kl"] = kl.kl_per_prompt(base_lp, lp).tolist()
+            out["kl"] = got["kl"]
+            out["per_prompt"]["kl"] = got["kl_per_prompt"]
         del lm
         return out, lp
 

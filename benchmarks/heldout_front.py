@@ -34,6 +34,7 @@ def front_trials(ours_dir: Path, run: str, everything: bool) -> list[dict]:
     stopped once dominated (``stop_dominated``) keeps the lower bound of its eval refusals."""
     import optuna
     from abliterate import selection, study
+    from abliterate.steps.export import params_of
 
     url = f"sqlite:///{ours_dir / 'results' / run / 'study.sqlite'}"
     names = [s.study_name for s in optuna.get_all_study_summaries(url)]
@@ -41,58 +42,37 @@ def front_trials(ours_dir: Path, run: str, everything: bool) -> list[dict]:
         raise SystemExit(f"expected one study in {url}, found {names}")
     df = study.trials_frame(url, names[0])
     keep = df[df["state"] == "COMPLETE"] if everything else selection.pareto_front(df)
-    trials = {t.number: t for t in optuna.load_study(study_name=names[0], storage=url).trials}
     return [
         {
             "number": int(r["number"]),
             "eval": {"refusals": int(r["refusals"]), "n": int(r["n"]), "kl": float(r["kl"])},
-            "params": trials[int(r["number"])].user_attrs["ablation_params"],
+            "params": params_of(r),
         }
         for _, r in keep.iterrows()
     ]
 
 
 def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, trials: list[dict]) -> dict:
+    """The held-out figures of the base model and of each trial re-applied to it (added to ``trials``)."""
     import torch
     import yaml
-    from abliterate import ablation, architecture, io, kl, prompting, session
-    from abliterate.steps.common import eval_settings, refusal_counts
+    from abliterate import ablation, io, session
+    from abliterate.steps.study import build_ablator
     from tqdm import tqdm
 
     if protocol.threads:
         torch.set_num_threads(protocol.threads)
     config = compare.eval_config(protocol)
     run_config = yaml.safe_load((ours_dir / "config.yaml").read_text(encoding="utf-8"))
-    splits = compare.workflow_splits(ours_dir, run)
     lm = session.open_model(config, path=model)
-    harmful = prompting.chat_texts(lm.tokenizer, splits["harmful"]["heldout"], protocol.system_prompt)
-    harmless = prompting.chat_texts(lm.tokenizer, splits["harmless"]["heldout"], protocol.system_prompt)
-    settings = eval_settings(config, lm, harmful)
-
-    def heldout(base_lp=None) -> tuple[dict, torch.Tensor]:
-        with torch.inference_mode():
-            counts, _, flags = refusal_counts(lm.model, lm.tokenizer, harmful, settings)
-            lp = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless, settings.batch_size).cpu()
-        out = {**counts, "refused": flags}
-        if base_lp is not None:
-            out["kl"] = kl.kl_divergence(base_lp, lp)
-            out["kl_per_prompt"] = kl.kl_per_prompt(base_lp, lp).tolist()
-        return out, lp
-
-    base, base_lp = heldout()
-    layout = architecture.discover(lm.model)
-    tensors, _ = io.load_safetensors(ours_dir / "results" / run / "directions.safetensors")
-    device = next(lm.model.parameters()).device
-    ablator = ablation.Ablator(
-        lm.model, layout, tensors["directions"],
-        row_norm=ablation.RowNorm(run_config["ablation"]["row_norm"]),
-        full_rank=run_config["ablation"]["full_rank"], seed=run_config["seed"],
-        force_direct=ablation.direct_route(run_config["ablation"]["route"], layout, device),
-    )
+    prompts = compare.heldout_prompts(config, lm, protocol, compare.workflow_splits(ours_dir, run))
+    base, base_lp = compare.measure_heldout(lm, *prompts)
+    # the run's own ablation settings (row norm, rank, seed, route), as its study applied them
+    ablator = build_ablator(run_config, lm, ours_dir / "results" / run / "directions.safetensors")
     for trial in tqdm(trials, desc="held-out trials", unit="trial"):
         ablator.apply(ablation.AblationParams.from_flat(trial["params"]))
         try:
-            trial["heldout"], _ = heldout(base_lp)
+            trial["heldout"], _ = compare.measure_heldout(lm, *prompts, base_lp)
         finally:
             ablator.reset()
         logger.info("trial %d: eval %d/%d KL %.4f -> held-out %d/%d KL %.4f", trial["number"],

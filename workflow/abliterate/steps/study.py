@@ -46,20 +46,28 @@ class Objective:
                 "seconds_evaluate": seconds}
 
 
-def build_objective(config: dict, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
-                    route: str | None = None, reuse_layers: bool = False):
-    """``route`` overrides ``ablation.route`` (export needs LoRA adapters to write); ``reuse_layers``
-    records the prefills every trial repeats (worth it for a study, not for one edit)."""
+def build_ablator(config: dict, lm, directions_path: str, route: str | None = None) -> ablation.Ablator:
+    """The config's ablation of ``lm`` with the directions rule's table; ``route`` overrides
+    ``ablation.route`` (export needs LoRA adapters to write)."""
     layout = architecture.discover(lm.model)
     tensors, _ = io.load_safetensors(directions_path)
     device = next(lm.model.parameters()).device
-    ablator = ablation.Ablator(
+    return ablation.Ablator(
         lm.model, layout, tensors["directions"],
         row_norm=ablation.RowNorm(config["ablation"]["row_norm"]),
         full_rank=config["ablation"]["full_rank"], seed=config["seed"],
         force_direct=ablation.direct_route(route or config["ablation"]["route"], layout, device),
         graphs=config["evaluation"]["cuda_graphs"],
     )
+
+
+def build_objective(config: dict, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
+                    route: str | None = None, reuse_layers: bool = False):
+    """``route``: see :func:`build_ablator`; ``reuse_layers`` records the prefills every trial repeats
+    (worth it for a study, not for one edit)."""
+    ablator = build_ablator(config, lm, directions_path, route)
+    layout = ablator.layout
+    device = next(lm.model.parameters()).device
     _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "eval")
     settings = eval_settings(config, lm, harmful_texts)
     base, _ = io.load_safetensors(baseline_path, device=device)
