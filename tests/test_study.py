@@ -441,6 +441,47 @@ def test_interrupt_fails_and_requeues_the_trial(db):
     assert done[0].user_attrs["retry_of"] == 0 and done[0].params == trials[0].params
 
 
+def test_schema_created_by_another_process_meanwhile_is_tried_again(tmp_path, monkeypatch, caplog):
+    # Optuna's check-then-create of its tables races a reader that does not take our lock (a test
+    # polling the study did, and the worker died with "table study_directions already exists").
+    import sqlalchemy.exc
+
+    real = optuna.storages.RDBStorage
+    calls = []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            real(url)  # the other process creates the schema ...
+            raise sqlalchemy.exc.OperationalError(  # ... after our check, before our create
+                "CREATE TABLE study_directions", {}, sqlite3.OperationalError("table study_directions already exists"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    url = f"sqlite:///{tmp_path / 's.sqlite'}"
+    with caplog.at_level("WARNING", logger=st.logger.name):
+        storage = st.make_storage(url)
+    assert len(calls) == 2 and "another process was creating the study schema" in caplog.text
+    monkeypatch.undo()  # optuna checks isinstance(storage, RDBStorage)
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    assert st.load_or_create_study(storage, "s").study_name == "s"
+
+
+def test_other_storage_errors_are_not_retried(tmp_path, monkeypatch):
+    import sqlalchemy.exc
+
+    calls = []
+
+    def broken(url, **kwargs):
+        calls.append(url)
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError("disk I/O error"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="disk I/O error"):
+        st.make_storage(f"sqlite:///{tmp_path / 's.sqlite'}")
+    assert len(calls) == 1
+
+
 def test_server_urls_pass_through_unchanged(monkeypatch):
     seen = {}
 

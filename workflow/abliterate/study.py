@@ -185,13 +185,38 @@ def make_storage(
                 connection.close()
             if mode.lower() != "wal":
                 logger.warning("%s: SQLite journal mode is %s, not WAL", path, mode)
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        storage = _open_rdb_storage(url, engine_kwargs, kwargs)
     if path is not None:
         import sqlalchemy
 
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_on_connect)
         storage.engine.dispose()  # pooled connections opened before the listener lack the pragma
     return storage
+
+
+def _open_rdb_storage(
+    url: str, engine_kwargs: dict[str, Any], kwargs: dict[str, Any], attempts: int = 5
+) -> optuna.storages.RDBStorage:
+    """``RDBStorage(url)``, tried again when another process is creating the same schema.
+
+    Optuna creates its tables with check-then-create, which is not atomic across processes. Our
+    workers serialise it under ``study_lock``, but a reader that does not take the lock (the
+    dashboard, a notebook, a test polling the study) can create tables between our check and our
+    create, and the worker then died with "table study_directions already exists". The second
+    attempt finds the tables and goes on.
+    """
+    import sqlalchemy.exc
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
+            if attempt == attempts or "already exists" not in str(exc) and "UNIQUE" not in str(exc):
+                raise
+            logger.warning("%s: another process was creating the study schema (%s); trying again",
+                           url, str(exc).splitlines()[0])
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
