@@ -595,13 +595,14 @@ def eval_config(protocol: Protocol) -> dict:
     return config
 
 
-def heldout_prompts(config: dict, lm, protocol: Protocol, splits: dict):
-    """The held-out harmful and harmless prompts as chat texts, and the settings to answer them."""
+def heldout_prompts(config: dict, lm, protocol: Protocol, splits: dict, split: str = "heldout"):
+    """The held-out (or another ``split``'s) harmful and harmless prompts as chat texts, and the
+    settings to answer them."""
     from abliterate import prompting
     from abliterate.steps.common import eval_settings
 
-    harmful = prompting.chat_texts(lm.tokenizer, splits["harmful"]["heldout"], protocol.system_prompt)
-    harmless = prompting.chat_texts(lm.tokenizer, splits["harmless"]["heldout"], protocol.system_prompt)
+    harmful = prompting.chat_texts(lm.tokenizer, splits["harmful"][split], protocol.system_prompt)
+    harmless = prompting.chat_texts(lm.tokenizer, splits["harmless"][split], protocol.system_prompt)
     return harmful, harmless, eval_settings(config, lm, harmful)
 
 

@@ -52,8 +52,10 @@ def front_trials(ours_dir: Path, run: str, everything: bool) -> list[dict]:
     ]
 
 
-def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, trials: list[dict]) -> dict:
-    """The held-out figures of the base model and of each trial re-applied to it (added to ``trials``)."""
+def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, trials: list[dict],
+            split: str = "heldout") -> dict:
+    """The figures on ``split`` of the base model and of each trial re-applied to it (added to
+    ``trials`` under the split's name)."""
     import torch
     import yaml
     from abliterate import ablation, io, session
@@ -65,21 +67,21 @@ def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, tr
     config = compare.eval_config(protocol)
     run_config = yaml.safe_load((ours_dir / "config.yaml").read_text(encoding="utf-8"))
     lm = session.open_model(config, path=model)
-    prompts = compare.heldout_prompts(config, lm, protocol, compare.workflow_splits(ours_dir, run))
+    prompts = compare.heldout_prompts(config, lm, protocol, compare.workflow_splits(ours_dir, run), split)
     base, base_lp = compare.measure_heldout(lm, *prompts)
     # the run's own ablation settings (row norm, rank, seed, route), as its study applied them
     ablator = build_ablator(run_config, lm, ours_dir / "results" / run / "directions.safetensors")
-    for trial in tqdm(trials, desc="held-out trials", unit="trial"):
+    for trial in tqdm(trials, desc=f"{split} trials", unit="trial"):
         ablator.apply(ablation.AblationParams.from_flat(trial["params"]))
         try:
-            trial["heldout"], _ = compare.measure_heldout(lm, *prompts, base_lp)
+            trial[split], _ = compare.measure_heldout(lm, *prompts, base_lp)
         finally:
             ablator.reset()
-        logger.info("trial %d: eval %d/%d KL %.4f -> held-out %d/%d KL %.4f", trial["number"],
-                    trial["eval"]["refusals"], trial["eval"]["n"], trial["eval"]["kl"],
-                    trial["heldout"]["refusals"], trial["heldout"]["n"], trial["heldout"]["kl"])
-    return {"run_config_hash": io.config_hash(run_config), "base": {k: base[k] for k in ("refusals", "n")},
-            "trials": trials}
+        logger.info("trial %d: eval %d/%d KL %.4f -> %s %d/%d KL %.4f", trial["number"],
+                    trial["eval"]["refusals"], trial["eval"]["n"], trial["eval"]["kl"], split,
+                    trial[split]["refusals"], trial[split]["n"], trial[split]["kl"])
+    return {"run_config_hash": io.config_hash(run_config), "split": split,
+            "base": {k: base[k] for k in ("refusals", "n")}, "trials": trials}
 
 
 def main(argv=None) -> int:
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--protocol", default="cpu-demo", choices=sorted(compare.PROTOCOLS))
     ap.add_argument("--model", help="base model folder (default: the protocol's)")
     ap.add_argument("--all", action="store_true", help="every complete trial, not only the front")
+    ap.add_argument("--split", default="heldout", choices=compare.SPLITS,
+                    help="prompts to measure on (train: those the directions came from, a selection check)")
     ap.add_argument("--out", type=Path, help="result JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -98,19 +102,21 @@ def main(argv=None) -> int:
     model = args.model or protocol.model
     ours_dir = args.work.resolve() / "ours"
     run = f"bench-{args.protocol}"
-    result = measure(protocol, model, ours_dir, run, front_trials(ours_dir, run, args.all))
+    split = args.split
+    result = measure(protocol, model, ours_dir, run, front_trials(ours_dir, run, args.all), split)
     trials = result["trials"]
-    print(f"{'trial':>5}  {'eval':>12}  {'held-out':>12}")
+    label = "held-out" if split == "heldout" else split
+    print(f"{'trial':>5}  {'eval':>12}  {label:>12}")
     for t in trials:
-        e, h = t["eval"], t["heldout"]
+        e, h = t["eval"], t[split]
         print(f"{t['number']:>5}  {e['refusals']:>3}/{e['n']} {e['kl']:.3f}  {h['refusals']:>3}/{h['n']} {h['kl']:.3f}")
     hv = {
         split: selection.hypervolume_2d(
             [(t[split]["refusals"] / t[split]["n"], t[split]["kl"]) for t in trials], compare.REF_POINT
         )
-        for split in ("eval", "heldout")
+        for split in ("eval", split)
     }
-    print(f"hypervolume of these trials, ref {compare.REF_POINT}: eval {hv['eval']:.4f}, held-out {hv['heldout']:.4f}")
+    print(f"hypervolume of these trials, ref {compare.REF_POINT}: eval {hv['eval']:.4f}, {label} {hv[split]:.4f}")
     if args.out:
         import datetime as dt
 

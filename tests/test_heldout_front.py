@@ -59,6 +59,17 @@ def test_each_front_trial_is_measured_on_the_heldout_split(heldout_front, tmp_pa
     assert "held-out" in capsys.readouterr().out
 
 
+def test_another_split_is_measured_under_its_name(heldout_front, tmp_path, tiny_model_path, capsys):
+    work = _work(tmp_path, n_layers=3)
+    out = tmp_path / "front.json"
+    assert heldout_front.main(["--work", str(work), "--protocol", "smoke", "--model", str(tiny_model_path),
+                               "--split", "train", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["split"] == "train" and set(result["hypervolume"]) == {"eval", "train"}
+    assert all("heldout" not in t and t["train"]["n"] > 0 for t in result["trials"])
+    assert "train" in capsys.readouterr().out
+
+
 def test_each_trial_starts_from_the_base_model(heldout_front, tmp_path, tiny_model_path):
     # the edit is reset after each trial: measuring in the other order gives the same figures
     ours = _work(tmp_path, n_layers=3) / "ours"

@@ -157,3 +157,63 @@ def test_trials_stopped_once_dominated_are_never_chosen_or_counted(tmp_path):
     row, _ = sel.select_trial(pd.concat([df, stopped], ignore_index=True), {"name": "min_refusals"})
     assert row["number"] == 4
     sel.plot_pareto(pd.concat([df, stopped], ignore_index=True), 1, tmp_path / "pareto.png")
+
+
+def confirmed(rows, eval_n=50, train_n=100, kl_n=50, train_kl_n=100):
+    """rows: (number, eval refusals, eval KL, train refusals, train KL[, stopped])."""
+    return pd.DataFrame([{"number": number, "refusals": r, "n": eval_n, "kl": k, "kl_n": kl_n,
+                          "confirm_refusals": cr, "confirm_n": train_n, "confirm_kl": ck,
+                          "confirm_kl_n": train_kl_n, "confirm_stopped": bool(stopped and stopped[0])}
+                         for number, r, k, cr, ck, *stopped in rows])
+
+
+def test_confirmation_candidates_are_front_trials_near_the_target_by_kl():
+    # target 10% of 20: eval front 4:(0, 0.9) 1:(1, 0.5) 2:(5, 0.1) 0:(18, 0.01); margin 2 admits <= 4/20,
+    # margin 3 <= 6/20
+    assert sel.confirmation_candidates(TRIALS)["number"].tolist() == [1, 4]
+    assert sel.confirmation_candidates(TRIALS, margin=3)["number"].tolist() == [2, 1, 4]
+
+
+def test_nothing_to_confirm_without_a_trial_under_target_or_for_min_refusals():
+    assert sel.confirmation_candidates(frame([(0, 5, 0.1), (1, 3, 0.3)])).empty  # 15% and 25% of 20
+    assert sel.confirmation_candidates(TRIALS, {"name": "min_refusals"}).empty
+
+
+def test_confirmed_choice_pools_eval_and_train_counts():
+    # The eval choice (trial 1: 5/50 at KL 0.05) refuses 16/100 train prompts: 21/150 = 14% > 10%.
+    measured = confirmed([(1, 5, 0.05, 16, 0.06), (2, 2, 0.07, 9, 0.09), (3, 1, 0.10, 5, 0.11)])
+    row, reason = sel.select_confirmed(measured)
+    assert row["number"] == 2  # 11/150; KL (0.07*50 + 0.09*100)/150
+    assert row["pooled_kl"] == pytest.approx((0.07 * 50 + 0.09 * 100) / 150)
+    assert "trial 2" in reason and "eval 2/50, train 9/100" in reason
+
+
+def test_confirmed_choice_ranks_by_pooled_kl_and_may_take_a_trial_over_target_on_eval():
+    # trial 5 refused 6/50 eval prompts (over target) but only 4/100 train: 10/150 is within 10%.
+    measured = confirmed([(4, 2, 0.09, 6, 0.10), (5, 6, 0.04, 4, 0.05)])
+    row, _ = sel.select_confirmed(measured)
+    assert row["number"] == 5
+
+
+def test_no_confirmed_trial_returns_none_and_the_best_pooled_rate():
+    row, reason = sel.select_confirmed(confirmed([(1, 5, 0.05, 30, 0.06), (2, 4, 0.07, 20, 0.08)]))
+    assert row is None and "trial 2" in reason and "16.0%" in reason
+
+
+def test_confirmation_stops_where_the_candidate_can_no_longer_be_chosen():
+    row = {"refusals": 5, "n": 50, "kl": 0.05}
+    # 10% of 150 prompts: at most 15 refusals, 5 on eval, so the 11th train refusal rejects it
+    assert sel.confirmation_cap(row, 50, 0.06, 100, 100, None) == 11
+    assert sel.confirmation_cap({**row, "refusals": 16}, 50, 0.06, 100, 100, None) == 0
+    # pooled KL (0.05*50 + 0.06*100)/150 = 0.0567 above a confirmed candidate's 0.055: nothing to generate
+    assert sel.confirmation_cap(row, 50, 0.06, 100, 100, 0.055) == 0
+    assert sel.confirmation_cap(row, 50, 0.06, 100, 100, 0.06) == 11
+
+
+def test_stopped_candidates_are_never_chosen():
+    # trial 7 stopped at once (its KL already above trial 8's): refusals 0 are a bound, not a count
+    measured = confirmed([(7, 1, 0.12, 0, 0.13, True), (8, 2, 0.07, 9, 0.09)])
+    row, _ = sel.select_confirmed(measured)
+    assert row["number"] == 8
+    row, reason = sel.select_confirmed(confirmed([(7, 4, 0.05, 12, 0.06, True)]))
+    assert row is None and ">= 10.7%" in reason

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import workflow_runner as wr
 from tiny_tokenizer import tiny_model_dir
@@ -81,6 +82,18 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     assert len(done) == 5 and _distinct_params(done) == 5
     assert all(first[n] == t.params for t in done for n in [t.number] if n in first)  # old trials kept
     assert json.loads((res / "summary.json").read_text())["study"]["n_complete"] == 5
+
+    # A new export setting re-exports (and merges, evaluates) the same study, trials unchanged.
+    proc = wr.run(tmp_path, "--resources", "gpu=1", "--config", "study={n_trials: 5}", "export={confirm: true}")
+    assert "rule export" in proc.stderr and "rule study" not in proc.stderr
+    assert len(_complete(_study(tmp_path))) == 5
+    selected = json.loads((res / "selected.json").read_text())
+    confirmation = selected["confirmation"]
+    n_train = len(pd.read_parquet(tmp_path / "results/prompts/harmful.parquet").query("split == 'train'"))
+    assert confirmation["split"] == "train" and confirmation["candidates"]
+    assert all(c["train"]["n"] == n_train and c["train"]["kl"] >= 0 for c in confirmation["candidates"])
+    assert selected["number"] in {c["number"] for c in confirmation["candidates"]} or "none of" in confirmation["reason"]
+    assert json.loads((res / "summary.json").read_text())["selected_trial"]["confirmation"] == confirmation
 
 
 def test_killed_study_resumes_without_repeating_trials(tmp_path, model_path):

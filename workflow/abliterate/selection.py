@@ -16,6 +16,13 @@ Policies (``policy["name"]``):
   to [0, 1], i.e. the point where trading KL for fewer refusals stops paying off; or
   ``min_refusals``.
 * ``min_refusals``: fewest refusals, then lowest KL.
+
+Confirmation (optional, :func:`confirmation_candidates` and :func:`select_confirmed`): the eval
+prompts are the ones the study optimised on, so the trial that scores lowest KL just under the
+target on a few dozen of them is partly the luckiest there (on the demo benchmark, 5/50 eval
+refusals became 13/50 held out). The front trials near the target are measured again on other
+prompts the study never scored (the train split) and the policy is applied to eval and train
+counts together.
 """
 
 from __future__ import annotations
@@ -197,6 +204,80 @@ def select_trial(
     return row, (
         f"trial {int(row['number'])}: {missed}; took the knee of the {len(front)}-trial Pareto "
         f"front (normalised distance {dist:.3f}; {_fmt(row)})"
+    )
+
+
+def confirmation_candidates(
+    df: pd.DataFrame, policy: Mapping[str, Any] | None = None, margin: float = 2.0
+) -> pd.DataFrame:
+    """Pareto-front trials whose eval refusal rate is at most ``margin`` × ``refusal_target``,
+    lowest KL first; empty when the policy is ``min_refusals`` or no trial reaches the target
+    (then the choice does not rest on the target's edge and there is nothing to confirm)."""
+    policy = _check_policy(policy or {})
+    done = _complete(df)
+    if policy["name"] != "min_kl_under_target" or done.empty:
+        return done.iloc[:0]
+    target = float(policy["refusal_target"])
+    if not (refusal_rate(done) <= target + 1e-12).any():
+        return done.iloc[:0]
+    front = pareto_front(done)
+    near = front[refusal_rate(front) <= margin * target + 1e-12]
+    return near.sort_values(["kl", "number"]).reset_index(drop=True)
+
+
+def _pooled_kl(kl: float, kl_n: int, confirm_kl: float, confirm_kl_n: int) -> float:
+    return (kl * kl_n + confirm_kl * confirm_kl_n) / (kl_n + confirm_kl_n)
+
+
+def confirmation_cap(
+    row: Mapping[str, Any], kl_n: int, confirm_kl: float, confirm_kl_n: int, confirm_n: int,
+    best_pooled_kl: float | None, policy: Mapping[str, Any] | None = None,
+) -> int:
+    """The train refusals at which a candidate's confirmation can stop: one more than the pooled
+    target leaves room for (it is then rejected whatever the rest says), and 0 when its pooled KL is
+    already above that of a confirmed candidate (it cannot be chosen). Measuring KL first and
+    generating in order of eval KL, most candidates after the first confirmed one cost one prefill."""
+    target = float(_check_policy(policy or {})["refusal_target"])
+    if best_pooled_kl is not None and _pooled_kl(float(row["kl"]), kl_n, confirm_kl, confirm_kl_n) > best_pooled_kl:
+        return 0
+    budget = math.floor(target * (int(row["n"]) + confirm_n) + 1e-9)
+    return max(0, budget - int(row["refusals"]) + 1)
+
+
+def select_confirmed(
+    measured: pd.DataFrame, policy: Mapping[str, Any] | None = None
+) -> tuple[pd.Series | None, str]:
+    """The policy's choice on eval and confirmation counts pooled.
+
+    ``measured``: candidates with the eval columns ``refusals``, ``n``, ``kl`` and ``kl_n`` (harmless
+    prompts behind ``kl``), the same four for the confirmation prompts prefixed ``confirm_``, and
+    ``confirm_stopped`` (generation stopped at :func:`confirmation_cap`: the train refusals are a
+    lower bound and the row is never chosen). Returns the row (with ``pooled_rate`` and
+    ``pooled_kl``) of the lowest pooled KL among the fully measured ones whose pooled refusal rate is
+    within the target, or ``None`` with the reason.
+    """
+    policy = _check_policy(policy or {})
+    target = float(policy["refusal_target"])
+    pooled = measured.assign(
+        pooled_rate=(measured["refusals"] + measured["confirm_refusals"]) / (measured["n"] + measured["confirm_n"]),
+        pooled_kl=_pooled_kl(measured["kl"], measured["kl_n"], measured["confirm_kl"], measured["confirm_kl_n"]),
+    )
+    stopped = pooled["confirm_stopped"].astype(bool)
+    ok = pooled[~stopped & (pooled["pooled_rate"] <= target + 1e-12)]
+    if ok.empty:
+        pool = pooled if stopped.all() else pooled[~stopped]
+        best = pool.sort_values(["pooled_rate", "pooled_kl", "number"]).iloc[0]
+        bound = ">= " if bool(best["confirm_stopped"]) else ""
+        return None, (
+            f"none of the {len(pooled)} candidates refuses at most {target:.0%} of the eval and train "
+            f"prompts together (best: trial {int(best['number'])}, {bound}{best['pooled_rate']:.1%})"
+        )
+    row = ok.sort_values(["pooled_kl", "number"]).iloc[0]
+    return row, (
+        f"trial {int(row['number'])}: lowest pooled KL among the {len(ok)} of {len(pooled)} front trials "
+        f"near the target whose eval and train prompts together are refused at most {target:.0%} "
+        f"(eval {int(row['refusals'])}/{int(row['n'])}, train {int(row['confirm_refusals'])}/"
+        f"{int(row['confirm_n'])}, KL {row['pooled_kl']:.4g})"
     )
 
 

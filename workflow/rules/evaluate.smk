@@ -22,7 +22,7 @@ rule evaluate:
     params:
         storage=wc.storage_url(config),
         study_name=wc.study_name(config),
-        config_hash=config_hash("study"),
+        config_hash=config_hash("export"),
     log:
         f"results/logs/{RUN}/evaluate.log",
     benchmark:

@@ -21,7 +21,7 @@ rule export:
             labels={"result": "Pareto front", "run": RUN},
         ),
     params:
-        config_hash=config_hash("study"),
+        config_hash=config_hash("export"),
     log:
         f"results/logs/{RUN}/export.log",
     benchmark:

@@ -69,6 +69,7 @@ def run(config: dict, model_dir: str, harmful: str, harmless: str, baseline_metr
             "params": selected["params"],
             "reason": selected["reason"],
             "eval": selected["eval"],
+            **({"confirmation": selected["confirmation"]} if "confirmation" in selected else {}),
         },
         "merged": merged,
         "study": {"name": study_name, **{k: stats[k] for k in ("n_complete", "n_dominated", "n_failed", "seconds")}},

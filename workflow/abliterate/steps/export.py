@@ -6,7 +6,10 @@ import logging
 
 import pandas as pd
 
-from .. import ablation, devices, io, selection, session
+from .. import ablation, devices, io, kl, selection, session
+from ..evaluation import Evaluator
+from ..generation import RefusalLimitReached
+from .common import eval_settings
 from .study import build_objective
 
 log = logging.getLogger(__name__)
@@ -23,19 +26,98 @@ def params_of(row: pd.Series) -> dict:
     return params
 
 
+def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmful: str, harmless: str,
+            kl_n: int) -> tuple[pd.Series | None, dict | None]:
+    """Measure the front trials near the refusal target on the train prompts and choose on eval and
+    train together (:func:`abliterate.selection.select_confirmed`). Returns the chosen row (None:
+    keep the eval choice) and the record for ``selected.json`` (None when there was nothing to do)."""
+    from tqdm.auto import tqdm
+
+    exp = config["export"]
+    candidates = selection.confirmation_candidates(df, policy(config), exp["confirm_margin"])
+    if candidates.empty:
+        log.info("confirmation skipped: no trial reached the refusal target on the eval prompts")
+        return None, None
+    _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "train")
+    _, harmless_texts = session.chats(config, lm.tokenizer, harmless, "train")
+    if not harmful_texts or not harmless_texts:
+        log.warning("confirmation skipped: the train split has %d harmful and %d harmless prompts",
+                    len(harmful_texts), len(harmless_texts))
+        return None, None
+    settings = eval_settings(config, lm, harmful_texts)
+    # the unedited model's answers on the train prompts: the baseline rule measures eval and held-out only
+    base_lp = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless_texts, settings.batch_size)
+    evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base_lp,
+                          settings.max_new_tokens, settings.batch_size, settings.detector,
+                          cuda_graphs=settings.cuda_graphs)
+    log.info("confirming %d front trials within %g x the refusal target on %d harmful and %d harmless train "
+             "prompts", len(candidates), exp["confirm_margin"], len(harmful_texts), len(harmless_texts))
+    rows, best_kl = [], None
+    for _, row in tqdm(list(candidates.iterrows()), desc="confirm", unit="trial"):
+        ablator.apply(ablation.AblationParams.from_flat(params_of(row)))
+        try:
+            train_kl = evaluator.kl()
+            cap = selection.confirmation_cap(row, kl_n, train_kl, len(harmless_texts), len(harmful_texts), best_kl,
+                                             policy(config))
+            try:
+                refusals, stopped = evaluator.refusals(max_refusals=cap), False
+            except RefusalLimitReached as stop:
+                refusals, stopped = stop.refusals, True
+        finally:
+            ablator.reset()
+        got = {**row.to_dict(), "kl_n": kl_n, "confirm_refusals": refusals, "confirm_n": len(harmful_texts),
+               "confirm_kl": train_kl, "confirm_kl_n": len(harmless_texts), "confirm_stopped": stopped}
+        rows.append(got)
+        chosen, _ = selection.select_confirmed(pd.DataFrame(rows), policy(config))
+        best_kl = None if chosen is None else float(chosen["pooled_kl"])
+        log.info("trial %d: eval %d/%d KL %.4f, train %s%d/%d KL %.4f%s", int(row["number"]), int(row["refusals"]),
+                 int(row["n"]), float(row["kl"]), ">= " if stopped else "", refusals, len(harmful_texts), train_kl,
+                 " (stopped: it cannot be chosen)" if stopped else "")
+    measured = pd.DataFrame(rows)
+    chosen, reason = selection.select_confirmed(measured, policy(config))
+    record = {
+        "split": "train",
+        "margin": exp["confirm_margin"],
+        "reason": reason,
+        "candidates": [
+            {"number": int(r["number"]),
+             "eval": {"refusals": int(r["refusals"]), "n": int(r["n"]), "kl": float(r["kl"])},
+             "train": {"refusals": int(r["confirm_refusals"]), "n": int(r["confirm_n"]), "kl": float(r["confirm_kl"]),
+                       "stopped": bool(r["confirm_stopped"])}}
+            for _, r in measured.iterrows()
+        ],
+    }
+    del evaluator
+    return chosen, record
+
+
 def run(config: dict, trials: str, harmful: str, harmless: str, directions_path: str, baseline_path: str,
         out_selected: str, out_pareto: str, out_adapter: str, out_plot: str, config_hash: str) -> dict:
     df = pd.read_csv(trials)
     row, reason = selection.select_trial(df, policy(config))
-    log.info("selected %s", reason)
-    front = selection.pareto_front(df)
-    io.write_csv(front, out_pareto)
-    selection.plot_pareto(df, int(row["number"]), out_plot)
-    params = params_of(row)
+    log.info("selected on the eval prompts: %s", reason)
     lm = session.open_model(config)
     # LoRA: the adapter folder is what the merge rule and users load.
     objective, _, ablator = build_objective(config, lm, harmful, harmless, directions_path, baseline_path,
                                             route="lora")
+    confirmation = None
+    if config["export"]["confirm"]:
+        chosen, confirmation = confirm(config, lm, ablator, df, harmful, harmless,
+                                       len(objective.evaluator.harmless_texts))
+        if confirmation is not None:
+            confirmation["eval_choice"] = int(row["number"])
+            if chosen is None:
+                log.warning("kept the eval choice: %s", confirmation["reason"])
+            else:
+                if int(chosen["number"]) != int(row["number"]):
+                    log.info("confirmation changed the choice from trial %d to %d", int(row["number"]),
+                             int(chosen["number"]))
+                row, reason = chosen, confirmation["reason"]
+                log.info("selected after confirmation: %s", reason)
+    front = selection.pareto_front(df)
+    io.write_csv(front, out_pareto)
+    selection.plot_pareto(df, int(row["number"]), out_plot)
+    params = params_of(row)
     ablator.apply(ablation.AblationParams.from_flat(params))
     meta = {**lm.metadata(), "config_hash": config_hash, "trial": int(row["number"])}
     ablator.save_adapter(out_adapter)
@@ -44,6 +126,7 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
         "params": params,
         "reason": reason,
         "eval": {"refusals": int(row["refusals"]), "n": int(row["n"]), "kl": float(row["kl"])},
+        **({"confirmation": confirmation} if confirmation is not None else {}),
         **meta,
     }
     io.write_json(selected, out_selected)
