@@ -83,10 +83,7 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     assert all(first[n] == t.params for t in done for n in [t.number] if n in first)  # old trials kept
     assert json.loads((res / "summary.json").read_text())["study"]["n_complete"] == 5
 
-    # A new export setting re-exports (and merges, evaluates) the same study, trials unchanged.
-    proc = wr.run(tmp_path, "--resources", "gpu=1", "--config", "study={n_trials: 5}", "export={confirm: true}")
-    assert "rule export" in proc.stderr and "rule study" not in proc.stderr
-    assert len(_complete(_study(tmp_path))) == 5
+    # export.confirm (on by default): the candidates were measured again on the train prompts.
     selected = json.loads((res / "selected.json").read_text())
     confirmation = selected["confirmation"]
     n_train = len(pd.read_parquet(tmp_path / "results/prompts/harmful.parquet").query("split == 'train'"))
@@ -94,6 +91,12 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     assert all(c["train"]["n"] == n_train and c["train"]["kl"] >= 0 for c in confirmation["candidates"])
     assert selected["number"] in {c["number"] for c in confirmation["candidates"]} or "none of" in confirmation["reason"]
     assert json.loads((res / "summary.json").read_text())["selected_trial"]["confirmation"] == confirmation
+
+    # A new export setting re-exports (and merges, evaluates) the same study, trials unchanged.
+    proc = wr.run(tmp_path, "--resources", "gpu=1", "--config", "study={n_trials: 5}", "export={confirm: false}")
+    assert "rule export" in proc.stderr and "rule study" not in proc.stderr
+    assert len(_complete(_study(tmp_path))) == 5
+    assert "confirmation" not in json.loads((res / "selected.json").read_text())
 
 
 def test_killed_study_resumes_without_repeating_trials(tmp_path, model_path):
