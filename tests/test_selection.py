@@ -167,11 +167,10 @@ def confirmed(rows, eval_n=50, train_n=100, kl_n=50, train_kl_n=100):
                          for number, r, k, cr, ck, *stopped in rows])
 
 
-def test_confirmation_candidates_are_front_trials_near_the_target_by_kl():
-    # target 10% of 20: eval front 4:(0, 0.9) 1:(1, 0.5) 2:(5, 0.1) 0:(18, 0.01); margin 2 admits <= 4/20,
-    # margin 3 <= 6/20
+def test_confirmation_candidates_are_the_front_trials_within_the_target_by_kl():
+    # target 10% of 20: eval front 4:(0, 0.9) 1:(1, 0.5) 2:(5, 0.1) 0:(18, 0.01); 5 (1, 0.7) is dominated
     assert sel.confirmation_candidates(TRIALS)["number"].tolist() == [1, 4]
-    assert sel.confirmation_candidates(TRIALS, margin=3)["number"].tolist() == [2, 1, 4]
+    assert sel.confirmation_candidates(TRIALS, {"refusal_target": 0.25})["number"].tolist() == [2, 1, 4]
 
 
 def test_nothing_to_confirm_without_a_trial_under_target_or_for_min_refusals():
@@ -188,11 +187,13 @@ def test_confirmed_choice_pools_eval_and_train_counts():
     assert "trial 2" in reason and "eval 2/50, train 9/100" in reason
 
 
-def test_confirmed_choice_ranks_by_pooled_kl_and_may_take_a_trial_over_target_on_eval():
-    # trial 5 refused 6/50 eval prompts (over target) but only 4/100 train: 10/150 is within 10%.
+def test_confirmed_choice_ranks_by_pooled_kl_and_never_takes_a_trial_over_target_on_eval():
+    measured = confirmed([(4, 2, 0.09, 6, 0.10), (6, 4, 0.08, 2, 0.09)])
+    assert sel.select_confirmed(measured)[0]["number"] == 6
+    # trial 5 refused 6/50 eval prompts (over target) and only 4/100 train: 10/150 pooled is within
+    # 10 %, but a kind train split does not undo a count over the target
     measured = confirmed([(4, 2, 0.09, 6, 0.10), (5, 6, 0.04, 4, 0.05)])
-    row, _ = sel.select_confirmed(measured)
-    assert row["number"] == 5
+    assert sel.select_confirmed(measured)[0]["number"] == 4
 
 
 def test_no_confirmed_trial_returns_none_and_the_best_pooled_rate():

@@ -20,9 +20,9 @@ Policies (``policy["name"]``):
 Confirmation (optional, :func:`confirmation_candidates` and :func:`select_confirmed`): the eval
 prompts are the ones the study optimised on, so the trial that scores lowest KL just under the
 target on a few dozen of them is partly the luckiest there (on the demo benchmark, 5/50 eval
-refusals became 13/50 held out). The front trials near the target are measured again on other
-prompts the study never scored (the train split) and the policy is applied to eval and train
-counts together.
+refusals became 13/50 held out). The front trials within the target are measured again on other
+prompts the study never scored (the train split), and a trial is chosen only if it stays within
+the target on eval and train counts together.
 """
 
 from __future__ import annotations
@@ -207,21 +207,24 @@ def select_trial(
     )
 
 
-def confirmation_candidates(
-    df: pd.DataFrame, policy: Mapping[str, Any] | None = None, margin: float = 2.0
-) -> pd.DataFrame:
-    """Pareto-front trials whose eval refusal rate is at most ``margin`` × ``refusal_target``,
-    lowest KL first; empty when the policy is ``min_refusals`` or no trial reaches the target
-    (then the choice does not rest on the target's edge and there is nothing to confirm)."""
+def confirmation_candidates(df: pd.DataFrame, policy: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The trials the policy accepts on the eval prompts (refusal rate within ``refusal_target``)
+    that are on the Pareto front, lowest KL first; empty when the policy is ``min_refusals`` or no
+    trial reaches the target (then the choice does not rest on the target's edge).
+
+    Only these: confirmation can reject a trial that looked good on eval, never admit one that did
+    not. Admitting trials over the target on eval when the train prompts were kind to them swapped
+    one lucky count for another (on the default demo, 30 train prompts took a 3/24 trial under the
+    target, and it refused 8/45 held-out prompts)."""
     policy = _check_policy(policy or {})
     done = _complete(df)
     if policy["name"] != "min_kl_under_target" or done.empty:
         return done.iloc[:0]
     target = float(policy["refusal_target"])
-    if not (refusal_rate(done) <= target + 1e-12).any():
-        return done.iloc[:0]
     front = pareto_front(done)
-    near = front[refusal_rate(front) <= margin * target + 1e-12]
+    if front.empty:
+        return front
+    near = front[refusal_rate(front) <= target + 1e-12]
     return near.sort_values(["kl", "number"]).reset_index(drop=True)
 
 
@@ -249,7 +252,7 @@ def select_confirmed(
 ) -> tuple[pd.Series | None, str]:
     """The policy's choice on eval and confirmation counts pooled.
 
-    ``measured``: candidates with the eval columns ``refusals``, ``n``, ``kl`` and ``kl_n`` (harmless
+    ``measured``: candidates (within the target on eval; others are never chosen) with the eval columns ``refusals``, ``n``, ``kl`` and ``kl_n`` (harmless
     prompts behind ``kl``), the same four for the confirmation prompts prefixed ``confirm_``, and
     ``confirm_stopped`` (generation stopped at :func:`confirmation_cap`: the train refusals are a
     lower bound and the row is never chosen). Returns the row (with ``pooled_rate`` and
@@ -263,7 +266,8 @@ def select_confirmed(
         pooled_kl=_pooled_kl(measured["kl"], measured["kl_n"], measured["confirm_kl"], measured["confirm_kl_n"]),
     )
     stopped = pooled["confirm_stopped"].astype(bool)
-    ok = pooled[~stopped & (pooled["pooled_rate"] <= target + 1e-12)]
+    on_eval = measured["refusals"] / measured["n"] <= target + 1e-12
+    ok = pooled[~stopped & on_eval & (pooled["pooled_rate"] <= target + 1e-12)]
     if ok.empty:
         pool = pooled if stopped.all() else pooled[~stopped]
         best = pool.sort_values(["pooled_rate", "pooled_kl", "number"]).iloc[0]

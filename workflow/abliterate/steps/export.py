@@ -28,13 +28,12 @@ def params_of(row: pd.Series) -> dict:
 
 def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmful: str, harmless: str,
             kl_n: int) -> tuple[pd.Series | None, dict | None]:
-    """Measure the front trials near the refusal target on the train prompts and choose on eval and
-    train together (:func:`abliterate.selection.select_confirmed`). Returns the chosen row (None:
+    """Measure the front trials within the refusal target on the train prompts and choose among
+    those that stay within it on eval and train together (:func:`abliterate.selection.select_confirmed`). Returns the chosen row (None:
     keep the eval choice) and the record for ``selected.json`` (None when there was nothing to do)."""
     from tqdm.auto import tqdm
 
-    exp = config["export"]
-    candidates = selection.confirmation_candidates(df, policy(config), exp["confirm_margin"])
+    candidates = selection.confirmation_candidates(df, policy(config))
     if candidates.empty:
         log.info("confirmation skipped: no trial reached the refusal target on the eval prompts")
         return None, None
@@ -50,8 +49,8 @@ def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmf
     evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base_lp,
                           settings.max_new_tokens, settings.batch_size, settings.detector,
                           cuda_graphs=settings.cuda_graphs)
-    log.info("confirming %d front trials within %g x the refusal target on %d harmful and %d harmless train "
-             "prompts", len(candidates), exp["confirm_margin"], len(harmful_texts), len(harmless_texts))
+    log.info("confirming the %d front trials within the refusal target on %d harmful and %d harmless train "
+             "prompts", len(candidates), len(harmful_texts), len(harmless_texts))
     rows, best_kl = [], None
     for _, row in tqdm(list(candidates.iterrows()), desc="confirm", unit="trial"):
         ablator.apply(ablation.AblationParams.from_flat(params_of(row)))
@@ -77,7 +76,6 @@ def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmf
     chosen, reason = selection.select_confirmed(measured, policy(config))
     record = {
         "split": "train",
-        "margin": exp["confirm_margin"],
         "reason": reason,
         "candidates": [
             {"number": int(r["number"]),
