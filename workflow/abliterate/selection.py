@@ -222,8 +222,6 @@ def confirmation_candidates(df: pd.DataFrame, policy: Mapping[str, Any] | None =
         return done.iloc[:0]
     target = float(policy["refusal_target"])
     front = pareto_front(done)
-    if front.empty:
-        return front
     near = front[refusal_rate(front) <= target + 1e-12]
     return near.sort_values(["kl", "number"]).reset_index(drop=True)
 
@@ -279,7 +277,7 @@ def select_confirmed(
     row = ok.sort_values(["pooled_kl", "number"]).iloc[0]
     return row, (
         f"trial {int(row['number'])}: lowest pooled KL among the {len(ok)} of {len(pooled)} front trials "
-        f"near the target whose eval and train prompts together are refused at most {target:.0%} "
+        f"within the target on eval whose eval and train prompts together are refused at most {target:.0%} "
         f"(eval {int(row['refusals'])}/{int(row['n'])}, train {int(row['confirm_refusals'])}/"
         f"{int(row['confirm_n'])}, KL {row['pooled_kl']:.4g})"
     )

@@ -27,10 +27,9 @@ _STAGE_KEYS = {
     "baseline": ["seed", "prompts", "model", "demo_model", "evaluation"],
     "directions": ["seed", "prompts", "model", "demo_model", "directions"],
     "study": ["seed", "prompts", "model", "demo_model", "directions", "evaluation", "ablation", "study_space"],
-    # the choice of a trial and what follows it: a new policy or target re-exports without a new study
-    "export": ["seed", "prompts", "model", "demo_model", "directions", "evaluation", "ablation", "study_space",
-               "export"],
 }
+# the choice of a trial and what follows it: a new policy or target re-exports without a new study
+_STAGE_KEYS["export"] = [*_STAGE_KEYS["study"], "export"]
 
 
 def coerce_cli_strings(config: dict, schema: dict) -> dict:

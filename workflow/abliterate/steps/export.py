@@ -51,7 +51,7 @@ def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmf
                           cuda_graphs=settings.cuda_graphs)
     log.info("confirming the %d front trials within the refusal target on %d harmful and %d harmless train "
              "prompts", len(candidates), len(harmful_texts), len(harmless_texts))
-    rows, best_kl = [], None
+    rows, best_kl, chosen, reason = [], None, None, ""
     for _, row in tqdm(list(candidates.iterrows()), desc="confirm", unit="trial"):
         ablator.apply(ablation.AblationParams.from_flat(params_of(row)))
         try:
@@ -67,13 +67,11 @@ def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmf
         got = {**row.to_dict(), "kl_n": kl_n, "confirm_refusals": refusals, "confirm_n": len(harmful_texts),
                "confirm_kl": train_kl, "confirm_kl_n": len(harmless_texts), "confirm_stopped": stopped}
         rows.append(got)
-        chosen, _ = selection.select_confirmed(pd.DataFrame(rows), policy(config))
+        chosen, reason = selection.select_confirmed(pd.DataFrame(rows), policy(config))
         best_kl = None if chosen is None else float(chosen["pooled_kl"])
         log.info("trial %d: eval %d/%d KL %.4f, train %s%d/%d KL %.4f%s", int(row["number"]), int(row["refusals"]),
                  int(row["n"]), float(row["kl"]), ">= " if stopped else "", refusals, len(harmful_texts), train_kl,
                  " (stopped: it cannot be chosen)" if stopped else "")
-    measured = pd.DataFrame(rows)
-    chosen, reason = selection.select_confirmed(measured, policy(config))
     record = {
         "split": "train",
         "reason": reason,
@@ -82,7 +80,7 @@ def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmf
              "eval": {"refusals": int(r["refusals"]), "n": int(r["n"]), "kl": float(r["kl"])},
              "train": {"refusals": int(r["confirm_refusals"]), "n": int(r["confirm_n"]), "kl": float(r["confirm_kl"]),
                        "stopped": bool(r["confirm_stopped"])}}
-            for _, r in measured.iterrows()
+            for r in rows
         ],
     }
     del evaluator
