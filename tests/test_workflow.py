@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -91,6 +92,9 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     assert all(c["train"]["n"] == n_train and c["train"]["kl"] >= 0 for c in confirmation["candidates"])
     assert selected["number"] in {c["number"] for c in confirmation["candidates"]} or "none of" in confirmation["reason"]
     assert json.loads((res / "summary.json").read_text())["selected_trial"]["confirmation"] == confirmation
+    # measured on the study's route (in-place edits on the CPU), the adapter written through LoRA after
+    routes = re.findall(r"ablation route: (.+?) \(", (tmp_path / "results/logs/tiny/export.log").read_text())
+    assert routes == ["direct weight edits", "LoRA adapters"]
 
     # A new export setting re-exports (and merges, evaluates) the same study, trials unchanged.
     proc = wr.run(tmp_path, "--resources", "gpu=1", "--config", "study={n_trials: 5}", "export={confirm: false}")

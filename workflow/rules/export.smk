@@ -9,7 +9,6 @@ rule export:
         harmful="results/prompts/harmful.parquet",
         harmless="results/prompts/harmless.parquet",
         directions=f"results/{RUN}/directions.safetensors",
-        baseline=f"results/{RUN}/baseline/logprobs.safetensors",
     output:
         selected=f"results/{RUN}/selected.json",
         pareto=f"results/{RUN}/pareto.csv",

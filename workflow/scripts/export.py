@@ -13,7 +13,6 @@ export.run(
     harmful=snakemake.input.harmful,
     harmless=snakemake.input.harmless,
     directions_path=snakemake.input.directions,
-    baseline_path=snakemake.input.baseline,
     out_selected=snakemake.output.selected,
     out_pareto=snakemake.output.pareto,
     out_adapter=snakemake.output.adapter,

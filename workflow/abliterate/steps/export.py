@@ -10,7 +10,7 @@ from .. import ablation, devices, io, kl, selection, session
 from ..evaluation import Evaluator
 from ..generation import RefusalLimitReached
 from .common import eval_settings
-from .study import build_objective
+from .study import build_ablator
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +87,23 @@ def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmf
     return chosen, record
 
 
-def run(config: dict, trials: str, harmful: str, harmless: str, directions_path: str, baseline_path: str,
+def run(config: dict, trials: str, harmful: str, harmless: str, directions_path: str,
         out_selected: str, out_pareto: str, out_adapter: str, out_plot: str, config_hash: str) -> dict:
     df = pd.read_csv(trials)
     row, reason = selection.select_trial(df, policy(config))
     log.info("selected on the eval prompts: %s", reason)
     lm = session.open_model(config)
-    # LoRA: the adapter folder is what the merge rule and users load.
-    objective, _, ablator = build_objective(config, lm, harmful, harmless, directions_path, baseline_path,
-                                            route="lora")
+    ablator = None
     confirmation = None
     if config["export"]["confirm"]:
-        chosen, confirmation = confirm(config, lm, ablator, df, harmful, harmless,
-                                       len(objective.evaluator.harmless_texts))
+        # the study's route: on the CPU that edits in place, faster than LoRA's extra matmuls; reset
+        # restores the weights bit for bit before the LoRA wrapping below
+        ablator = build_ablator(config, lm, directions_path)
+        kl_n = len(session.chats(config, lm.tokenizer, harmless, "eval")[1])
+        chosen, confirmation = confirm(config, lm, ablator, df, harmful, harmless, kl_n)
+        if ablator.peft_model is None:
+            del ablator
+            ablator = None
         if confirmation is not None:
             confirmation["eval_choice"] = int(row["number"])
             if chosen is None:
@@ -110,6 +114,9 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
                              int(chosen["number"]))
                 row, reason = chosen, confirmation["reason"]
                 log.info("selected after confirmation: %s", reason)
+    if ablator is None:
+        # LoRA: the adapter folder is what the merge rule and users load
+        ablator = build_ablator(config, lm, directions_path, route="lora")
     front = selection.pareto_front(df)
     io.write_csv(front, out_pareto)
     selection.plot_pareto(df, int(row["number"]), out_plot)
@@ -126,6 +133,6 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
         **meta,
     }
     io.write_json(selected, out_selected)
-    del objective, ablator, lm
+    del ablator, lm
     devices.free_memory()
     return selected

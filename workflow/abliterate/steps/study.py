@@ -62,10 +62,9 @@ def build_ablator(config: dict, lm, directions_path: str, route: str | None = No
 
 
 def build_objective(config: dict, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
-                    route: str | None = None, reuse_layers: bool = False):
-    """``route``: see :func:`build_ablator`; ``reuse_layers`` records the prefills every trial repeats
-    (worth it for a study, not for one edit)."""
-    ablator = build_ablator(config, lm, directions_path, route)
+                    reuse_layers: bool = False):
+    """``reuse_layers`` records the prefills every trial repeats (worth it for a study, not for one edit)."""
+    ablator = build_ablator(config, lm, directions_path)
     layout = ablator.layout
     device = next(lm.model.parameters()).device
     _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "eval")
