@@ -511,6 +511,29 @@ def read_ours(ours_dir: Path, run: str) -> dict:
 # --- Heretic's side ------------------------------------------------------------------------
 
 
+def heretic_job(protocol: Protocol, model: str, splits: dict, work: Path, out_dir: Path) -> dict:
+    """The job heretic_runner.py (and heretic_front.py) reads: the protocol's settings, and the train
+    and eval prompts written to ``work/prompts``."""
+    files = {}
+    for name in ("harmful", "harmless"):
+        for s in ("train", "eval"):
+            files[f"{name}_{s}"] = str(work / "prompts" / f"{name}_{s}.json")
+            write_json_atomic(splits[name][s], Path(files[f"{name}_{s}"]))
+    return {
+        "model": str(Path(model).resolve()),
+        **files,
+        "n_trials": protocol.n_trials,
+        "n_startup_trials": protocol.n_startup_trials,
+        "seed": protocol.seed,
+        "batch_size": protocol.batch_size,
+        "max_response_length": protocol.max_response_length,
+        "dtype": protocol.dtype,
+        "threads": protocol.threads,
+        "system_prompt": protocol.system_prompt,
+        "out_dir": str(out_dir),
+    }
+
+
 def run_heretic(
     protocol: Protocol,
     model: str,
@@ -525,26 +548,7 @@ def run_heretic(
         from heretic_env import ensure_heretic_env
 
         python = ensure_heretic_env()
-    out_dir = work / "heretic"
-    prompts_dir = work / "prompts"
-    files = {}
-    for name in ("harmful", "harmless"):
-        for s in ("train", "eval"):
-            files[f"{name}_{s}"] = str(prompts_dir / f"{name}_{s}.json")
-            write_json_atomic(splits[name][s], Path(files[f"{name}_{s}"]))
-    job = {
-        "model": str(Path(model).resolve()),
-        **files,
-        "n_trials": protocol.n_trials,
-        "n_startup_trials": protocol.n_startup_trials,
-        "seed": protocol.seed,
-        "batch_size": protocol.batch_size,
-        "max_response_length": protocol.max_response_length,
-        "dtype": protocol.dtype,
-        "threads": protocol.threads,
-        "system_prompt": protocol.system_prompt,
-        "out_dir": str(out_dir),
-    }
+    job = heretic_job(protocol, model, splits, work, work / "heretic")
     if protocol.quantization != "none":
         job["settings"] = {"quantization": protocol.quantization}
     if selection:

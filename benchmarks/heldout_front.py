@@ -11,6 +11,17 @@ hypervolume of the eval front, and writes JSON (``--out``). The chosen trial's r
 held-out figures in the run's result file (a check that the re-applied edit is the exported one).
 
     python benchmarks/heldout_front.py --work benchmarks/work/cpu-demo-seed44 --out FILE
+
+``--heretic RESULT.json`` does the same for Heretic's front in a ``compare.py`` result file (its
+trials' parameters, settings and the prompt splits are in the file): ``heretic_front.py`` re-applies
+each front trial with Heretic's own code in its venv and saves it as a LoRA adapter, and each
+adapter on the base model is measured here with the same evaluator. The file does not hold the
+prompts: ``--work`` is then a working folder of ours with the same seed, whose prompt splits are the
+run's (the splits are a function of the seed); the adapters go to its ``heretic-front/``. Heretic's
+chosen trial must reproduce the file's held-out figures for Heretic, prompt by prompt (checked).
+
+    python benchmarks/heldout_front.py --heretic benchmarks/results/cpu-demo-...-seed45-shipped.json \
+        --work benchmarks/work/cpu-demo-seed45 --out FILE
 """
 
 from __future__ import annotations
@@ -84,9 +95,102 @@ def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, tr
             "base": {k: base[k] for k in ("refusals", "n")}, "trials": trials}
 
 
+def heretic_front_trials(result: dict, everything: bool) -> list[dict]:
+    """Heretic's COMPLETE trials of a compare.py result file (front only unless ``everything``) with
+    the parameters Heretic stored on each."""
+    from abliterate import selection
+
+    heretic = result["raw"]["heretic"]
+    complete = [t for t in heretic["trials"] if t["state"] == "COMPLETE"]
+    df = compare.trials_table(complete, heretic.get("n_bad_eval"))
+    keep = set(df["number"] if everything else selection.pareto_front(df)["number"])
+    return [
+        {
+            "number": t["number"],
+            "eval": {"refusals": int(t["refusals"]), "n": int(t["n"]), "kl": float(t["kl"])},
+            "direction_index": t["direction_index"],
+            "parameters": t["parameters"],
+        }
+        for t in sorted(complete, key=lambda t: (t["refusals"], t["kl"]))
+        if t["number"] in keep
+    ]
+
+
+def heretic_adapters(protocol: compare.Protocol, model: str, result: dict, splits: dict, trials: list[dict],
+                     work: Path, python: str | None) -> dict[int, str]:
+    """Each trial saved as Heretic's LoRA adapter by heretic_front.py in Heretic's venv: number -> folder."""
+    import json
+
+    if python is None:
+        from heretic_env import ensure_heretic_env
+
+        python = ensure_heretic_env()
+    heretic = result["raw"]["heretic"]
+    out_dir = work / "adapters"
+    job = {**compare.heretic_job(protocol, model, splits, work, out_dir),
+           "run_settings": heretic["settings"],
+           "trials": [{k: t[k] for k in ("number", "direction_index", "parameters")} for t in trials]}
+    compare.write_json_atomic(job, work / "heretic-front-job.json")
+    compare.run_measured([str(python), str(BENCHMARKS / "heretic_front.py"), str(work / "heretic-front-job.json")],
+                         cwd=work, log=work / "logs" / "heretic-front.log", env=compare.child_env(protocol.threads))
+    saved = json.loads((out_dir / "front.json").read_text(encoding="utf-8"))
+    return {int(t["number"]): t["adapter"] for t in saved["trials"]}
+
+
+def measure_adapters(protocol: compare.Protocol, model: str, splits: dict, trials: list[dict],
+                     adapters: dict[int, str], split: str = "heldout") -> dict:
+    """Like :func:`measure`, each trial being a PEFT adapter on the base model."""
+    from types import SimpleNamespace
+
+    import torch
+    from abliterate import session
+    from peft import PeftModel
+    from tqdm import tqdm
+
+    if protocol.threads:
+        torch.set_num_threads(protocol.threads)
+    config = compare.eval_config(protocol)
+    lm = session.open_model(config, path=model)
+    prompts = compare.heldout_prompts(config, lm, protocol, splits, split)
+    base, base_lp = compare.measure_heldout(lm, *prompts)
+    for trial in tqdm(trials, desc=f"{split} trials", unit="trial"):
+        edited = PeftModel.from_pretrained(lm.model, adapters[trial["number"]])
+        try:
+            trial[split], _ = compare.measure_heldout(SimpleNamespace(model=edited, tokenizer=lm.tokenizer),
+                                                      *prompts, base_lp)
+        finally:
+            lm.model = edited.unload()  # the LoRA layers out again, base weights untouched
+        logger.info("Heretic trial %d: eval %d/%d KL %.4f -> %s %d/%d KL %.4f", trial["number"],
+                    trial["eval"]["refusals"], trial["eval"]["n"], trial["eval"]["kl"], split,
+                    trial[split]["refusals"], trial[split]["n"], trial[split]["kl"])
+    return {"split": split, "base": {k: base[k] for k in ("refusals", "n")}, "trials": trials}
+
+
+def check_heretic_choice(result: dict, trials: list[dict], split: str) -> str:
+    """Heretic's chosen trial, re-applied, against the held-out figures of its merged model in the file."""
+    chosen = result["raw"]["heretic"]["selected"]["number"]
+    row = next((t for t in trials if t["number"] == chosen), None)
+    if split != "heldout" or row is None:
+        return "no check (the chosen trial is not among these, or another split)"
+    want = result["heldout_per_prompt"]["heretic"]
+    got = row[split]
+    same_refusals = got["refused"] == want["refused"]
+    kl_diff = abs(got["kl"] - sum(want["kl"]) / len(want["kl"]))
+    msg = (f"chosen trial {chosen}: {got['refusals']}/{got['n']} at KL {got['kl']:.4f} as an adapter; "
+           f"merged model in the file: {sum(want['refused'])}/{len(want['refused'])}, per-prompt refusals "
+           f"{'identical' if same_refusals else 'DIFFERENT'}, KL difference {kl_diff:.1e}")
+    if not same_refusals or kl_diff > 1e-3:
+        raise SystemExit(f"re-applied Heretic trial does not reproduce the run: {msg}")
+    return msg
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, required=True, help="a compare.py working folder with our run")
+    ap.add_argument("--work", type=Path, required=True,
+                    help="a compare.py working folder with our run (with --heretic: one of the same seed)")
+    ap.add_argument("--heretic", type=Path, metavar="RESULT",
+                    help="measure Heretic's front in this compare.py result file instead of our run's")
+    ap.add_argument("--heretic-python", help="an interpreter that imports heretic (default: its venv)")
     ap.add_argument("--protocol", default="cpu-demo", choices=sorted(compare.PROTOCOLS))
     ap.add_argument("--model", help="base model folder (default: the protocol's)")
     ap.add_argument("--all", action="store_true", help="every complete trial, not only the front")
@@ -100,10 +204,27 @@ def main(argv=None) -> int:
 
     protocol = compare.PROTOCOLS[args.protocol]
     model = args.model or protocol.model
-    ours_dir = args.work.resolve() / "ours"
-    run = f"bench-{args.protocol}"
     split = args.split
-    result = measure(protocol, model, ours_dir, run, front_trials(ours_dir, run, args.all), split)
+    check = None
+    if args.heretic:
+        import json
+
+        source = json.loads(args.heretic.read_text(encoding="utf-8"))
+        if source.get("protocol") != args.protocol:
+            raise SystemExit(f"{args.heretic} is a {source.get('protocol')!r} result, not {args.protocol!r}")
+        protocol = compare.replace(protocol, seed=source["settings"]["seed"])
+        trials = heretic_front_trials(source, args.all)
+        splits = compare.workflow_splits(args.work.resolve() / "ours", f"bench-{args.protocol}")
+        adapters = heretic_adapters(protocol, model, source, splits, trials, args.work.resolve() / "heretic-front",
+                                    args.heretic_python)
+        result = {"tool": "heretic", "source": str(args.heretic),
+                  **measure_adapters(protocol, model, splits, trials, adapters, split)}
+        check = check_heretic_choice(source, trials, split)
+    else:
+        ours_dir = args.work.resolve() / "ours"
+        run = f"bench-{args.protocol}"
+        result = {"tool": "ours", **measure(protocol, model, ours_dir, run, front_trials(ours_dir, run, args.all),
+                                            split)}
     trials = result["trials"]
     label = "held-out" if split == "heldout" else split
     print(f"{'trial':>5}  {'eval':>12}  {label:>12}")
@@ -117,6 +238,8 @@ def main(argv=None) -> int:
         for split in ("eval", split)
     }
     print(f"hypervolume of these trials, ref {compare.REF_POINT}: eval {hv['eval']:.4f}, {label} {hv[split]:.4f}")
+    if check:
+        print(check)
     if args.out:
         import datetime as dt
 

@@ -84,3 +84,64 @@ def test_each_trial_starts_from_the_base_model(heldout_front, tmp_path, tiny_mod
     forward, backward = kls([0, 1, 2]), kls([2, 1, 0])
     assert forward == pytest.approx(backward, rel=1e-5, abs=1e-7)
     assert len(set(forward.values())) == 3
+
+
+# --- Heretic's front (--heretic): the parts that run in our environment ---------------------------
+
+
+def _heretic_result(trials):
+    return {"raw": {"heretic": {"n_bad_eval": 50, "selected": {"number": 1}, "trials": [
+        {"number": n, "state": state, "refusals": r, "n": 50, "kl": kl, "direction_index": None,
+         "parameters": {"attn.o_proj": {"max_weight": 1.0}}}
+        for n, state, r, kl in trials]}}}
+
+
+def test_heretic_front_trials_are_its_complete_pareto_trials_with_their_parameters(heldout_front):
+    result = _heretic_result([(0, "COMPLETE", 20, 0.01), (1, "COMPLETE", 5, 0.05), (2, "COMPLETE", 6, 0.06),
+                              (3, "FAIL", 0, 0.0), (4, "COMPLETE", 0, 0.2)])
+    front = heldout_front.heretic_front_trials(result, everything=False)
+    assert [t["number"] for t in front] == [4, 1, 0]  # 2 is dominated by 1; 3 failed
+    assert front[1]["eval"] == {"refusals": 5, "n": 50, "kl": 0.05}
+    assert front[1]["parameters"] == {"attn.o_proj": {"max_weight": 1.0}} and front[1]["direction_index"] is None
+    assert [t["number"] for t in heldout_front.heretic_front_trials(result, everything=True)] == [4, 1, 2, 0]
+
+
+def test_heretic_choice_must_reproduce_the_run_prompt_by_prompt(heldout_front):
+    result = _heretic_result([(1, "COMPLETE", 5, 0.05)])
+    result["heldout_per_prompt"] = {"heretic": {"refused": [True, False], "kl": [0.1, 0.3]}}
+    trials = [{"number": 1, "heldout": {"refusals": 1, "n": 2, "refused": [True, False], "kl": 0.2 + 1e-6}}]
+    assert "identical" in heldout_front.check_heretic_choice(result, trials, "heldout")
+    trials[0]["heldout"]["refused"] = [False, False]
+    with pytest.raises(SystemExit, match="does not reproduce"):
+        heldout_front.check_heretic_choice(result, trials, "heldout")
+
+
+def test_adapters_are_measured_one_at_a_time_on_the_base_model(heldout_front, tmp_path, tiny_model_path):
+    # Heretic's trials arrive as PEFT adapters; each must be measured on the unedited base (the last
+    # one's LoRA layers unloaded), so the order does not matter and an all-zero adapter gives KL 0.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ours = _work(tmp_path, n_layers=3) / "ours"
+    splits = heldout_front.compare.workflow_splits(ours, "bench-smoke")
+    adapters = {}
+    for number, scale in ((0, 0.0), (1, 0.5), (2, 2.0)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+        peft = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, target_modules=["o_proj"]))
+        torch.manual_seed(number)
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.data = torch.randn_like(p) * scale
+        adapters[number] = str(tmp_path / f"trial-{number}")
+        peft.save_pretrained(adapters[number])
+    smoke = heldout_front.compare.PROTOCOLS["smoke"]
+
+    def kls(order):
+        trials = [{"number": n, "eval": {"refusals": 0, "n": 3, "kl": 0.0}} for n in order]
+        result = heldout_front.measure_adapters(smoke, str(tiny_model_path), splits, trials, adapters)
+        return {t["number"]: t["heldout"]["kl"] for t in result["trials"]}
+
+    forward, backward = kls([0, 1, 2]), kls([2, 1, 0])
+    assert forward == pytest.approx(backward, rel=1e-5, abs=1e-7)
+    assert forward[0] == pytest.approx(0.0, abs=1e-6) and forward[1] > 0 and forward[2] > 0
+    assert forward[1] != pytest.approx(forward[2])
