@@ -24,8 +24,10 @@ sys.path.insert(0, str(BENCHMARKS.parent / "workflow"))
 
 
 def chosen_number(front: dict) -> int | None:
-    """The trial the tool's run chose: Heretic's from the result file its front came from, ours from
-    the run's selected.json."""
+    """The trial the tool's run chose (``heldout_front.py`` records it; files written before it did:
+    Heretic's from the result file the front came from, ours from the run's selected.json)."""
+    if "chosen" in front:
+        return front["chosen"]
     if front.get("tool") == "heretic":
         source = json.loads(Path(front["source"]).read_text(encoding="utf-8"))
         return int(source["raw"]["heretic"]["selected"]["number"])

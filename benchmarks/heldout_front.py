@@ -27,6 +27,7 @@ chosen trial must reproduce the file's held-out figures for Heretic, prompt by p
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -119,8 +120,6 @@ def heretic_front_trials(result: dict, everything: bool) -> list[dict]:
 def heretic_adapters(protocol: compare.Protocol, model: str, result: dict, splits: dict, trials: list[dict],
                      work: Path, python: str | None) -> dict[int, str]:
     """Each trial saved as Heretic's LoRA adapter by heretic_front.py in Heretic's venv: number -> folder."""
-    import json
-
     if python is None:
         from heretic_env import ensure_heretic_env
 
@@ -207,8 +206,6 @@ def main(argv=None) -> int:
     split = args.split
     check = None
     if args.heretic:
-        import json
-
         source = json.loads(args.heretic.read_text(encoding="utf-8"))
         if source.get("protocol") != args.protocol:
             raise SystemExit(f"{args.heretic} is a {source.get('protocol')!r} result, not {args.protocol!r}")
@@ -218,13 +215,16 @@ def main(argv=None) -> int:
         adapters = heretic_adapters(protocol, model, source, splits, trials, args.work.resolve() / "heretic-front",
                                     args.heretic_python)
         result = {"tool": "heretic", "source": str(args.heretic),
+                  "chosen": int(source["raw"]["heretic"]["selected"]["number"]),
                   **measure_adapters(protocol, model, splits, trials, adapters, split)}
         check = check_heretic_choice(source, trials, split)
     else:
         ours_dir = args.work.resolve() / "ours"
         run = f"bench-{args.protocol}"
-        result = {"tool": "ours", **measure(protocol, model, ours_dir, run, front_trials(ours_dir, run, args.all),
-                                            split)}
+        selected = ours_dir / "results" / run / "selected.json"
+        result = {"tool": "ours",
+                  "chosen": int(json.loads(selected.read_text(encoding="utf-8"))["number"]) if selected.is_file() else None,
+                  **measure(protocol, model, ours_dir, run, front_trials(ours_dir, run, args.all), split)}
     trials = result["trials"]
     label = "held-out" if split == "heldout" else split
     print(f"{'trial':>5}  {'eval':>12}  {label:>12}")

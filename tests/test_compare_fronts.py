@@ -52,6 +52,14 @@ def test_chosen_and_best_within_target_per_tool(compare_fronts, tmp_path, capsys
     assert json.loads(out.read_text())["pairs"][0]["ours"]["best_within_target"]["number"] == 4
 
 
+def test_the_chosen_trial_recorded_in_a_front_file_wins(compare_fronts, tmp_path):
+    ours, heretic = _files(tmp_path)
+    front = json.loads(heretic.read_text())
+    front["chosen"] = 8  # heldout_front.py records it; the result file is then not read for it
+    heretic.write_text(json.dumps(front))
+    assert compare_fronts.summary(front, 0.1)["chosen"]["number"] == 8
+
+
 def test_fronts_on_different_splits_are_refused(compare_fronts, tmp_path):
     ours, heretic = _files(tmp_path)
     front = json.loads(heretic.read_text())

@@ -55,6 +55,7 @@ def test_each_front_trial_is_measured_on_the_heldout_split(heldout_front, tmp_pa
         assert t["heldout"]["kl"] > 0 and len(t["heldout"]["kl_per_prompt"]) == 3
         assert t["eval"]["n"] == 3
     assert result["base"]["n"] == 3 and result["run_config_hash"]
+    assert result["tool"] == "ours" and result["chosen"] is None  # this stand-in run has no export
     assert set(result["hypervolume"]) == {"eval", "heldout"}
     assert "held-out" in capsys.readouterr().out
 
