@@ -78,7 +78,7 @@ def run_job(job: dict) -> dict:
     start = time.perf_counter()
     model = Model(settings)
     table = directions(model, settings)
-    directions_s = time.perf_counter() - start
+    load_and_directions_s = time.perf_counter() - start
     saved = []
     for trial in job["trials"]:
         model.reset_model()
@@ -88,7 +88,7 @@ def run_job(job: dict) -> dict:
         model.model.save_pretrained(str(folder))
         saved.append({"number": trial["number"], "adapter": str(folder)})
         sys.stderr.write(f"heretic_front: trial {trial['number']} -> {folder}\n")
-    return {"heretic_version": version("heretic-llm"), "directions_s": directions_s, "trials": saved}
+    return {"heretic_version": version("heretic-llm"), "load_and_directions_s": load_and_directions_s, "trials": saved}
 
 
 def main(argv: list[str]) -> int:
