@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -64,36 +65,56 @@ def front_trials(ours_dir: Path, run: str, everything: bool) -> list[dict]:
     ]
 
 
-def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, trials: list[dict],
-            split: str = "heldout") -> dict:
-    """The figures on ``split`` of the base model and of each trial re-applied to it (added to
-    ``trials`` under the split's name)."""
+def _measure_each(protocol: compare.Protocol, model: str, splits: dict, trials: list[dict], split: str,
+                  edits) -> dict:
+    """The base model's figures on ``split``, then each trial's, added to ``trials`` under the split's
+    name. ``edits(lm)`` returns ``edited(trial)``: a context manager giving the model with the trial's
+    edit, undone on exit, so every trial starts from the base weights."""
     import torch
-    import yaml
-    from abliterate import ablation, io, session
-    from abliterate.steps.study import build_ablator
+    from abliterate import session
     from tqdm import tqdm
 
     if protocol.threads:
         torch.set_num_threads(protocol.threads)
     config = compare.eval_config(protocol)
-    run_config = yaml.safe_load((ours_dir / "config.yaml").read_text(encoding="utf-8"))
     lm = session.open_model(config, path=model)
-    prompts = compare.heldout_prompts(config, lm, protocol, compare.workflow_splits(ours_dir, run), split)
+    prompts = compare.heldout_prompts(config, lm, protocol, splits, split)
     base, base_lp = compare.measure_heldout(lm, *prompts)
-    # the run's own ablation settings (row norm, rank, seed, route), as its study applied them
-    ablator = build_ablator(run_config, lm, ours_dir / "results" / run / "directions.safetensors")
+    edited = edits(lm)
     for trial in tqdm(trials, desc=f"{split} trials", unit="trial"):
-        ablator.apply(ablation.AblationParams.from_flat(trial["params"]))
-        try:
-            trial[split], _ = compare.measure_heldout(lm, *prompts, base_lp)
-        finally:
-            ablator.reset()
+        with edited(trial) as view:
+            trial[split], _ = compare.measure_heldout(view, *prompts, base_lp)
         logger.info("trial %d: eval %d/%d KL %.4f -> %s %d/%d KL %.4f", trial["number"],
                     trial["eval"]["refusals"], trial["eval"]["n"], trial["eval"]["kl"], split,
                     trial[split]["refusals"], trial[split]["n"], trial[split]["kl"])
-    return {"run_config_hash": io.config_hash(run_config), "split": split,
-            "base": {k: base[k] for k in ("refusals", "n")}, "trials": trials}
+    return {"split": split, "base": {k: base[k] for k in ("refusals", "n")}, "trials": trials}
+
+
+def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, trials: list[dict],
+            split: str = "heldout") -> dict:
+    """The figures on ``split`` of the base model and of each trial of our run re-applied to it."""
+    import yaml
+    from abliterate import ablation, io
+    from abliterate.steps.study import build_ablator
+
+    run_config = yaml.safe_load((ours_dir / "config.yaml").read_text(encoding="utf-8"))
+
+    def edits(lm):
+        # the run's own ablation settings (row norm, rank, seed, route), as its study applied them
+        ablator = build_ablator(run_config, lm, ours_dir / "results" / run / "directions.safetensors")
+
+        @contextmanager
+        def edited(trial):
+            ablator.apply(ablation.AblationParams.from_flat(trial["params"]))
+            try:
+                yield lm
+            finally:
+                ablator.reset()
+
+        return edited
+
+    result = _measure_each(protocol, model, compare.workflow_splits(ours_dir, run), trials, split, edits)
+    return {"run_config_hash": io.config_hash(run_config), **result}
 
 
 def heretic_front_trials(result: dict, everything: bool) -> list[dict]:
@@ -141,28 +162,20 @@ def measure_adapters(protocol: compare.Protocol, model: str, splits: dict, trial
     """Like :func:`measure`, each trial being a PEFT adapter on the base model."""
     from types import SimpleNamespace
 
-    import torch
-    from abliterate import session
     from peft import PeftModel
-    from tqdm import tqdm
 
-    if protocol.threads:
-        torch.set_num_threads(protocol.threads)
-    config = compare.eval_config(protocol)
-    lm = session.open_model(config, path=model)
-    prompts = compare.heldout_prompts(config, lm, protocol, splits, split)
-    base, base_lp = compare.measure_heldout(lm, *prompts)
-    for trial in tqdm(trials, desc=f"{split} trials", unit="trial"):
-        edited = PeftModel.from_pretrained(lm.model, adapters[trial["number"]])
-        try:
-            trial[split], _ = compare.measure_heldout(SimpleNamespace(model=edited, tokenizer=lm.tokenizer),
-                                                      *prompts, base_lp)
-        finally:
-            lm.model = edited.unload()  # the LoRA layers out again, base weights untouched
-        logger.info("Heretic trial %d: eval %d/%d KL %.4f -> %s %d/%d KL %.4f", trial["number"],
-                    trial["eval"]["refusals"], trial["eval"]["n"], trial["eval"]["kl"], split,
-                    trial[split]["refusals"], trial[split]["n"], trial[split]["kl"])
-    return {"split": split, "base": {k: base[k] for k in ("refusals", "n")}, "trials": trials}
+    def edits(lm):
+        @contextmanager
+        def edited(trial):
+            peft = PeftModel.from_pretrained(lm.model, adapters[trial["number"]])
+            try:
+                yield SimpleNamespace(model=peft, tokenizer=lm.tokenizer)
+            finally:
+                lm.model = peft.unload()  # the LoRA layers out again, base weights untouched
+
+        return edited
+
+    return _measure_each(protocol, model, splits, trials, split, edits)
 
 
 def check_heretic_choice(result: dict, trials: list[dict], split: str) -> str:
