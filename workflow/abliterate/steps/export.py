@@ -99,11 +99,10 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
         # the study's route: on the CPU that edits in place, faster than LoRA's extra matmuls; reset
         # restores the weights bit for bit before the LoRA wrapping below
         ablator = build_ablator(config, lm, directions_path)
-        kl_n = len(session.chats(config, lm.tokenizer, harmless, "eval")[1])
+        kl_n = len(session.read_split(harmless, "eval"))  # the harmless prompts behind the eval KL
         chosen, confirmation = confirm(config, lm, ablator, df, harmful, harmless, kl_n)
         if ablator.peft_model is None:
-            del ablator
-            ablator = None
+            ablator = None  # in-place edits, already reset: the adapter needs LoRA (below)
         if confirmation is not None:
             confirmation["eval_choice"] = int(row["number"])
             if chosen is None:
