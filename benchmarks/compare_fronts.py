@@ -23,22 +23,10 @@ sys.path.insert(0, str(BENCHMARKS))
 sys.path.insert(0, str(BENCHMARKS.parent / "workflow"))
 
 
-def chosen_number(front: dict) -> int | None:
-    """The trial the tool's run chose (``heldout_front.py`` records it; files written before it did:
-    Heretic's from the result file the front came from, ours from the run's selected.json)."""
-    if "chosen" in front:
-        return front["chosen"]
-    if front.get("tool") == "heretic":
-        source = json.loads(Path(front["source"]).read_text(encoding="utf-8"))
-        return int(source["raw"]["heretic"]["selected"]["number"])
-    selected = Path(front["work"]) / "ours" / "results" / f"bench-{front['protocol']}" / "selected.json"
-    return int(json.loads(selected.read_text(encoding="utf-8"))["number"]) if selected.is_file() else None
-
-
 def summary(front: dict, target: float) -> dict:
     """Hypervolumes, the chosen trial and the best trial within ``target`` on the front's split."""
     split = front["split"]
-    number = chosen_number(front)
+    number = front.get("chosen")  # recorded by heldout_front.py
     trials = front["trials"]
     within = [t for t in trials if t[split]["refusals"] <= target * t[split]["n"] + 1e-9]
     best = min(within, key=lambda t: (t[split]["kl"], t["number"])) if within else None

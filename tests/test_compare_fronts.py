@@ -21,15 +21,12 @@ def _trial(number, eval_refusals, eval_kl, held_refusals, held_kl):
 
 
 def _files(tmp_path):
-    run = tmp_path / "work" / "ours" / "results" / "bench-cpu-demo"
-    run.mkdir(parents=True)
-    (run / "selected.json").write_text(json.dumps({"number": 3}))
     source = tmp_path / "result.json"
-    source.write_text(json.dumps({"settings": {"seed": 45}, "raw": {"heretic": {"selected": {"number": 7}}}}))
-    ours = {"tool": "ours", "work": str(tmp_path / "work"), "protocol": "cpu-demo", "split": "heldout",
+    source.write_text(json.dumps({"settings": {"seed": 45}}))
+    ours = {"tool": "ours", "chosen": 3, "protocol": "cpu-demo", "split": "heldout",
             "hypervolume": {"eval": 0.97, "heldout": 0.92},
             "trials": [_trial(1, 0, 0.1, 1, 0.16), _trial(3, 5, 0.06, 4, 0.12), _trial(4, 10, 0.05, 6, 0.09)]}
-    heretic = {"tool": "heretic", "source": str(source), "split": "heldout", "hypervolume": {"eval": 0.96, "heldout": 0.91},
+    heretic = {"tool": "heretic", "chosen": 7, "source": str(source), "split": "heldout", "hypervolume": {"eval": 0.96, "heldout": 0.91},
                "trials": [_trial(7, 5, 0.047, 4, 0.067), _trial(8, 3, 0.05, 5, 0.10), _trial(9, 12, 0.03, 8, 0.05)]}
     paths = tmp_path / "ours.json", tmp_path / "heretic.json"
     for path, front in zip(paths, (ours, heretic)):
@@ -52,11 +49,10 @@ def test_chosen_and_best_within_target_per_tool(compare_fronts, tmp_path, capsys
     assert json.loads(out.read_text())["pairs"][0]["ours"]["best_within_target"]["number"] == 4
 
 
-def test_the_chosen_trial_recorded_in_a_front_file_wins(compare_fronts, tmp_path):
-    ours, heretic = _files(tmp_path)
+def test_the_chosen_trial_is_the_one_the_front_file_records(compare_fronts, tmp_path):
+    _, heretic = _files(tmp_path)
     front = json.loads(heretic.read_text())
-    front["chosen"] = 8  # heldout_front.py records it; the result file is then not read for it
-    heretic.write_text(json.dumps(front))
+    front["chosen"] = 8
     assert compare_fronts.summary(front, 0.1)["chosen"]["number"] == 8
 
 
