@@ -23,7 +23,6 @@ Job spec (JSON object):
     out_dir         adapters go to out_dir/trial-<number>/; out_dir/front.json lists them
 """
 
-import json
 import os
 import sys
 import time
@@ -92,13 +91,7 @@ def run_job(job: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        sys.stderr.write("usage: heretic_front.py JOB.json\n")
-        return 2
-    job = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
-    result = run_job(job)
-    hr.write_json_atomic(result, Path(job["out_dir"]) / "front.json")
-    return 0
+    return hr.job_main(argv, run_job, "front.json")
 
 
 if __name__ == "__main__":

@@ -491,16 +491,23 @@ def run_job(job: dict) -> dict:
     }
 
 
-def main(argv: list[str]) -> int:
+def job_main(argv: list[str], run, out_name: str) -> int:
+    """``script JOB.json``: run(job) and write its result to ``<out_dir>/<out_name>`` (also used by
+    heretic_front.py)."""
+    script = Path(argv[0]).name
     if len(argv) != 2:
-        sys.stderr.write("usage: heretic_runner.py JOB.json\n")
+        sys.stderr.write(f"usage: {script} JOB.json\n")
         return 2
     job = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
-    result = run_job(job)
-    out = Path(job["out_dir"]) / "result.json"
+    result = run(job)
+    out = Path(job["out_dir"]) / out_name
     write_json_atomic(result, out)
-    sys.stderr.write(f"heretic_runner: wrote {out}\n")
+    sys.stderr.write(f"{script}: wrote {out}\n")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return job_main(argv, run_job, "result.json")
 
 
 if __name__ == "__main__":
