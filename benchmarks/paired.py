@@ -15,6 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 
 ALPHA = 0.05
+# Per-prompt KL differences this small are float rounding between two runs of one model (float32
+# first-token log-probabilities), not a difference between models.
+KL_EQUAL = 1e-6
 N_BOOTSTRAP = 10_000
 # Student's t, two-sided 95 %, by degrees of freedom (numpy has no quantile function for it);
 # past 30 the normal 1.96 is within 2 %.
@@ -86,7 +89,9 @@ def verdict(paired: dict) -> str:
         refusals = f"refusals not distinguishable ({d:+d}, p={p:.2g})"
     lo, hi = paired["kl_diff_ci95"]
     ci = f"{paired['kl_diff_mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}]"
-    if hi < 0:
+    if max(abs(lo), abs(hi)) <= KL_EQUAL:
+        kl = f"KL equal within {KL_EQUAL:g} ({ci})"
+    elif hi < 0:
         kl = f"ours lower KL ({ci})"
     elif lo > 0:
         kl = f"ours higher KL ({ci})"

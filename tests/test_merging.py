@@ -6,7 +6,8 @@ import pytest
 import tiny_models as tm
 import torch
 from abliterate import ablation, architecture, loading, merging
-from abliterate.errors import AbliterateError
+from abliterate.errors import AbliterateError, ConfigError
+from abliterate.steps import evaluate
 from tiny_tokenizer import tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -45,6 +46,19 @@ def test_merged_model_reproduces_the_ablated_model(tmp_path, factory):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     assert (tmp_path / "merged" / "README.md").read_text() == "# card\n"
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # atomic: no temp folders left
+
+    # merge.adapter_only: the base model with the adapter loaded (LoRA through PEFT, the rest as direct
+    # edits), unmerged, gives the same model.
+    def base(quantization: str = "none") -> loading.LoadedModel:
+        return loading.LoadedModel(AutoModelForCausalLM.from_pretrained(base_dir).eval(), tok, torch.float32,
+                                   quantization, source=None, seconds=0.0)
+
+    with_adapter = evaluate.with_adapter(base(), str(tmp_path / "adapter"))
+    with torch.inference_mode():
+        torch.testing.assert_close(with_adapter.model(ids).logits, expected, rtol=0, atol=1e-4)
+    if (tmp_path / "adapter" / ablation.DIRECT_EDITS_FILE).exists():
+        with pytest.raises(ConfigError, match="merge.adapter_only: false"):
+            evaluate.with_adapter(base("bnb_4bit"), str(tmp_path / "adapter"))
 
 
 def test_merge_stops_before_loading_when_over_budget(tmp_path):

@@ -53,6 +53,9 @@ def test_compare_counts_discordant_prompts_and_says_what_it_can_tell(bench):
     more = paired.compare(ours * 2, theirs * 2, kl_theirs * 2, kl_ours * 2)
     assert more["verdict"].startswith("ours refuse fewer (-10")
     assert "ours higher KL" in more["verdict"]
+    # the same model measured twice differs by float rounding only: no direction to report
+    same = paired.compare(ours, ours, [k + 1e-9 for k in kl_theirs], kl_theirs)
+    assert same["verdict"].startswith("refusals not distinguishable (+0, p=1)") and "KL equal within" in same["verdict"]
     with pytest.raises(ValueError, match="same prompts"):
         paired.compare(ours, theirs[:3], kl_ours, kl_theirs)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -101,6 +102,20 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     assert "rule export" in proc.stderr and "rule study" not in proc.stderr
     assert len(_complete(_study(tmp_path))) == 5
     assert "confirmation" not in json.loads((res / "selected.json").read_text())
+
+    # merge.adapter_only: no merge job; the summary measures the base model with the adapter on top,
+    # which gives the merged model's figures.
+    merged = json.loads((res / "summary.json").read_text())
+    shutil.rmtree(res / "model")
+    proc = wr.run(tmp_path, "--resources", "gpu=1", "--config", "study={n_trials: 5}", "export={confirm: false}",
+                  "merge={adapter_only: true}")
+    assert "rule evaluate" in proc.stderr and "rule merge" not in proc.stderr and "rule export" not in proc.stderr
+    assert not (res / "model").exists()
+    adapter = json.loads((res / "summary.json").read_text())
+    assert (merged["evaluated"], adapter["evaluated"]) == ("merged", "adapter")
+    for split in ("eval", "heldout"):
+        assert adapter["merged"][split]["refusals"] == merged["merged"][split]["refusals"]
+        assert adapter["merged"][split]["kl"] == pytest.approx(merged["merged"][split]["kl"], rel=1e-3, abs=1e-5)
 
 
 def test_killed_study_resumes_without_repeating_trials(tmp_path, model_path):

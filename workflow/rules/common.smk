@@ -34,5 +34,12 @@ def model_input(wildcards):
     return [DEMO_DIR] if wc.uses_demo_model(config) else []
 
 
+def evaluated_model(wildcards):
+    """The merged model folder; with merge.adapter_only the adapter on the base model (no merge job)."""
+    if config["merge"]["adapter_only"]:
+        return {"adapter": f"results/{RUN}/adapter", "base": model_input(wildcards)}
+    return {"model": f"results/{RUN}/model"}
+
+
 def config_hash(stage):
     return wc.stage_hash(config, stage)

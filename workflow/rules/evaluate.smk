@@ -4,7 +4,7 @@
 
 rule evaluate:
     input:
-        model=f"results/{RUN}/model",
+        unpack(evaluated_model),
         harmful="results/prompts/harmful.parquet",
         harmless="results/prompts/harmless.parquet",
         baseline_metrics=f"results/{RUN}/baseline/metrics.json",

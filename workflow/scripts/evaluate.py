@@ -9,7 +9,8 @@ from abliterate.steps import evaluate
 logs.to_file(snakemake.log[0])
 evaluate.run(
     config=snakemake.config,
-    model_dir=snakemake.input.model,
+    model_dir=snakemake.input.get("model"),
+    adapter_dir=snakemake.input.get("adapter"),
     harmful=snakemake.input.harmful,
     harmless=snakemake.input.harmless,
     baseline_metrics=snakemake.input.baseline_metrics,

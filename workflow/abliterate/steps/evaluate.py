@@ -1,5 +1,6 @@
-"""Rule `evaluate`: reload the merged model from disk, measure it on eval and held-out prompts and
-write ``summary.json`` (the output contract documented in the README)."""
+"""Rule `evaluate`: reload the merged model from disk (or, with ``merge.adapter_only``, the base model
+with the exported adapter), measure it on eval and held-out prompts and write ``summary.json`` (the
+output contract documented in the README)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import devices, io, kl, session, study
+from .. import ablation, devices, io, kl, loading, session, study
+from ..errors import ConfigError
 from .common import eval_settings, refusal_counts, responses_table
 
 log = logging.getLogger(__name__)
@@ -31,10 +33,28 @@ def rule_timings(run: str, benchmarks_dir: str = "results/benchmarks") -> dict[s
     return out
 
 
-def run(config: dict, model_dir: str, harmful: str, harmless: str, baseline_metrics: str, baseline_logprobs: str,
-        selected_path: str, storage: str, study_name: str, out_summary: str, out_responses: str,
-        config_hash: str) -> dict:
-    lm = session.open_model(config, path=model_dir)
+def with_adapter(lm: loading.LoadedModel, adapter_dir: str) -> loading.LoadedModel:
+    """``lm`` (the base model as the study loaded it: device, dtype, quantization) with the exported
+    adapter on top, unmerged: what a user of ``merge.adapter_only`` loads."""
+    from peft import PeftModel
+
+    if lm.quantization != "none" and (Path(adapter_dir) / ablation.DIRECT_EDITS_FILE).exists():
+        # Direct edits add B A to the weight itself, which a 4/8-bit weight cannot take.
+        raise ConfigError(
+            f"{adapter_dir} holds direct edits (modules LoRA cannot wrap), which cannot be applied to the "
+            f"{lm.quantization} base model; set merge.adapter_only: false to evaluate the CPU merge"
+        )
+    lm.model = PeftModel.from_pretrained(lm.model, adapter_dir)
+    ablation.apply_saved_direct_edits(lm.model, adapter_dir)
+    log.info("evaluating the base model with the adapter %s (merge.adapter_only: no merged model)", adapter_dir)
+    return lm
+
+
+def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseline_metrics: str,
+        baseline_logprobs: str, selected_path: str, storage: str, study_name: str, out_summary: str,
+        out_responses: str, config_hash: str, adapter_dir: str | None = None) -> dict:
+    """Evaluate ``model_dir`` (the merged model) or, when it is None, the base model with ``adapter_dir``."""
+    lm = session.open_model(config, path=model_dir) if model_dir else with_adapter(session.open_model(config), adapter_dir)
     settings = eval_settings(config, lm, session.chats(config, lm.tokenizer, harmful, "heldout")[1])
     device = next(lm.model.parameters()).device
     base_lp, _ = io.load_safetensors(baseline_logprobs, device=device)
@@ -63,6 +83,7 @@ def run(config: dict, model_dir: str, harmful: str, harmless: str, baseline_metr
         "dtype": baseline.get("dtype"),
         "quantization": baseline.get("quantization"),
         "config_hash": config_hash,
+        "evaluated": "merged" if model_dir else "adapter",
         "baseline": {k: baseline[k] for k in ("eval", "heldout", "harmless_heldout")},
         "selected_trial": {
             "number": selected["number"],
