@@ -1,5 +1,6 @@
-# 8. Evaluate the merged model as users will load it (from disk) on eval and heldout prompts, and
-#    write results/<run>/summary.json, the output contract documented in the README.
+# 8. Evaluate the merged model as users will load it (from disk; with merge.adapter_only, the base model
+#    with the adapter) on eval and heldout prompts, and write results/<run>/summary.json, the output
+#    contract documented in the README.
 
 
 rule evaluate:
