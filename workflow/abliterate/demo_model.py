@@ -496,7 +496,7 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
     device = next(model.parameters()).device
     torch.manual_seed(recipe.seed)
     n_layers = model.config.num_hidden_layers
-    first = min(n_layers - 1, int(round(recipe.lora_first_layer * n_layers)))
+    first = min(n_layers - 1, round(recipe.lora_first_layer * n_layers))
     config = LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,

