@@ -761,6 +761,22 @@ class Ablator:
         log.info("adapter saved to %s (%d direct edits)", path, len(entries))
 
 
+def load_saved_adapter(model: nn.Module, folder: str | Path, merge: bool = False) -> nn.Module:
+    """``model`` with a folder written by :meth:`Ablator.save_adapter`: its LoRA part through PEFT
+    (merged into the weights when ``merge``) when it has one, then its direct edits."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder))
+        if merge:
+            model = model.merge_and_unload()
+            # The LoRA layers are gone: a later LoRA operation on this object would silently do nothing.
+            model.abliterate_needs_reload = True
+    apply_saved_direct_edits(model, folder)
+    return model
+
+
 def apply_saved_direct_edits(model: nn.Module, folder: str | Path) -> int:
     """Add the direct edits saved by :meth:`Ablator.save_adapter` to ``model`` (W += B A per view).
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import psutil
 import torch
@@ -62,7 +61,6 @@ def merge_dtype(config) -> torch.dtype:
 def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_gib: float, metadata: dict,
           card: str) -> dict:
     """Load ``source`` on the CPU, merge ``adapter_dir`` into it and save it to ``out_dir``."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
@@ -79,12 +77,7 @@ def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_g
         kwargs["revision"] = res.revision
     model = AutoModelForCausalLM.from_pretrained(res.location, **kwargs)
     loading.drop_gguf_state(model)
-    adapter = Path(adapter_dir)
-    if (adapter / "adapter_config.json").exists():
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        # The LoRA layers are gone: a later LoRA operation on this object would silently do nothing.
-        model.abliterate_needs_reload = True
-    ablation.apply_saved_direct_edits(model, adapter)
+    model = ablation.load_saved_adapter(model, adapter_dir, merge=True)
     rss = psutil.Process().memory_info().rss
     with io.atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")

@@ -36,16 +36,13 @@ def rule_timings(run: str, benchmarks_dir: str = "results/benchmarks") -> dict[s
 def with_adapter(lm: loading.LoadedModel, adapter_dir: str) -> loading.LoadedModel:
     """``lm`` (the base model as the study loaded it: device, dtype, quantization) with the exported
     adapter on top, unmerged: what a user of ``merge.adapter_only`` loads."""
-    from peft import PeftModel
-
     if lm.quantization != "none" and (Path(adapter_dir) / ablation.DIRECT_EDITS_FILE).exists():
         # Direct edits add B A to the weight itself, which a 4/8-bit weight cannot take.
         raise ConfigError(
             f"{adapter_dir} holds direct edits (modules LoRA cannot wrap), which cannot be applied to the "
             f"{lm.quantization} base model; set merge.adapter_only: false to evaluate the CPU merge"
         )
-    lm.model = PeftModel.from_pretrained(lm.model, adapter_dir)
-    ablation.apply_saved_direct_edits(lm.model, adapter_dir)
+    lm.model = ablation.load_saved_adapter(lm.model, adapter_dir)
     log.info("evaluating the base model with the adapter %s (merge.adapter_only: no merged model)", adapter_dir)
     return lm
 
