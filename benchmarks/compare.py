@@ -534,6 +534,16 @@ def heretic_job(protocol: Protocol, model: str, splits: dict, work: Path, out_di
     }
 
 
+def heretic_python(python: str | None = None) -> str:
+    """``python`` when given (an interpreter that already imports heretic, on a machine without an
+    index), else Heretic's own venv, made when missing."""
+    if python is not None:
+        return python
+    from heretic_env import ensure_heretic_env
+
+    return str(ensure_heretic_env())
+
+
 def run_heretic(
     protocol: Protocol,
     model: str,
@@ -544,10 +554,7 @@ def run_heretic(
 ) -> dict:
     """Heretic end to end through heretic_runner.py, in its own venv (made when missing), or
     with ``python``: an interpreter that already imports heretic (a machine without an index)."""
-    if python is None:
-        from heretic_env import ensure_heretic_env
-
-        python = ensure_heretic_env()
+    python = heretic_python(python)
     job = heretic_job(protocol, model, splits, work, work / "heretic")
     if protocol.quantization != "none":
         job["settings"] = {"quantization": protocol.quantization}

@@ -141,10 +141,7 @@ def heretic_front_trials(result: dict, everything: bool) -> list[dict]:
 def heretic_adapters(protocol: compare.Protocol, model: str, result: dict, splits: dict, trials: list[dict],
                      work: Path, python: str | None) -> dict[int, str]:
     """Each trial saved as Heretic's LoRA adapter by heretic_front.py in Heretic's venv: number -> folder."""
-    if python is None:
-        from heretic_env import ensure_heretic_env
-
-        python = ensure_heretic_env()
+    python = compare.heretic_python(python)
     heretic = result["raw"]["heretic"]
     out_dir = work / "adapters"
     job = {**compare.heretic_job(protocol, model, splits, work, out_dir),
