@@ -771,8 +771,6 @@ def load_saved_adapter(model: nn.Module, folder: str | Path, merge: bool = False
         model = PeftModel.from_pretrained(model, str(folder))
         if merge:
             model = model.merge_and_unload()
-            # The LoRA layers are gone: a later LoRA operation on this object would silently do nothing.
-            model.abliterate_needs_reload = True
     apply_saved_direct_edits(model, folder)
     return model
 
