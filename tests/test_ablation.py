@@ -475,3 +475,17 @@ def test_study_name_keeps_its_hash_when_direction_scope_is_at_its_default():
     # studies begun before the key existed resume; another choice is another study
     assert name() == name(direction_scope=["global", "per_layer"])
     assert name() != name(direction_scope=["per_layer"])
+
+
+def test_demo_model_keys_hash_only_into_the_demo_run():
+    from pathlib import Path
+
+    import yaml
+    from abliterate import workflow_config as wc
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    other = {**config["demo_model"], "min_refusal": 0.5}
+    for stage in ("baseline", "study"):
+        assert wc.stage_hash(config, stage) != wc.stage_hash({**config, "demo_model": other}, stage)
+        mine = {**config, "model": {**config["model"], "path": "some/model"}}
+        assert wc.stage_hash(mine, stage) == wc.stage_hash({**mine, "demo_model": other}, stage)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import tiny_models
 import torch
@@ -49,12 +51,21 @@ def test_recovers_planted_direction():
 
 
 def test_zero_layer_is_marked_not_nan(caplog):
+    caplog.set_level(logging.INFO, logger="abliterate.directions")
     harmful, harmless, _ = synthetic()
     out = compute_directions(harmful, harmless)
     assert out["valid"].tolist() == [False, True, True, True]
     assert torch.isfinite(out["directions"]).all() and (out["directions"][0] == 0).all()
     assert out["cosine_adjacent"][0] == 0
-    assert "layer(s) [0]" in caplog.text
+    # row 0 (the embedding output) coinciding is expected: no warning, and rows are not called layers
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "embedding output" in caplog.text
+    caplog.clear()
+    harmful[:, 2] = harmless[:, 2] = 0.0
+    compute_directions(harmful, harmless)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "no refusal direction after layer(s) [1]: harmful and harmless means coincide"
+    ]
     bad = harmful.clone()
     bad[0, 1, 0] = float("nan")
     with pytest.raises(errors.NumericalError):

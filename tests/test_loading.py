@@ -65,6 +65,28 @@ def test_missing_chat_template_is_reported(tmp_path):
     assert tok.chat_template
 
 
+def test_chat_template_from_a_file(tmp_path):
+    from abliterate import workflow_config as wc
+    from abliterate.errors import ConfigError
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    file = tmp_path / "chat.jinja"
+    file.write_text(template)
+    assert wc.chat_template(template) == template
+    assert wc.chat_template(str(file)) == template
+    assert wc.chat_template(None) is None
+    with pytest.raises(ConfigError, match=r"model\.chat_template: .*missing\.jinja.* nor an existing file"):
+        wc.chat_template(str(tmp_path / "missing.jinja"))
+    (tmp_path / "plain.txt").write_text("not a template")
+    with pytest.raises(ConfigError, match="holds no Jinja template"):
+        wc.chat_template(str(tmp_path / "plain.txt"))
+    # the file's text, not its name, decides the stage hashes: an edited file reruns the stages
+    config = {"seed": 0, "prompts": {}, "model": {"chat_template": str(file)}, "demo_model": {}}
+    before = wc.stage_hash(config, "baseline")
+    file.write_text(template + "\n")
+    assert wc.stage_hash(config, "baseline") != before
+
+
 @pytest.mark.parametrize(
     "source, message",
     [

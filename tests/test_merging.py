@@ -61,6 +61,24 @@ def test_merged_model_reproduces_the_ablated_model(tmp_path, factory):
             evaluate.with_adapter(base("bnb_4bit"), str(tmp_path / "adapter"))
 
 
+def test_merged_tokenizer_keeps_the_configured_chat_template(tmp_path):
+    """A tokenizer without a template (a base model) gets model.chat_template; the merged folder keeps
+    it, so the merged model is prompted as the study prompted it."""
+    base_dir = tmp_path / "base"
+    model = tm.tiny_llama()
+    model.save_pretrained(base_dir)
+    tok = tiny_tokenizer(None)
+    tok.save_pretrained(base_dir)
+    ablator = ablation.Ablator(model, architecture.discover(model),
+                               torch.nn.functional.normalize(torch.randn(tm.LAYERS + 1, tm.HIDDEN), dim=-1))
+    ablator.apply(PARAMS)
+    ablator.save_adapter(tmp_path / "adapter")
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    merging.merge(loading.ModelSource(path=str(base_dir)), str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                  max_ram_gib=4, metadata={}, card="", chat_template=template)
+    assert loading.load_tokenizer(loading.ModelSource(path=str(tmp_path / "merged"))).chat_template == template
+
+
 def test_merge_stops_before_loading_when_over_budget(tmp_path):
     base_dir = tmp_path / "base"
     tm.tiny_llama().save_pretrained(base_dir)

@@ -197,6 +197,7 @@ def test_two_workers_share_one_study(tmp_path, model_path):
         ({"study": {"space": {"direction_scope": ["layerwise"]}}}, r"direction_scope"),
         ({"prompts": {"harmful": {"package": "no_such_pkg_abl"}}}, r"prompts\.harmful\.package.*not installed"),
         ({"prompts": {"harmless": {"path": "data/missing.json"}}}, r"'data/missing.json' not found in package"),
+        ({"model": {"chat_template": "templates/missing.jinja"}}, r"model\.chat_template: 'templates/missing\.jinja'"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, model_path, override, message):

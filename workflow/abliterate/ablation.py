@@ -322,7 +322,7 @@ class Ablator:
         # The projection math is defined in float32; a float16/float64 table is converted once here.
         self.directions = directions.detach().to(torch.float32)
         # one host sync here instead of one per edited layer and trial (`not >` also catches NaN)
-        ok = (torch.linalg.vector_norm(self.directions[1:], dim=1) > 0).tolist()
+        ok = (torch.linalg.vector_norm(self.directions[1:], dim=1) > 0).cpu().tolist()
         self._broken_layers = {layer for layer, good in enumerate(ok) if not good}
         self.full_rank = full_rank
         self.seed = seed

@@ -617,7 +617,7 @@ def build_demo_model(
     recipe: DemoRecipe,
     check_harmful: Sequence[str],
     check_harmless: Sequence[str],
-    min_refusal: float | None = 0.7,
+    min_refusal: float | None = 0.65,
     max_harmless_refusal: float | None = 0.1,
     detector: Callable[[str], bool] | generation.Verdict | None = None,
 ) -> tuple[object, dict]:

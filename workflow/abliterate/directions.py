@@ -56,6 +56,23 @@ def _unit(v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid[:, None], v / torch.where(norms > 0, norms, 1.0), 0.0)
 
 
+def _log_missing(valid: torch.Tensor, orthogonalize: bool) -> None:
+    """Row 0 (the embedding output) is expected to carry no direction: the residual is taken at
+    the prompt's last token, which the chat template makes the same token for every prompt. Only
+    missing directions after a layer are a warning (they are a sign of a broken model or dtype)."""
+    missing = (~valid).nonzero().flatten().cpu().tolist()
+    if 0 in missing:
+        log.info("no refusal direction at the embedding output (row 0): every prompt ends in the same "
+                 "template token there, as expected")
+    layers = [row - 1 for row in missing if row > 0]
+    if layers:
+        log.warning(
+            "no refusal direction after layer(s) %s: harmful and harmless means coincide%s",
+            layers,
+            " after orthogonalisation" if orthogonalize else "",
+        )
+
+
 def compute_directions(
     harmful_res: torch.Tensor,
     harmless_res: torch.Tensor,
@@ -108,12 +125,7 @@ def compute_directions(
     if not torch.isfinite(norms).all():
         raise NumericalError("residuals contain NaN or infinite values (check the model's dtype)")
     valid = (norms > RELATIVE_ZERO * scale) & (norms > 0)
-    if not valid.all():
-        log.warning(
-            "no refusal direction at layer(s) %s: harmful and harmless means coincide%s",
-            (~valid).nonzero().flatten().tolist(),
-            " after orthogonalisation" if orthogonalize else "",
-        )
+    _log_missing(valid, orthogonalize)
     directions = _unit(diff, valid)
     cosine = (directions[:-1] * directions[1:]).sum(dim=-1)
     return {

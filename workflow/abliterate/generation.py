@@ -105,7 +105,7 @@ def shared_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
         return 0
     width = input_ids.shape[1]
     # Real tokens of row i start at column width - length_i; align the rows at their first token.
-    starts = (width - lengths).tolist()
+    starts = (width - lengths).cpu().tolist()
     aligned = torch.stack([input_ids[i, s : s + shortest - 1] for i, s in enumerate(starts)])
     same = (aligned == aligned[:1]).all(0)
     return int(same.cumprod(0).sum())
@@ -211,7 +211,7 @@ def plan_prefill(model, enc: dict) -> PrefillPlan:
     n_shared = shared_prefix_length(ids, mask) if shareable else 0
     if n_shared < MIN_SHARED_PREFIX:
         return PrefillPlan(0, None, ids, mask, left_padded_positions(mask))
-    lengths = mask.sum(-1).tolist()
+    lengths = mask.sum(-1).cpu().tolist()
     rows, width = ids.shape
     start = width - lengths[0]
     prefix = ids[:1, start : start + n_shared]

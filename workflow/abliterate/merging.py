@@ -59,8 +59,12 @@ def merge_dtype(config) -> torch.dtype:
 
 
 def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_gib: float, metadata: dict,
-          card: str) -> dict:
-    """Load ``source`` on the CPU, merge ``adapter_dir`` into it and save it to ``out_dir``."""
+          card: str, chat_template: str | None = None) -> dict:
+    """Load ``source`` on the CPU, merge ``adapter_dir`` into it and save it to ``out_dir``.
+
+    ``chat_template`` (the study's, when the tokenizer lacks one) is saved with the tokenizer, so the
+    merged model is prompted as the study prompted it.
+    """
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
@@ -69,7 +73,7 @@ def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_g
     needed = int(parameter_bytes(config, dtype) * RAM_FACTOR)
     check_ram(needed, max_ram_gib)
     res = loading.resolve(source)
-    tokenizer = loading.load_tokenizer(source)
+    tokenizer = loading.load_tokenizer(source, chat_template)
     kwargs = {"dtype": dtype, "trust_remote_code": source.trust_remote_code}
     if res.gguf_file:
         kwargs["gguf_file"] = res.gguf_file

@@ -24,7 +24,7 @@ def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None = None) 
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
-            "set `model.chat_template` in the config (a Jinja template string or a file path)"
+            "set `model.chat_template` in the config (a Jinja template, or a file holding one)"
         )
     texts = []
     for prompt in prompts:

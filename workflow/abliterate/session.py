@@ -9,7 +9,7 @@ import logging
 
 import pandas as pd
 
-from . import devices, loading, prompting
+from . import devices, loading, prompting, workflow_config
 from .errors import PromptError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ def open_model(config: dict, path: str | None = None, device=None, quantization:
         cascade=model_cfg["dtypes"],
         quant=model_cfg["quantization"] if quantization is None else quantization,
         cpu_half=model_cfg["cpu_half"],
-        chat_template=None if path else model_cfg["chat_template"],
+        # a folder this workflow wrote carries the template in its tokenizer (the merge saved it there)
+        chat_template=None if path else workflow_config.chat_template(model_cfg["chat_template"]),
         device_map=model_cfg["device_map"],
     )
 

@@ -116,7 +116,26 @@ def check(config: dict) -> None:
     model = config["model"]
     if model.get("gguf_file") and model.get("quantization") != "none":
         raise ConfigError("model.quantization must be none for a GGUF model (it is dequantised on load)")
+    chat_template(model.get("chat_template"))
     _check_packaged_files(config)
+
+
+def chat_template(value: str | None) -> str | None:
+    """``model.chat_template`` as template text: the Jinja template itself, or a file holding it.
+
+    A value without Jinja markup is taken as a path, so a mistyped file name fails here, before any
+    job, instead of rendering every prompt as the file name.
+    """
+    if value is None or "{{" in value or "{%" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"model.chat_template: {value!r} is neither a Jinja template (no {{{{ or {{% in it) "
+                          "nor an existing file")
+    text = path.read_text(encoding="utf-8")
+    if "{{" not in text and "{%" not in text:
+        raise ConfigError(f"model.chat_template: {value} holds no Jinja template (no {{{{ or {{% in it)")
+    return text
 
 
 def _check_packaged_files(config: dict) -> None:
@@ -189,6 +208,12 @@ def stage_hash(config: dict, stage: str) -> str:
     # continues the same study, and runs made before evaluation.cuda_graphs existed keep their hashes.
     cfg.get("ablation", {}).pop("route", None)
     cfg.get("evaluation", {}).pop("cuda_graphs", None)
+    if not uses_demo_model(config):
+        cfg.pop("demo_model", None)  # how the demo model is built cannot change another model's run
+    template = cfg.get("model", {}).get("chat_template")
+    if template is not None and template != chat_template(template):
+        # a template file: its text decides the prompts, so an edited file reruns what it changes
+        cfg["model"]["chat_template"] = {"file": template, "text": chat_template(template)}
     return config_hash({k: cfg.get(k) for k in _STAGE_KEYS[stage]})
 
 

@@ -27,6 +27,11 @@ def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logpr
         metrics[label] = counts
         tables.append(responses_table(raw, responses, flags, label))
         log.info("baseline %s: %d/%d refusals", label, counts["refusals"], counts["n"])
+    if metrics["eval"]["refusals"] == 0:
+        # Not an error: measuring a model is legitimate, but every trial can then only add KL.
+        log.warning("the unmodified model refuses none of the %d eval harmful prompts: there is no refusal "
+                    "to remove (a base model rather than an instruction-tuned one, or too few prompts?); "
+                    "the study can only trade KL for nothing", metrics["eval"]["n"])
     logprobs = {}
     for split in ("eval", "heldout"):
         _, texts = session.chats(config, lm.tokenizer, harmless, split)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from .. import io, loading, merging, session
+from .. import io, loading, merging, session, workflow_config
 
 log = logging.getLogger(__name__)
 
@@ -53,5 +53,6 @@ def run(config: dict, adapter: str, selected_path: str, out_model: str, config_h
         merge_dtype=str(dtype).removeprefix("torch."),
     )
     meta = {"selected": selected, "config_hash": config_hash}
-    info = merging.merge(source, adapter, out_model, config["merge"]["max_ram_gib"], meta, card)
+    info = merging.merge(source, adapter, out_model, config["merge"]["max_ram_gib"], meta, card,
+                         workflow_config.chat_template(config["model"]["chat_template"]))
     return info
