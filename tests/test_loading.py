@@ -26,6 +26,18 @@ def test_local_folder_loads_in_float32_on_cpu(tiny_model_path, caplog):
     assert lm.metadata()["dtype"] == "float32"
 
 
+def test_checkpoint_dtype_reads_dtype_and_only_old_configs_torch_dtype(capfd):
+    from types import SimpleNamespace
+
+    from abliterate.dtypes import checkpoint_dtype
+    from transformers import LlamaConfig
+
+    assert checkpoint_dtype(LlamaConfig(dtype="bfloat16")) == torch.bfloat16
+    assert checkpoint_dtype(LlamaConfig()) is None
+    assert checkpoint_dtype(SimpleNamespace(torch_dtype="float16")) == torch.float16  # before `dtype` existed
+    assert "torch_dtype` is deprecated" not in capfd.readouterr().err
+
+
 def test_cascade_falls_back_when_float16_overflows(tmp_path, caplog):
     path = tiny_model_dir(tmp_path / "overflow")
     from transformers import AutoModelForCausalLM

@@ -50,7 +50,8 @@ def parse(name: str) -> torch.dtype | str:
 
 def checkpoint_dtype(config) -> torch.dtype | None:
     """The dtype a transformers config says its weights were saved in (None when unknown)."""
-    for attr in ("dtype", "torch_dtype"):
+    # `torch_dtype` only where `dtype` is absent: transformers 5 warns on every read of the old name
+    for attr in ("dtype",) if hasattr(config, "dtype") else ("torch_dtype",):
         value = getattr(config, attr, None)
         if isinstance(value, torch.dtype):
             return value
