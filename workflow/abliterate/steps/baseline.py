@@ -30,8 +30,9 @@ def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logpr
     if metrics["eval"]["refusals"] == 0:
         # Not an error: measuring a model is legitimate, but every trial can then only add KL.
         log.warning("the unmodified model refuses none of the %d eval harmful prompts: there is no refusal "
-                    "to remove (a base model rather than an instruction-tuned one, or too few prompts?); "
-                    "the study can only trade KL for nothing", metrics["eval"]["n"])
+                    "to remove (a base model, a model never taught to refuse, or refusals worded in a way "
+                    "evaluation.markers misses: see baseline/responses.parquet); the study can only add KL",
+                    metrics["eval"]["n"])
     logprobs = {}
     for split in ("eval", "heldout"):
         _, texts = session.chats(config, lm.tokenizer, harmless, split)
