@@ -93,7 +93,7 @@ def test_chat_template_from_a_file(tmp_path):
     with pytest.raises(ConfigError, match="holds no Jinja template"):
         wc.chat_template(str(tmp_path / "plain.txt"))
     # the file's text, not its name, decides the stage hashes: an edited file reruns the stages
-    config = {"seed": 0, "prompts": {}, "model": {"chat_template": str(file)}, "demo_model": {}}
+    config = {"seed": 0, "prompts": {}, "model": {"path": "some/model", "chat_template": str(file)}, "demo_model": {}}
     before = wc.stage_hash(config, "baseline")
     file.write_text(template + "\n")
     assert wc.stage_hash(config, "baseline") != before
