@@ -142,6 +142,10 @@ def test_plot_pareto_writes_png(tmp_path):
     sel.plot_pareto(wide, None, path)  # log-scaled KL, nothing selected
     assert path.stat().st_size > 0
     assert sorted(p.name for p in path.parent.iterdir()) == ["pareto.png"]
+    # a model that never refuses: every trial at 0, the refusal axis still has integer ticks
+    flat = sel.plot_pareto(frame([(0, 0, 0.3), (1, 0, 0.01)]), 1, path)
+    ticks = [t for t in flat.axes[0].get_xticks() if -0.5 <= t <= 2.5]
+    assert ticks == [0, 1, 2]
 
 
 def test_trials_stopped_once_dominated_are_never_chosen_or_counted(tmp_path):

@@ -300,8 +300,9 @@ def hypervolume_2d(points: Iterable[Iterable[float]], ref: Iterable[float]) -> f
     return float(area)
 
 
-def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.PathLike) -> None:
-    """Refusals vs KL of the COMPLETE trials, the Pareto front and the selected trial, as PNG.
+def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.PathLike):
+    """Refusals vs KL of the COMPLETE trials, the Pareto front and the selected trial, as PNG (the
+    matplotlib Figure is returned).
 
     Uses the Agg canvas directly (no pyplot state), so it is safe in worker processes.
     """
@@ -337,6 +338,10 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
             )
         front = pareto_front(done)
         ax.plot(front["refusals"], front["kl"], "-o", color="tab:blue", ms=4, label="Pareto front")
+        counts = pd.concat([done["refusals"], stopped["refusals"]]).astype(float)
+        if counts.max() - counts.min() < 2:
+            # every trial at one count (a model that never refuses): integer ticks need room for three
+            ax.set_xlim(counts.min() - 0.5, counts.min() + 2.5)
         kl = done["kl"].astype(float)
         if kl.min() > 0 and kl.max() / kl.min() > 100:
             ax.set_yscale("log")
@@ -378,3 +383,4 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
             dpi=120,
             metadata={"Description": f"abliterate study; selected trial {selected_number}"},
         )
+    return fig
