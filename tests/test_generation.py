@@ -67,6 +67,16 @@ def test_missing_chat_template_names_config_key(tokenizer):
         prompting.chat_texts(bare, ["x"], None)
 
 
+
+def test_template_that_rejects_a_system_turn_names_config_key():
+    strict = char_tokenizer()
+    strict.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                            "supported') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert prompting.chat_texts(strict, ["x"], None) == ["x"]
+    with pytest.raises(errors.ModelLoadError, match=r"System role not supported.*model\.system_prompt"):
+        prompting.chat_texts(strict, ["x"], "be brief")
+
+
 @pytest.mark.parametrize("factory", ["llama", "gemma3_text"])
 def test_matches_hf_greedy(factory, tokenizer, texts, llama):
     # gemma3 has sliding-window layers (window 8 < sequence): a second kind of cache layer to prune

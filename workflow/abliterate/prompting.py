@@ -26,13 +26,20 @@ def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None = None) 
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
             "set `model.chat_template` in the config (a Jinja template, or a file holding one)"
         )
+    from jinja2 import TemplateError
+
     texts = []
     for prompt in prompts:
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         messages.append({"role": "user", "content": prompt})
-        texts.append(
-            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        )
+        try:
+            texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        except TemplateError as exc:
+            # templates raise on turns they do not accept; the usual one is a system turn
+            hint = ("model.system_prompt is set and this template may not accept a system turn: set it to "
+                    "null" if system_prompt is not None else "fix model.chat_template")
+            raise ModelLoadError(f"the chat template of {getattr(tokenizer, 'name_or_path', '?')!r} rejected "
+                                 f"a prompt ({exc}); {hint}") from exc
     return texts
 
 
