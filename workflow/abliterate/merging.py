@@ -74,7 +74,7 @@ def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_g
     check_ram(needed, max_ram_gib)
     res = loading.resolve(source)
     tokenizer = loading.load_tokenizer(source, chat_template)
-    kwargs = {"dtype": dtype, "trust_remote_code": source.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": source.trust_remote_code, "config": config}  # not parsed twice
     if res.gguf_file:
         kwargs["gguf_file"] = res.gguf_file
     if res.revision:
