@@ -174,6 +174,9 @@ def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, mo
         torch.testing.assert_close(converted.model(**enc).logits, direct.model(**enc).logits, rtol=0, atol=0)
     # other models are loaded as configured
     assert wc.converted_model_dir({"run": "x", "model": {"path": "org/model"}}) is None
+    # a .gguf path is the file, as loading.resolve takes it, whatever gguf_file says
+    assert wc.gguf_path({"model": {"path": "m/x.gguf", "gguf_file": "y.gguf"}}) == "m/x.gguf"
+    assert wc.gguf_path({"model": {"path": "m", "gguf_file": "y.gguf"}}) == "m/y.gguf"
 
 
 def test_corrupt_gguf_files_are_named(tmp_path):

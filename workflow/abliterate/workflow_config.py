@@ -188,19 +188,24 @@ def uses_demo_model(config: dict) -> bool:
 
 def converted_model_dir(config: dict) -> str | None:
     """Where the gguf_model rule writes a GGUF model as safetensors; None for other models."""
-    model = config["model"]
-    if uses_demo_model(config) or not (model.get("gguf_file") or str(model.get("path") or "").endswith(".gguf")):
+    if uses_demo_model(config) or gguf_path(config) is None:
         return None
     return f"results/{config['run']}/base_model"
 
 
-def gguf_path(config: dict) -> str:
-    """The configured GGUF file (the gguf_model rule's input, so a replaced file converts again)."""
+def gguf_path(config: dict) -> str | None:
+    """The configured GGUF file, taken in loading.resolve's order (which needs torch, so not called
+    here while Snakemake parses the workflow); None for other models. It is the gguf_model rule's
+    input, so a replaced file converts again."""
     model = config["model"]
-    if model.get("package"):
+    path = str(model.get("path") or "")
+    if model.get("package") and model.get("gguf_file"):
         return str(package_file(model["package"], model["gguf_file"], "model", ConfigError))
-    path = Path(str(model.get("path") or ""))
-    return str(path / model["gguf_file"]) if model.get("gguf_file") else str(path)
+    if path.endswith(".gguf"):
+        return path
+    if model.get("gguf_file"):
+        return str(Path(path) / model["gguf_file"])
+    return None
 
 
 def gguf_hash(config: dict) -> str:
@@ -233,9 +238,10 @@ def stage_hash(config: dict, stage: str) -> str:
     if not uses_demo_model(config):
         cfg.pop("demo_model", None)  # how the demo model is built cannot change another model's run
     template = cfg.get("model", {}).get("chat_template")
-    if template is not None and template != chat_template(template):
+    text = chat_template(template)
+    if text != template:
         # a template file: its text decides the prompts, so an edited file reruns what it changes
-        cfg["model"]["chat_template"] = {"file": template, "text": chat_template(template)}
+        cfg["model"]["chat_template"] = {"file": template, "text": text}
     return config_hash({k: cfg.get(k) for k in _STAGE_KEYS[stage]})
 
 
