@@ -558,3 +558,12 @@ def test_stopping_dominated_trials_keeps_the_front_and_the_samplers_path(tmp_pat
     for number, row in by_number[by_number["dominated_by"].notna()].iterrows():
         ref = by_number.loc[int(row["dominated_by"])]  # dominates the trial's full result
         assert ref["kl"] < row["kl"] and ref["refusals"] <= truth[number]
+
+
+def test_tensor_results_are_stored_as_plain_numbers():
+    import torch
+
+    refusals, kl, attrs = st._check_result({"refusals": torch.tensor(3), "kl": torch.tensor(0.25),
+                                            "per_prompt": torch.tensor([0.5, 0.0])})
+    assert (refusals, kl, attrs["per_prompt"]) == (3, 0.25, [0.5, 0.0])
+    assert type(refusals) is int and type(kl) is float

@@ -474,6 +474,8 @@ def _plain(value: Any) -> Any:
     """A JSON value Optuna can store (tensor and numpy scalars become Python numbers)."""
 
     def default(obj: Any) -> Any:
+        if hasattr(obj, "cpu"):  # a tensor (this module does not import torch), maybe on the GPU
+            obj = obj.detach().cpu()
         if hasattr(obj, "tolist"):
             return obj.tolist()
         if hasattr(obj, "item"):
