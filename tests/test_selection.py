@@ -163,6 +163,17 @@ def test_trials_stopped_once_dominated_are_never_chosen_or_counted(tmp_path):
     sel.plot_pareto(pd.concat([df, stopped], ignore_index=True), 1, tmp_path / "pareto.png")
 
 
+def test_a_named_trial_is_exported_if_it_was_measured_in_full():
+    df = pd.concat([TRIALS.assign(dominated_by=pd.NA), frame([(7, 1, 0.6)]).assign(dominated_by=1)],
+                   ignore_index=True)
+    row, reason = sel.named_trial(df, 3)  # dominated, but complete: the user's call
+    assert row["number"] == 3 and reason == "trial 3: named by export.trial (6/20 refusals, KL 0.6)"
+    for number, message in [(9, r"no trial 9 \(trials 0 to 7\)"), (6, r"trial 6 is FAIL, not COMPLETE"),
+                            (7, r"stopped once trial 1 dominated it, so its 1 refusals are only a lower bound")]:
+        with pytest.raises(ConfigError, match=rf"export\.trial: .*{message}.*holds trials 4, 1, 2, 0"):
+            sel.named_trial(df, number)
+
+
 def confirmed(rows, eval_n=50, train_n=100, kl_n=50, train_kl_n=100):
     """rows: (number, eval refusals, eval KL, train refusals, train KL[, stopped])."""
     return pd.DataFrame([{"number": number, "refusals": r, "n": eval_n, "kl": k, "kl_n": kl_n,

@@ -134,6 +134,17 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
         assert adapter["merged"][split]["refusals"] == merged["merged"][split]["refusals"]
         assert adapter["merged"][split]["kl"] == pytest.approx(merged["merged"][split]["kl"], rel=1e-3, abs=1e-5)
 
+    # export.trial: the user's pick from the trials table instead of the policy's (here one it did
+    # not choose); the study stays, the rest follows.
+    trials = pd.read_csv(res / "trials.csv")
+    full = trials[(trials["state"] == "COMPLETE") & trials["dominated_by"].isna()]
+    pick = int(full.loc[full["number"] != adapter["selected_trial"]["number"], "number"].iloc[0])
+    proc = wr.run(tmp_path, "--resources", "gpu=1", "--config", "study={n_trials: 5}",
+                  f"export={{confirm: false, trial: {pick}}}")
+    assert "rule export" in proc.stderr and "rule merge" in proc.stderr and "rule study" not in proc.stderr
+    named = json.loads((res / "summary.json").read_text())["selected_trial"]
+    assert named["number"] == pick and "named by export.trial" in named["reason"]
+
 
 def test_killed_study_resumes_without_repeating_trials(tmp_path, model_path):
     # Enough trials that the kill lands mid-study: with direct edits on the CPU, six tiny-model trials

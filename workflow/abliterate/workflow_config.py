@@ -226,6 +226,8 @@ def stage_hash(config: dict, stage: str) -> str:
     # continues the same study, and runs made before evaluation.cuda_graphs existed keep their hashes.
     cfg.get("ablation", {}).pop("route", None)
     cfg.get("evaluation", {}).pop("cuda_graphs", None)
+    if cfg.get("export", {}).get("trial", 0) is None:
+        del cfg["export"]["trial"]  # added later: unset, runs made before it keep their hashes
     if not uses_demo_model(config):
         cfg.pop("demo_model", None)  # how the demo model is built cannot change another model's run
     template = cfg.get("model", {}).get("chat_template")

@@ -90,12 +90,17 @@ def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmf
 def run(config: dict, trials: str, harmful: str, harmless: str, directions_path: str,
         out_selected: str, out_pareto: str, out_adapter: str, out_plot: str, config_hash: str) -> dict:
     df = pd.read_csv(trials)
-    row, reason = selection.select_trial(df, policy(config))
-    log.info("selected on the eval prompts: %s", reason)
+    named = config["export"].get("trial")
+    if named is None:
+        row, reason = selection.select_trial(df, policy(config))
+        log.info("selected on the eval prompts: %s", reason)
+    else:
+        row, reason = selection.named_trial(df, named)
+        log.info("selected %s; no policy, no confirmation", reason)
     lm = session.open_model(config)
     ablator = None
     confirmation = None
-    if config["export"]["confirm"]:
+    if config["export"]["confirm"] and named is None:
         # the study's route: on the CPU that edits in place, faster than LoRA's extra matmuls; reset
         # restores the weights bit for bit before the LoRA wrapping below
         ablator = build_ablator(config, lm, directions_path)
