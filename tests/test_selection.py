@@ -136,8 +136,11 @@ def test_hypervolume_matches_brute_force():
 
 def test_plot_pareto_writes_png(tmp_path):
     path = tmp_path / "plots" / "pareto.png"
-    sel.plot_pareto(TRIALS, 1, path)
+    fig = sel.plot_pareto(TRIALS, 1, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # front trials carry their numbers (for export.trial); the selected one its own label
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert sorted(labels[:-1]) == ["0", "2", "4"] and labels[-1].startswith("trial 1\n")
     wide = frame([(0, 0, 5.0), (1, 10, 0.001), (2, 3, 0.2)])
     sel.plot_pareto(wide, None, path)  # log-scaled KL, nothing selected
     assert path.stat().st_size > 0

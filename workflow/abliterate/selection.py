@@ -356,6 +356,10 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
             )
         front = pareto_front(done)
         ax.plot(front["refusals"], front["kl"], "-o", color="tab:blue", ms=4, label="Pareto front")
+        for _, point in front.iterrows():
+            if point["number"] != selected_number:  # the trial numbers export.trial takes
+                ax.annotate(str(int(point["number"])), (point["refusals"], point["kl"]), xytext=(3, 3),
+                            textcoords="offset points", fontsize=7, color="tab:blue")
         counts = pd.concat([done["refusals"], stopped["refusals"]]).astype(float)
         if counts.max() - counts.min() < 2:
             # every trial at one count (a model that never refuses): integer ticks need room for three
