@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from abliterate import loading, quantization
 from abliterate.errors import AbliterateError, ModelLoadError, QuantizationBackendError
 from conftest import needs_smollm2, smollm2_gguf
@@ -133,7 +135,7 @@ def test_smollm2_gguf_loads_generates_and_round_trips(tmp_path):
 
 
 @needs_smollm2
-def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, monkeypatch):
+def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, monkeypatch, caplog):
     from abliterate import prompting, session
     from abliterate import workflow_config as wc
     from abliterate.steps import gguf_model
@@ -161,6 +163,14 @@ def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, mo
     enc = prompting.encode(direct.tokenizer, texts, CPU)
     with torch.inference_mode():
         torch.testing.assert_close(converted.model(**enc).logits, direct.model(**enc).logits, rtol=0, atol=0)
+    # 4-bit on the converted folder is allowed, with a word on the second rounding (no CUDA here)
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    wc.check({**shipped, "model": {**shipped["model"], **config["model"], "quantization": "bnb_4bit"}})
+    with pytest.raises(QuantizationBackendError):
+        session.open_model({**config, "model": {**config["model"], "quantization": "bnb_4bit", "dtypes": ["float32"],
+                                               "cpu_half": False, "chat_template": None, "device_map": None}},
+                           device=CPU)
+    assert "rounds their dequantised copy a second time" in caplog.text
     # other models are loaded as configured
     assert wc.converted_model_dir({"run": "x", "model": {"path": "org/model"}}) is None
 

@@ -31,11 +31,16 @@ def model_source(config: dict, path: str | None = None) -> loading.ModelSource:
 
 def open_model(config: dict, path: str | None = None, device=None, quantization: str | None = None) -> loading.LoadedModel:
     model_cfg = config["model"]
+    quant = model_cfg["quantization"] if quantization is None else quantization
+    source = model_source(config, path)
+    if quant != "none" and source.label:  # a GGUF model, read from its converted folder
+        log.warning("%s holds GGUF-quantized weights; %s rounds their dequantised copy a second time, adding "
+                    "its error to the file's", source.label, quant)
     return loading.load_model(
-        model_source(config, path),
+        source,
         device or devices.get_device(),
         cascade=model_cfg["dtypes"],
-        quant=model_cfg["quantization"] if quantization is None else quantization,
+        quant=quant,
         cpu_half=model_cfg["cpu_half"],
         # a folder this workflow wrote carries the template in its tokenizer (the merge saved it there)
         chat_template=None if path else workflow_config.chat_template(model_cfg["chat_template"]),

@@ -115,8 +115,6 @@ def check(config: dict) -> None:
     if study["space"]["min_weight_distance"][0] <= 0:
         raise ConfigError("study.space.min_weight_distance must start above 0")
     model = config["model"]
-    if model.get("gguf_file") and model.get("quantization") != "none":
-        raise ConfigError("model.quantization must be none for a GGUF model (it is dequantised on load)")
     chat_template(model.get("chat_template"))
     if not uses_demo_model(config):  # the demo model does not exist before its rule builds it
         resolve(ModelSource.from_config(model))
