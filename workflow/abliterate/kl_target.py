@@ -18,7 +18,7 @@ The refusal floor (``study.refusal_floor``) is the same idea on the other axis: 
 fraction of the prompts count as that fraction, so all trials the export target accepts share one
 refusal value and TPE ranks them by KL alone (a 0-refusal trial at high KL leaves the good group).
 On the demo it lowered the chosen trial's eval KL but chose trials at the edge of the target, which
-held-out prompts refused far more often (README), so it is off by default.
+held-out prompts refused far more often (benchmarks/README.md), so it is off by default.
 """
 
 from __future__ import annotations
