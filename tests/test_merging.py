@@ -87,3 +87,30 @@ def test_merge_stops_before_loading_when_over_budget(tmp_path):
         merging.merge(loading.ModelSource(path=str(base_dir)), str(tmp_path / "adapter"), str(tmp_path / "out"),
                       max_ram_gib=1e-6, metadata={}, card="")
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_dtype_casts_the_merged_float32_weights_once(tmp_path):
+    """merge.dtype bfloat16: every saved weight is the float32 merge rounded once, not a bfloat16 merge."""
+    from safetensors import safe_open
+
+    base_dir = tmp_path / "base"
+    model = tm.tiny_llama()
+    model.save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    ablator = ablation.Ablator(model, architecture.discover(model),
+                               torch.nn.functional.normalize(torch.randn(tm.LAYERS + 1, tm.HIDDEN), dim=-1))
+    ablator.apply(PARAMS)
+    ablator.save_adapter(tmp_path / "adapter")
+    source = loading.ModelSource(path=str(base_dir))
+    full = merging.merge(source, str(tmp_path / "adapter"), str(tmp_path / "f32"), max_ram_gib=4, metadata={}, card="")
+    half = merging.merge(source, str(tmp_path / "adapter"), str(tmp_path / "bf16"), max_ram_gib=4, metadata={},
+                         card="", save_dtype=torch.bfloat16)
+    assert (full["saved_dtype"], half["dtype"], half["saved_dtype"]) == ("float32", "float32", "bfloat16")
+    with safe_open(tmp_path / "f32" / "model.safetensors", "pt") as a, \
+            safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as b:
+        names = sorted(a.keys())
+        assert names == sorted(b.keys())
+        for key in names:
+            assert b.get_tensor(key).dtype == torch.bfloat16
+            torch.testing.assert_close(b.get_tensor(key), a.get_tensor(key).to(torch.bfloat16), rtol=0, atol=0)
+    assert merging.merge_dtype(loading.load_config(loading.ModelSource(path=str(tmp_path / "bf16")))) == torch.bfloat16

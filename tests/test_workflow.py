@@ -144,6 +144,11 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     assert "rule export" in proc.stderr and "rule merge" in proc.stderr and "rule study" not in proc.stderr
     named = json.loads((res / "summary.json").read_text())["selected_trial"]
     assert named["number"] == pick and "named by export.trial" in named["reason"]
+    # merge.dtype saves the merged folder anew, on the same trial: merge and evaluate, not export
+    proc = wr.run(tmp_path, "-n", "--config", "study={n_trials: 5}", f"export={{confirm: false, trial: {pick}}}",
+                  "merge={dtype: bfloat16}")
+    plan = proc.stdout + proc.stderr
+    assert "rule merge:" in plan and "rule evaluate:" in plan and "rule export:" not in plan
 
 
 def test_killed_study_resumes_without_repeating_trials(tmp_path, model_path):

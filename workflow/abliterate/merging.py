@@ -32,11 +32,12 @@ def merge_dtype(config) -> torch.dtype:
 
 
 def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_gib: float, metadata: dict,
-          card: str, chat_template: str | None = None) -> dict:
+          card: str, chat_template: str | None = None, save_dtype: torch.dtype | None = None) -> dict:
     """Load ``source`` on the CPU, merge ``adapter_dir`` into it and save it to ``out_dir``.
 
     ``chat_template`` (the study's, when the tokenizer lacks one) is saved with the tokenizer, so the
-    merged model is prompted as the study prompted it.
+    merged model is prompted as the study prompted it. ``save_dtype`` (``merge.dtype``): the weights
+    are saved in it; the merge itself runs in the checkpoint's dtype, so the edit is rounded once.
     """
     from transformers import AutoModelForCausalLM
 
@@ -57,6 +58,11 @@ def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_g
     loading.drop_gguf_state(model)
     model = ablation.load_saved_adapter(model, adapter_dir, merge=True)
     rss = psutil.Process().memory_info().rss
+    saved = save_dtype or dtype
+    if saved != dtype:
+        model.to(saved)  # tensor by tensor: the RAM estimate above still holds
+        log.info("merged in %s, saved in %s (merge.dtype)", str(dtype).removeprefix("torch."),
+                 str(saved).removeprefix("torch."))
     with io.atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
@@ -64,7 +70,8 @@ def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_g
         io.write_json(metadata, tmp / "abliterate.json")
     seconds = time.perf_counter() - start
     peak = max(rss, psutil.Process().memory_info().rss)
-    info = {"seconds": round(seconds, 2), "dtype": str(dtype).removeprefix("torch."), "estimated_ram_bytes": needed,
-            "rss_bytes": peak}
-    log.info("merged model saved to %s in %.1f s (%s, RSS %.2f GiB)", out_dir, seconds, info["dtype"], peak / 2**30)
+    info = {"seconds": round(seconds, 2), "dtype": str(dtype).removeprefix("torch."),
+            "saved_dtype": str(saved).removeprefix("torch."), "estimated_ram_bytes": needed, "rss_bytes": peak}
+    log.info("merged model saved to %s in %.1f s (%s, RSS %.2f GiB)", out_dir, seconds, info["saved_dtype"],
+             peak / 2**30)
     return info

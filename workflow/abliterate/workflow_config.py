@@ -31,6 +31,8 @@ _STAGE_KEYS = {
 }
 # the choice of a trial and what follows it: a new policy or target re-exports without a new study
 _STAGE_KEYS["export"] = [*_STAGE_KEYS["study"], "export"]
+# the merged folder: the chosen trial, and the dtype it is saved in
+_STAGE_KEYS["merge"] = [*_STAGE_KEYS["export"], "merge_dtype"]
 
 
 def coerce_cli_strings(config: dict, schema: dict) -> dict:
@@ -215,7 +217,10 @@ def storage_url(config: dict) -> str:
 
 
 def stage_hash(config: dict, stage: str) -> str:
+    if stage == "merge" and config.get("merge", {}).get("dtype", "auto") == "auto":
+        stage = "export"  # added later: at its default, merged folders made before it keep their hashes
     cfg = copy.deepcopy(config)
+    cfg["merge_dtype"] = cfg.get("merge", {}).get("dtype")
     cfg["study_space"] = cfg.get("study", {}).get("space")
     if (cfg["study_space"] or {}).get("direction_scope") == list(DEFAULT_SCOPES):
         # Added after studies existed: at its default it hashes as before, so they resume.

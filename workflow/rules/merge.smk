@@ -10,7 +10,7 @@ rule merge:
     output:
         model=directory(f"results/{RUN}/model"),
     params:
-        config_hash=config_hash("export"),
+        config_hash=config_hash("merge"),
     log:
         f"results/logs/{RUN}/merge.log",
     benchmark:

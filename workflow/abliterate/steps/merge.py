@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from .. import io, loading, merging, session, workflow_config
+from .. import dtypes, io, loading, merging, session, workflow_config
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,16 @@ def run(config: dict, adapter: str, selected_path: str, out_model: str, config_h
     selected = io.read_json(selected_path)
     source = session.model_source(config)
     dtype = merging.merge_dtype(loading.load_config(source))
+    save_dtype = None if config["merge"]["dtype"] == "auto" else dtypes.parse(config["merge"]["dtype"])
     card = CARD.format(
         name=config["run"], model=selected.get("model", source.path), reason=selected["reason"],
         refusals=selected["eval"]["refusals"], n=selected["eval"]["n"], kl=selected["eval"]["kl"],
         params=json.dumps(selected["params"], indent=2), dtype=selected.get("dtype"),
         quantization=selected.get("quantization"), config_hash=config_hash,
-        merge_dtype=str(dtype).removeprefix("torch."),
+        merge_dtype=str(dtype).removeprefix("torch.") + (f", saved in {str(save_dtype).removeprefix('torch.')}"
+                                                           if save_dtype not in (None, dtype) else ""),
     )
     meta = {"selected": selected, "config_hash": config_hash}
     info = merging.merge(source, adapter, out_model, config["merge"]["max_ram_gib"], meta, card,
-                         workflow_config.chat_template(config["model"]["chat_template"]))
+                         workflow_config.chat_template(config["model"]["chat_template"]), save_dtype)
     return info
