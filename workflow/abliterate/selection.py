@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from abliterate import io
 from abliterate.errors import AbliterateError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -327,8 +328,6 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
-
-    from abliterate import io  # here, not at the top: it imports torch, which selection never needs
 
     done = _complete(df)
     stopped = _finished(df)

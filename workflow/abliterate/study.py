@@ -46,6 +46,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from abliterate import io
 from abliterate.errors import ConfigError, NumericalError
 from abliterate.kl_target import KLTargetTPESampler
 
@@ -108,9 +109,6 @@ def default_storage_url(run: str, results_dir: str | os.PathLike = "results") ->
 def study_name(prefix: str, config_fragment: Any) -> str:
     """``<prefix>-<hash>``; the caller leaves n_trials and worker counts out of the fragment so a
     larger ``n_trials`` continues the same study."""
-    # Imported here: abliterate.io imports torch (seconds), which reading a study never needs.
-    from abliterate import io
-
     return f"{prefix}-{io.config_hash(config_fragment)}"
 
 
