@@ -54,11 +54,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """What ``json`` cannot write, as what it can: a path as text, a tensor (moved to the CPU first) or
+    a numpy array as lists, a scalar as its number; ``TypeError`` for anything else."""
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "detach") and hasattr(obj, "tolist"):  # a torch.Tensor
-        return obj.detach().cpu().tolist()
+    if hasattr(obj, "detach"):  # a torch.Tensor, maybe on the GPU (this module does not import torch)
+        obj = obj.detach().cpu()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
     if hasattr(obj, "item") and callable(obj.item):
         return obj.item()
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
@@ -66,7 +70,7 @@ def _jsonable(obj: Any) -> Any:
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=jsonable) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -472,13 +472,10 @@ def _plain(value: Any) -> Any:
     """A JSON value Optuna can store (tensor and numpy scalars become Python numbers)."""
 
     def default(obj: Any) -> Any:
-        if hasattr(obj, "cpu"):  # a tensor (this module does not import torch), maybe on the GPU
-            obj = obj.detach().cpu()
-        if hasattr(obj, "tolist"):
-            return obj.tolist()
-        if hasattr(obj, "item"):
-            return obj.item()
-        return str(obj)
+        try:
+            return io.jsonable(obj)
+        except TypeError:
+            return str(obj)  # an attribute is kept as text rather than failing the trial
 
     return json.loads(json.dumps(value, default=default))
 
