@@ -211,18 +211,19 @@ def select_trial(
 def named_trial(df: pd.DataFrame, number: int) -> tuple[pd.Series, str]:
     """The trial a user named (``export.trial``) instead of a policy's choice, if it can be exported:
     COMPLETE and measured in full (a trial stopped once dominated has only a lower bound)."""
+    def refuse(why: str) -> ConfigError:
+        front = ", ".join(str(int(n)) for n in pareto_front(df)["number"]) or "none"
+        return ConfigError(f"export.trial: {why}; the Pareto front (pareto.csv, plots/pareto.png) holds trials {front}")
+
     rows = df[df["number"] == number]
-    front = ", ".join(str(int(n)) for n in pareto_front(df)["number"]) if not _complete(df).empty else "none"
-    hint = f"the Pareto front (pareto.csv, plots/pareto.png) holds trials {front}"
     if rows.empty:
-        raise ConfigError(f"export.trial: the study has no trial {number} (trials {int(df['number'].min())} to "
-                          f"{int(df['number'].max())}); {hint}")
+        raise refuse(f"the study has no trial {number} (trials {int(df['number'].min())} to {int(df['number'].max())})")
     row = rows.iloc[0]
     if "state" in df.columns and row["state"] != "COMPLETE":
-        raise ConfigError(f"export.trial: trial {number} is {row['state']}, not COMPLETE; {hint}")
+        raise refuse(f"trial {number} is {row['state']}, not COMPLETE")
     if bool(_stopped(rows).iloc[0]):
-        raise ConfigError(f"export.trial: trial {number} was stopped once trial {int(row['dominated_by'])} "
-                          f"dominated it, so its {int(row['refusals'])} refusals are only a lower bound; {hint}")
+        raise refuse(f"trial {number} was stopped once trial {int(row['dominated_by'])} dominated it, so its "
+                     f"{int(row['refusals'])} refusals are only a lower bound")
     return row, f"trial {number}: named by export.trial ({_fmt(row)})"
 
 
