@@ -51,12 +51,11 @@ def parse(name: str) -> torch.dtype | str:
 def checkpoint_dtype(config) -> torch.dtype | None:
     """The dtype a transformers config says its weights were saved in (None when unknown)."""
     # `torch_dtype` only where `dtype` is absent: transformers 5 warns on every read of the old name
-    for attr in ("dtype",) if hasattr(config, "dtype") else ("torch_dtype",):
-        value = getattr(config, attr, None)
-        if isinstance(value, torch.dtype):
-            return value
-        if isinstance(value, str) and value in NAMES:
-            return NAMES[value]
+    value = getattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value in NAMES:
+        return NAMES[value]
     text_config = getattr(config, "text_config", None)
     if text_config is not None and text_config is not config:
         return checkpoint_dtype(text_config)
