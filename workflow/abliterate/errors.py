@@ -27,3 +27,12 @@ class QuantizationBackendError(AbliterateError):
 
 class NumericalError(AbliterateError):
     """A computed quantity is impossible (negative KL, NaN logits); it signals a bug, never clamp it."""
+
+
+class DamagedFileError(AbliterateError):
+    """An artifact on disk is truncated or corrupt; the message says which file and what to do."""
+
+
+class StudyLostError(AbliterateError):
+    """The study's database holds fewer completed trials than its ledger recorded (emptied, deleted,
+    replaced or truncated): continuing would silently start over."""

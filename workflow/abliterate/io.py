@@ -7,31 +7,100 @@ with ``os.replace``, so a killed job never leaves a half-written file that a lat
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import DamagedFileError
+
 if TYPE_CHECKING:  # torch is imported lazily: CPU-only rules (prompts, trials) start seconds faster
     import torch
 
 SCHEMA_VERSION = "1"
 
+logger = logging.getLogger(__name__)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (``os.umask`` can only
+    set it, and setting it briefly races with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(dest: Path, directory: bool) -> int:
+    """The mode a plain ``open(dest, "w")`` or ``mkdir`` would leave: an existing file keeps its own,
+    a new one gets 0666/0777 less the umask. ``mkstemp``/``mkdtemp`` make temporaries private
+    (0600/0700), which would otherwise leave every artifact unreadable to anyone but its owner."""
+    if not directory and dest.is_file():
+        return dest.stat().st_mode & 0o7777
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _temporary_prefix(dest: Path) -> str:
+    return f".{dest.name}."
+
+
+def _is_temporary_of(name: str, dest: Path, suffix: str) -> bool:
+    """``mkstemp``/``mkdtemp``'s names: the prefix, eight characters, the suffix (nothing else, so the
+    temporary of ``model.safetensors`` is never taken for one of ``model``)."""
+    return re.fullmatch(re.escape(_temporary_prefix(dest)) + r"[a-z0-9_]{8}" + re.escape(suffix), name) is not None
+
+
+def remove_stale_temporaries(dest: str | os.PathLike, suffix: str = "") -> list[Path]:
+    """Remove what an earlier, killed writer of ``dest`` left beside it (``.<name>.<random>``).
+
+    Only one writer of a destination runs at a time (Snakemake runs one job per output and holds
+    its directory lock; files several workers share are written under a lock), so every such
+    temporary belongs to a writer that is gone. A SIGKILL skips the ``finally`` below; for a merged
+    model that is a full-size copy.
+    """
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    removed = []
+    for stale in dest.parent.glob(f"{glob.escape(_temporary_prefix(dest))}*"):
+        if not _is_temporary_of(stale.name, dest, suffix):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    if removed:
+        logger.warning("removed %d temporary file(s) a killed writer of %s left: %s", len(removed), dest,
+                       ", ".join(p.name for p in removed))
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it over ``path``, else remove it."""
+    """Yield a temporary path beside ``path``; on success move it over ``path``, else remove it.
+
+    The result has the permissions a plain write would give it (see :func:`_normal_mode`)."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent)
+    suffix = suffix or dest.suffix
+    remove_stale_temporaries(dest, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(dest), suffix=suffix, dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _normal_mode(dest, directory=False))
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
@@ -40,18 +109,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` as a whole."""
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` as a whole, with the
+    permissions ``mkdir`` would give it."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    remove_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), dir=dest.parent))
     try:
         yield tmp
+        os.chmod(tmp, _normal_mode(dest, directory=True))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def jsonable(obj: Any) -> Any:
@@ -127,10 +199,16 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     from safetensors import safe_open
 
     tensors: dict = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        raw = f.metadata() or {}
-        for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-            tensors[key] = f.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            raw = f.metadata() or {}
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                tensors[key] = f.get_tensor(key)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors' own error type differs between its versions
+        raise DamagedFileError(f"{path} cannot be read ({type(exc).__name__}: {exc}); it is damaged or "
+                               "truncated: delete it and rerun, so the rule that writes it runs again") from exc
     meta: dict[str, Any] = {}
     for k, v in raw.items():
         try:

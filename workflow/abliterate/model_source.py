@@ -8,6 +8,8 @@ same function, so both always agree on which file a config means.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from .errors import ModelLoadError
 from .packages import package_file
 
 GGUF_MAGIC = b"GGUF"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,45 @@ def resolve(source: ModelSource) -> Resolved:
             raise ModelLoadError(f"GGUF file {source.gguf_file!r} (model.gguf_file) not found in {path!r}")
         check_gguf(p / source.gguf_file)
         return Resolved(str(p), source.gguf_file, None, "gguf", f"{path}/{source.gguf_file}")
-    if p.exists() or path.startswith((".", "/")):
+    if _looks_local(path):
+        if not p.exists():
+            raise ModelLoadError(f"local model folder {path!r} (model.path) does not exist (relative paths are "
+                                 f"read from the working folder {Path.cwd()})")
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"local model folder {path!r} (model.path) has no config.json")
         return Resolved(str(p), None, None, "local", source.label or str(p))
+    if not HUB_ID.fullmatch(path):
+        raise ModelLoadError(f"model.path {path!r} is neither an existing local folder nor a hub id (owner/name)")
+    _check_offline_cache(path, source.revision)
     return Resolved(path, None, source.revision, "hub",
                     f"{path}@{source.revision}" if source.revision else path)
+
+
+def _looks_local(path: str) -> bool:
+    """A path, not a hub id: it exists, is written as a path (``./``, ``/``, ``~``, more than one
+    ``/``), or its first part is a folder here (``models/qwen`` with ``models/`` present). Only a
+    name that could be nothing but a hub id goes to the hub, so a mistyped local folder is reported
+    as missing instead of as a failed download."""
+    if Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return True
+    return "/" in path and Path(path.split("/", 1)[0]).is_dir()
+
+
+def _offline() -> bool:
+    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _check_offline_cache(repo_id: str, revision: str | None) -> None:
+    """With the hub switched off, a hub id must already be in the local cache (its config.json)."""
+    if not _offline():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision or "main")
+    if not isinstance(found, str):
+        raise ModelLoadError(
+            f"model.path {repo_id!r} is a hub id, but the hub is switched off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) "
+            f"and its cache ({constants.HF_HUB_CACHE}) holds no copy{' at revision ' + revision if revision else ''}: "
+            f"download it first (hf download {repo_id}), unset HF_HUB_OFFLINE, or set model.path to a local folder"
+            + (f" (as a folder, {repo_id!r} does not exist in {Path.cwd()})" if "/" in repo_id else ""))

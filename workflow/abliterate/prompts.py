@@ -25,7 +25,22 @@ log = logging.getLogger(__name__)
 SPLITS = ("demo", "train", "eval", "heldout")
 
 
-def _records_from_bytes(data: bytes, name: str, records_key: str | None) -> pd.DataFrame:
+def _records_from_bytes(data: bytes, name: str, records_key: str | None, key: str = "path") -> pd.DataFrame:
+    """The file's records as a table; a file that does not parse raises PromptError naming it and ``key``."""
+    if not data.strip():
+        raise PromptError(f"prompt file {name} ({key}) is empty")
+    try:
+        return _parse_records(data, name, records_key)
+    except PromptError:
+        raise
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError) as exc:
+        # JSONDecodeError is a ValueError; pyarrow's ArrowInvalid too
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise PromptError(f"prompt file {name} ({key}) does not parse as "
+                          f"{name.lower().rsplit('.', 1)[-1]}: {type(exc).__name__}: {first}") from exc
+
+
+def _parse_records(data: bytes, name: str, records_key: str | None) -> pd.DataFrame:
     suffix = name.lower().rsplit(".", 1)[-1] if "." in name else ""
     if suffix == "parquet":
         return pd.read_parquet(_io.BytesIO(data))
@@ -51,26 +66,29 @@ def _records_from_bytes(data: bytes, name: str, records_key: str | None) -> pd.D
     raise PromptError(f"{name}: unknown prompt file type {suffix!r}; use json, jsonl, csv, txt or parquet")
 
 
-def read_source(spec: dict) -> tuple[pd.DataFrame, str]:
-    """Read a configured prompt source into a raw table; return it with a description of the source."""
+def read_source(spec: dict, name: str | None = None) -> tuple[pd.DataFrame, str]:
+    """Read a configured prompt source into a raw table; return it with a description of the source.
+    ``name`` (the set's key under ``prompts``) makes errors name the config key."""
     source = spec["source"]
+    key = f"prompts.{name}.path" if name else "path"
     if source == "package":
         if not spec.get("package") or not spec.get("path"):
             raise PromptError("a package prompt source needs both `package` and `path`")
         file = package_file(spec["package"], spec["path"], "prompts", PromptError)
-        return _records_from_bytes(file.read_bytes(), file.name, spec.get("records")), f"package:{spec['package']}/{spec['path']}"
+        return (_records_from_bytes(file.read_bytes(), str(file), spec.get("records"), key),
+                f"package:{spec['package']}/{spec['path']}")
     if source == "file":
         file = Path(spec.get("path") or "")
         if not file.is_file():
-            raise PromptError(f"prompt file {str(file)!r} (path) does not exist")
-        return _records_from_bytes(file.read_bytes(), file.name, spec.get("records")), f"file:{file}"
+            raise PromptError(f"prompt file {str(file)!r} ({key}) does not exist")
+        return _records_from_bytes(file.read_bytes(), str(file), spec.get("records"), key), f"file:{file}"
     if source == "url":
         url = spec.get("path") or ""
         if not url.startswith(("http://", "https://")):
             raise PromptError(f"a url prompt source needs an http(s) URL in `path`, got {url!r}")
         with urllib.request.urlopen(url, timeout=60) as resp:  # the URL comes from the user's config
             data = resp.read()
-        return _records_from_bytes(data, url.split("?")[0], spec.get("records")), f"url:{url}"
+        return _records_from_bytes(data, url.split("?")[0], spec.get("records"), key), f"url:{url}"
     if source == "hub":
         try:
             import datasets
@@ -170,7 +188,7 @@ def check_no_cross_overlap(sets: dict[str, pd.DataFrame]) -> None:
 
 
 def fetch(spec: dict, seed: int, name: str) -> tuple[pd.DataFrame, str]:
-    raw, description = read_source(spec)
+    raw, description = read_source(spec, name)
     df = clean(raw, spec.get("column", "text"), spec.get("group"), name)
     return split(df, spec.get("splits", {}), spec.get("max", {}), seed, name), description
 

@@ -46,7 +46,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from abliterate import io
+from abliterate import io, study_ledger
 from abliterate.errors import ConfigError, NumericalError
 from abliterate.kl_target import KLTargetTPESampler
 
@@ -112,17 +112,7 @@ def study_name(prefix: str, config_fragment: Any) -> str:
     return f"{prefix}-{io.config_hash(config_fragment)}"
 
 
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a SQLite URL; ``None`` for in-memory SQLite and server URLs."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return None
-    database = parsed.database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
+sqlite_path = study_ledger.sqlite_file
 
 
 @contextlib.contextmanager
@@ -241,16 +231,34 @@ def load_or_create_study(storage: optuna.storages.BaseStorage, name: str) -> opt
     return study
 
 
-def _load_study(storage_url: str, name: str) -> optuna.Study:
+def _n_complete(storage: optuna.storages.BaseStorage, name: str) -> int | None:
+    """Completed trials of study ``name``; None when the storage does not hold it."""
+    if name not in optuna.get_all_study_names(storage):
+        return None
+    study = optuna.load_study(study_name=name, storage=storage)
+    return len(_count(study, (TrialState.COMPLETE,)))
+
+
+def _load_study(storage_url: str, name: str, ledger: str | os.PathLike | None = None) -> optuna.Study:
+    """An existing study; with ``ledger``, refused when it holds fewer completed trials than recorded."""
     path = sqlite_path(storage_url)
+    book = study_ledger.Ledger.at(ledger) if ledger is not None else None
+    if book is not None:
+        with study_lock(storage_url):
+            book.check_sqlite(storage_url)
     if path is not None and not path.exists():
         raise FileNotFoundError(f"{path}: no study database; run the study first")
     storage = make_storage(storage_url, heartbeat_interval=None)
     try:
-        return optuna.load_study(study_name=name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=storage)
     except KeyError as exc:
+        if book is not None:
+            book.check(storage_url, name, None)
         names = optuna.get_all_study_names(storage)
         raise ConfigError(f"no study {name!r} in {storage_url}; it holds {names}") from exc
+    if book is not None:
+        book.check(storage_url, name, len(_count(study, (TrialState.COMPLETE,))))
+    return study
 
 
 # --------------------------------------------------------------------------- search space
@@ -545,6 +553,7 @@ def run_worker(
     grace_period: int | None = None,
     progress: bool = True,
     stop_dominated: bool = False,
+    ledger: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run trials until the study holds ``n_trials`` COMPLETE trials; safe to restart and to run
     in several processes at once (each with its own ``worker_id``).
@@ -572,6 +581,10 @@ def run_worker(
     loop continues; more than ``max_failures`` in a row raise ``RuntimeError``. On
     ``KeyboardInterrupt``/``SystemExit`` the trial is failed and re-queued before re-raising.
 
+    Ledger: with ``ledger`` (a :class:`abliterate.study_ledger.Ledger` path), a database missing,
+    emptied, damaged or holding fewer completed trials than recorded there is refused before anything
+    is written to it, and the count is recorded after every completed trial.
+
     Returns ``{"worker", "n_complete", "n_failed", "n_surplus", "study_n_complete", "seconds"}``
     (counts of this call except ``study_n_complete``).
     """
@@ -590,8 +603,14 @@ def run_worker(
     worker = str(worker_id)
     started = time.perf_counter()
 
+    book = study_ledger.Ledger.at(ledger) if ledger is not None else None
+    with study_lock(storage_url):
+        if book is not None:
+            book.check_sqlite(storage_url)
     storage = make_storage(storage_url, heartbeat_interval, grace_period)
     with study_lock(storage_url):
+        if book is not None:
+            book.check(storage_url, study_name, _n_complete(storage, study_name))
         study = load_or_create_study(storage, study_name)
         for trial in _count(study, (TrialState.RUNNING,)):
             if trial.user_attrs.get("worker") == worker:
@@ -599,6 +618,8 @@ def run_worker(
 
     done = failed = surplus = consecutive = 0
     complete = len(_count(study, (TrialState.COMPLETE,)))
+    if book is not None:
+        book.record(storage_url, study_name, complete)
     logger.info(
         "study %s: %d of %d trials complete; worker %s starts",
         study_name,
@@ -695,6 +716,8 @@ def run_worker(
                 seconds,
             )
             complete = len(_count(study, (TrialState.COMPLETE,)))
+            if book is not None:
+                book.record(storage_url, study_name, complete)
             bar.n = min(complete, n_trials)
             bar.refresh()
     finally:
@@ -724,13 +747,13 @@ def run_worker(
 # --------------------------------------------------------------------------- reading a study
 
 
-def trials_frame(storage_url: str, study_name: str):
+def trials_frame(storage_url: str, study_name: str, ledger: str | os.PathLike | None = None):
     """One row per trial: number, state, refusals, kl, n, seconds, worker, error, retry_of,
     direction_scope, the flat absolute parameters, other user attributes, datetime_start and
     datetime_complete. Rows are sorted by trial number."""
     import pandas as pd
 
-    study = _load_study(storage_url, study_name)
+    study = _load_study(storage_url, study_name, ledger)
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = dict(trial.user_attrs)
@@ -770,10 +793,10 @@ def trials_frame(storage_url: str, study_name: str):
     return df.sort_values("number").reset_index(drop=True)
 
 
-def study_stats(storage_url: str, study_name: str) -> dict[str, Any]:
+def study_stats(storage_url: str, study_name: str, ledger: str | os.PathLike | None = None) -> dict[str, Any]:
     """Counts by state and time: ``seconds`` sums the durations of COMPLETE trials,
     ``wall_seconds`` spans from the first start to the last finish of any finished trial."""
-    study = _load_study(storage_url, study_name)
+    study = _load_study(storage_url, study_name, ledger)
     trials = study.get_trials(deepcopy=False)
     by_state = {state: [t for t in trials if t.state == state] for state in TrialState}
     failed = by_state[TrialState.FAIL]

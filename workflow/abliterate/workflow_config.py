@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from . import chat_template_check
 from .errors import ConfigError
 from .io import config_hash
 from .model_source import ModelSource, resolve
 from .packages import package_file
+from .study_ledger import LEDGER_NAME
 
 DEMO_PATH = "results/models/demo"
 # study.SCOPES, the schema's default; not imported from there, since abliterate.study loads optuna
@@ -116,11 +118,63 @@ def check(config: dict) -> None:
             raise ConfigError(f"study.space.{key} is relative: both ends must lie in [0, 1], got [{low}, {high}]")
     if study["space"]["min_weight_distance"][0] <= 0:
         raise ConfigError("study.space.min_weight_distance must start above 0")
+    _check_run_name(config["run"])
+    _check_storage(config["study"].get("storage"))
     model = config["model"]
-    chat_template(model.get("chat_template"))
+    template = chat_template(model.get("chat_template"))
+    if template is not None:
+        chat_template_check.check(template, model.get("system_prompt"))
     if not uses_demo_model(config):  # the demo model does not exist before its rule builds it
         resolve(ModelSource.from_config(model))
     _check_packaged_files(config)
+    _check_prompt_files(config)
+
+
+def _check_run_name(run: str) -> None:
+    """``run`` names one folder under results/: never a parent, the results folder itself, or a
+    hidden name (hidden names beside outputs are the atomic writers' temporaries)."""
+    if run.startswith("."):  # the schema's pattern rules out separators
+        raise ConfigError(f"run: {run!r} must be a plain folder name (letters, digits, '_', '-', '.', not "
+                          "starting with '.'): the run's outputs go to results/<run>/")
+
+
+def _check_storage(url: str | None) -> None:
+    """``study.storage`` parses as a database URL whose driver is installed; its server is not contacted."""
+    if url is None:
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"study.storage: {url!r} is not a database URL ({exc}); use e.g. "
+                          "sqlite:///results/<run>/study.sqlite or postgresql+psycopg2://user@host/db, "
+                          "or null for the default SQLite file") from exc
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError as exc:
+        raise ConfigError(f"study.storage: {shown!r} names the unknown database {parsed.drivername!r}; "
+                          "use sqlite, postgresql or mysql") from exc
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise ConfigError(f"study.storage: the driver of {shown!r} is not installed ({exc}); install it "
+                          f"(for PostgreSQL: pip install psycopg2-binary) or use another URL") from exc
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(f"study.storage: {shown!r} is an in-memory database, which every job would start "
+                          "empty; name a file (sqlite:///path/study.sqlite)")
+
+
+def _check_prompt_files(config: dict) -> None:
+    """Local prompt files (a file or a package's) parse into prompts, before the prompts rule runs."""
+    from . import prompts
+
+    for name, spec in config["prompts"].items():
+        if spec["source"] in ("file", "package"):
+            raw, _ = prompts.read_source(spec, name)
+            prompts.clean(raw, spec.get("column", "text"), spec.get("group"), name)
 
 
 def chat_template(value: str | None) -> str | None:
@@ -152,36 +206,6 @@ def _check_packaged_files(config: dict) -> None:
         package_file(package, path, section, ConfigError)
 
 
-def clear_stale_locks(workdir: str | Path) -> list[Path]:
-    """Remove Snakemake's directory locks when no Snakemake process works in ``workdir`` any more.
-
-    A run killed with SIGKILL (a pre-empted node, an out-of-memory kill, ``kill -9``) cannot release
-    its lock, and Snakemake then refuses every later run until ``--unlock``. Resuming an interrupted
-    study by rerunning the same command is the promise of this workflow, so the main process clears
-    locks whose owner is gone. A live run is detected from this machine's process table (a process
-    whose command line names snakemake and whose working directory is ``workdir``); runs of the
-    same folder from another host are not visible, so don't start two there at once.
-    """
-    import psutil
-
-    workdir = Path(workdir).resolve()
-    locks = workdir / ".snakemake" / "locks"
-    files = sorted(locks.glob("*.lock")) if locks.is_dir() else []
-    if not files:
-        return []
-    me = psutil.Process()
-    mine = {me.pid, *(p.pid for p in me.parents())}
-    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
-        if proc.info["pid"] in mine:
-            continue
-        cmdline = " ".join(proc.info.get("cmdline") or [])
-        if "snakemake" in cmdline and proc.info.get("cwd") == str(workdir):
-            return []  # a live run owns the lock
-    for f in files:
-        f.unlink(missing_ok=True)
-    return files
-
-
 def uses_demo_model(config: dict) -> bool:
     return Path(config["model"]["path"]).as_posix().rstrip("/") == DEMO_PATH
 
@@ -210,6 +234,11 @@ def study_db_path(config: dict) -> str | None:
         url = config["study"]["storage"]
         return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
     return f"results/{config['run']}/study.sqlite"
+
+
+def ledger_path(config: dict) -> str:
+    """The study's ledger (``abliterate.study_ledger``): what the database held, recorded beside it."""
+    return f"results/{config['run']}/{LEDGER_NAME}"
 
 
 def storage_url(config: dict) -> str:

@@ -3,7 +3,6 @@
 import os
 
 import yaml
-from snakemake.logging import logger
 from snakemake.utils import validate
 
 from abliterate import workflow_config as wc
@@ -13,10 +12,6 @@ wc.coerce_cli_strings(config, yaml.safe_load(open(workflow.source_path("../schem
 validate(config, "../schemas/config.schema.yaml")
 wc.check(config)
 
-if workflow.is_main_process:
-    for lock in wc.clear_stale_locks(os.getcwd()):
-        logger.warning(f"removed stale lock {lock} (its Snakemake run was killed); resuming")
-
 # Jobs share CPUs (study workers, CI): OpenMP threads that spin while waiting slowed shared-CPU
 # forward passes about 3x in our measurements, so they sleep instead unless the user says otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -25,6 +20,7 @@ RUN = config["run"]
 SETS = ["harmful", "harmless"]
 WORKERS = list(range(config["study"]["workers"]))
 STUDY_DB = wc.study_db_path(config)
+STUDY_LEDGER = wc.ledger_path(config)
 DEMO_DIR = "results/models/demo"
 MERGE_MEM_MB = int(config["merge"]["max_ram_gib"] * 1024)
 

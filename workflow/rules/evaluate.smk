@@ -23,6 +23,7 @@ rule evaluate:
     params:
         storage=wc.storage_url(config),
         study_name=wc.study_name(config),
+        ledger=STUDY_LEDGER,
         config_hash=config_hash("export"),
     log:
         f"results/logs/{RUN}/evaluate.log",

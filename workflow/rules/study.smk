@@ -15,6 +15,7 @@ rule study:
     params:
         storage=wc.storage_url(config),
         study_name=wc.study_name(config),
+        ledger=STUDY_LEDGER,
         n_trials=lookup(dpath="study/n_trials", within=config),
         config_hash=config_hash("study"),
     log:
@@ -47,6 +48,7 @@ rule trials:
     params:
         storage=wc.storage_url(config),
         study_name=wc.study_name(config),
+        ledger=STUDY_LEDGER,
     log:
         f"results/logs/{RUN}/trials.log",
     benchmark:

@@ -18,6 +18,7 @@ evaluate.run(
     selected_path=snakemake.input.selected,
     storage=snakemake.params.storage,
     study_name=snakemake.params.study_name,
+    ledger=snakemake.params.ledger,
     out_summary=snakemake.output.summary,
     out_responses=snakemake.output.responses,
     config_hash=snakemake.params.config_hash,

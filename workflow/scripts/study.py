@@ -16,6 +16,7 @@ study.run(
     baseline_path=snakemake.input.baseline,
     storage=snakemake.params.storage,
     study_name=snakemake.params.study_name,
+    ledger=snakemake.params.ledger,
     n_trials=snakemake.params.n_trials,
     out_done=snakemake.output.done,
     config_hash=snakemake.params.config_hash,

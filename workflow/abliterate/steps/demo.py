@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def refusal_targets(config: dict, demo_prompts: list[str]) -> list[dict]:
     """Pair each demo prompt with the refusal its source ships (uncensorbench's censored_response)."""
-    raw, source = prompts.read_source(config["prompts"]["harmful"])
+    raw, source = prompts.read_source(config["prompts"]["harmful"], "harmful")
     column = config["prompts"]["harmful"]["column"]
     if "censored_response" not in raw.columns:
         raise PromptError(

@@ -49,8 +49,9 @@ def with_adapter(lm: loading.LoadedModel, adapter_dir: str) -> loading.LoadedMod
 
 def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseline_metrics: str,
         baseline_logprobs: str, selected_path: str, storage: str, study_name: str, out_summary: str,
-        out_responses: str, config_hash: str, adapter_dir: str | None = None) -> dict:
+        out_responses: str, config_hash: str, adapter_dir: str | None = None, ledger: str | None = None) -> dict:
     """Evaluate ``model_dir`` (the merged model) or, when it is None, the base model with ``adapter_dir``."""
+    stats = study.study_stats(storage, study_name, ledger)  # a lost study fails before the evaluation
     lm = session.open_model(config, path=model_dir) if model_dir else with_adapter(session.open_model(config), adapter_dir)
     settings = eval_settings(config, lm, session.chats(config, lm.tokenizer, harmful, "heldout")[1])
     device = next(lm.model.parameters()).device
@@ -73,7 +74,6 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
 
     baseline = io.read_json(baseline_metrics)
     selected = io.read_json(selected_path)
-    stats = study.study_stats(storage, study_name)
     summary = {
         "run": config["run"],
         "model": baseline["model"],

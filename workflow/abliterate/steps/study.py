@@ -79,7 +79,8 @@ def build_objective(config: dict, lm, harmful: str, harmless: str, directions_pa
 
 
 def run(config: dict, worker: int, harmful: str, harmless: str, directions_path: str, baseline_path: str,
-        storage: str, study_name: str, n_trials: int, out_done: str, config_hash: str) -> dict:
+        storage: str, study_name: str, n_trials: int, out_done: str, config_hash: str,
+        ledger: str | None = None) -> dict:
     lm = session.open_model(config)
     objective, layout, _ = build_objective(config, lm, harmful, harmless, directions_path, baseline_path,
                                            reuse_layers=True)
@@ -89,7 +90,7 @@ def run(config: dict, worker: int, harmful: str, harmless: str, directions_path:
         sampler_kwargs={key: config["study"][key] for key in ("n_startup_trials", "n_ei_candidates", "kl_target",
                                                                    "refusal_floor")},
         n_layers=layout.n_layers, space=search_space(config, kinds),
-        stop_dominated=config["study"]["stop_dominated"],
+        stop_dominated=config["study"]["stop_dominated"], ledger=ledger,
     )
     io.write_json({**result, "worker": worker, "study_name": study_name, "config_hash": config_hash,
                    **lm.metadata()}, out_done)
@@ -98,8 +99,8 @@ def run(config: dict, worker: int, harmful: str, harmless: str, directions_path:
     return result
 
 
-def write_trials(storage: str, study_name: str, out_table: str) -> None:
+def write_trials(storage: str, study_name: str, out_table: str, ledger: str | None = None) -> None:
     """Rule `trials`: the study's trials as one CSV table."""
-    df = study.trials_frame(storage, study_name)
+    df = study.trials_frame(storage, study_name, ledger)
     io.write_csv(df, out_table)
     log.info("wrote %s: %d trials (%d complete)", out_table, len(df), int((df["state"] == "COMPLETE").sum()))
