@@ -231,6 +231,16 @@ def load_or_create_study(storage: optuna.storages.BaseStorage, name: str) -> opt
     return study
 
 
+def _open_ledger(ledger: str | os.PathLike | None, storage_url: str) -> study_ledger.Ledger | None:
+    """The study's ledger, its SQLite file checked against it before Optuna opens (and writes) it."""
+    if ledger is None:
+        return None
+    book = study_ledger.Ledger.at(ledger)
+    with study_lock(storage_url):
+        book.check_sqlite(storage_url)
+    return book
+
+
 def _n_complete(storage: optuna.storages.BaseStorage, name: str) -> int | None:
     """Completed trials of study ``name``; None when the storage does not hold it."""
     if name not in optuna.get_all_study_names(storage):
@@ -242,10 +252,7 @@ def _n_complete(storage: optuna.storages.BaseStorage, name: str) -> int | None:
 def _load_study(storage_url: str, name: str, ledger: str | os.PathLike | None = None) -> optuna.Study:
     """An existing study; with ``ledger``, refused when it holds fewer completed trials than recorded."""
     path = sqlite_path(storage_url)
-    book = study_ledger.Ledger.at(ledger) if ledger is not None else None
-    if book is not None:
-        with study_lock(storage_url):
-            book.check_sqlite(storage_url)
+    book = _open_ledger(ledger, storage_url)
     if path is not None and not path.exists():
         raise FileNotFoundError(f"{path}: no study database; run the study first")
     storage = make_storage(storage_url, heartbeat_interval=None)
@@ -603,10 +610,7 @@ def run_worker(
     worker = str(worker_id)
     started = time.perf_counter()
 
-    book = study_ledger.Ledger.at(ledger) if ledger is not None else None
-    with study_lock(storage_url):
-        if book is not None:
-            book.check_sqlite(storage_url)
+    book = _open_ledger(ledger, storage_url)
     storage = make_storage(storage_url, heartbeat_interval, grace_period)
     with study_lock(storage_url):
         if book is not None:
