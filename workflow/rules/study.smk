@@ -49,6 +49,9 @@ rule trials:
         storage=wc.storage_url(config),
         study_name=wc.study_name(config),
         ledger=STUDY_LEDGER,
+        # a new n_trials reruns this rule and so the study, even after a failed study job deleted
+        # its worker file (Snakemake then skips a missing intermediate whose consumer is up to date)
+        n_trials=lookup(dpath="study/n_trials", within=config),
     log:
         f"results/logs/{RUN}/trials.log",
     benchmark:
