@@ -172,6 +172,7 @@ def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, mo
                            device=CPU)
     assert "rounds their dequantised copy a second time" in caplog.text
     # other models are loaded as configured
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a hub id is checked against the cache offline
     assert wc.converted_model_dir({"run": "x", "model": {"path": "org/model"}}) is None
 
 
