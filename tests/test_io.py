@@ -33,12 +33,15 @@ def test_new_files_and_folders_get_the_umask_s_permissions(tmp_path, mask):
         io.save_safetensors({"t": torch.zeros(2)}, tmp_path / "t.safetensors")
         with io.atomic_dir(tmp_path / "model") as tmp:
             (tmp / "config.json").write_text("{}")
+            (tmp / "private.safetensors").write_text("x")
+            os.chmod(tmp / "private.safetensors", 0o600)  # what safetensors' save_file leaves
         plain_file = tmp_path / "plain.txt"
         plain_file.write_text("x")
         (tmp_path / "plain_dir").mkdir()
     for name in ("summary.json", "card.md", "t.safetensors"):
         assert _mode(tmp_path / name) == _mode(plain_file) == 0o666 & ~mask, name
     assert _mode(tmp_path / "model") == _mode(tmp_path / "plain_dir") == 0o777 & ~mask
+    assert _mode(tmp_path / "model/private.safetensors") == 0o666 & ~mask
 
 
 def test_rewriting_a_file_keeps_its_mode_as_a_plain_write_does(tmp_path):

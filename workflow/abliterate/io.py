@@ -117,6 +117,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), dir=dest.parent))
     try:
         yield tmp
+        # what writers made inside, too: safetensors' save_file creates its files 0600 itself
+        mask = _umask()
+        for inner in tmp.rglob("*"):
+            if not inner.is_symlink():
+                os.chmod(inner, (0o777 if inner.is_dir() else 0o666) & ~mask)
         os.chmod(tmp, _normal_mode(dest, directory=True))
         if dest.exists():
             shutil.rmtree(dest)
