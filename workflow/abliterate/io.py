@@ -7,6 +7,7 @@ with ``os.replace``, so a killed job never leaves a half-written file that a lat
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -41,13 +42,27 @@ def _umask() -> int:
     return mask
 
 
-def _normal_mode(dest: Path, directory: bool) -> int:
-    """The mode a plain ``open(dest, "w")`` or ``mkdir`` would leave: an existing file keeps its own,
-    a new one gets 0666/0777 less the umask. ``mkstemp``/``mkdtemp`` make temporaries private
-    (0600/0700), which would otherwise leave every artifact unreadable to anyone but its owner."""
-    if not directory and dest.is_file():
+def _normal_mode(dest: Path) -> int:
+    """The mode a plain ``open(dest, "w")`` would leave: an existing file keeps its own, a new one gets
+    0666 less the umask. ``mkstemp`` makes temporaries private (0600), which would otherwise leave
+    every artifact unreadable to anyone but its owner."""
+    if dest.is_file():
         return dest.stat().st_mode & 0o7777
-    return (0o777 if directory else 0o666) & ~_umask()
+    return 0o666 & ~_umask()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on ``<path>.lock``, held for the ``with`` block; it serialises
+    processes on one machine (and on network file systems whose locks work)."""
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _temporary_prefix(dest: Path) -> str:
@@ -100,7 +115,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, _normal_mode(dest, directory=False))
+        os.chmod(tmp_path, _normal_mode(dest))
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
@@ -109,20 +124,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` as a whole, with the
-    permissions ``mkdir`` would give it."""
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` as a whole, the folder
+    and everything in it with the permissions ``mkdir`` and a plain write give under the umask."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(dest)
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), dir=dest.parent))
     try:
         yield tmp
-        # what writers made inside, too: safetensors' save_file creates its files 0600 itself
+        # mkdtemp made the folder 0700, and safetensors' save_file creates its files 0600 itself
         mask = _umask()
-        for inner in tmp.rglob("*"):
+        for inner in [tmp, *tmp.rglob("*")]:
             if not inner.is_symlink():
                 os.chmod(inner, (0o777 if inner.is_dir() else 0o666) & ~mask)
-        os.chmod(tmp, _normal_mode(dest, directory=True))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

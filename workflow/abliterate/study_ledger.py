@@ -14,13 +14,10 @@ them (it would write its schema into an emptied or damaged file).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
 import json
 import sqlite3
 import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,19 +94,9 @@ class Ledger:
 
     # ------------------------------------------------------------------ writing
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{self.path}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     def record(self, storage_url: str, name: str, n_complete: int) -> None:
         """Raise the recorded count of ``name`` to ``n_complete`` (never lower it)."""
-        with self._locked():
+        with io.file_lock(self.path):
             data = {"schema": SCHEMA, "storages": {}}
             if self.path.exists():
                 self.recorded(storage_url)  # a damaged ledger is refused, not overwritten
