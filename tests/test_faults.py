@@ -61,6 +61,15 @@ def _n_complete_or_none(workdir: Path) -> int | None:
     return None
 
 
+def _wait_for_a_trial(workdir: Path, proc: subprocess.Popen, log: Path, poll: float) -> None:
+    """Until the background run ``proc`` completed its first trial (it must not end before)."""
+    deadline = time.time() + 300
+    while (_n_complete_or_none(workdir) or 0) < 1:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "no trial completed in 300 s"
+        time.sleep(poll)
+
+
 def _assert_study(workdir: Path, n_trials: int) -> None:
     """Exactly ``n_trials`` COMPLETE trials with distinct parameters (nothing lost, none repeated)."""
     done = _complete(workdir)
@@ -200,11 +209,7 @@ def test_second_run_on_a_live_runs_folder_is_refused(tmp_path, stages, model_pat
             stack.enter_context(_mounted("--bind", str(wd), target=other))
         first = _start(wd, f"{RES}/trials.csv", output=tmp_path / "first.log")
         try:
-            deadline = time.time() + 300
-            while (_n_complete_or_none(wd) or 0) < 1:
-                assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                assert time.time() < deadline, "no trial completed in 300 s"
-                time.sleep(0.05)
+            _wait_for_a_trial(wd, first, tmp_path / "first.log", poll=0.05)
             locks = _locks(wd)
             assert locks, "the live run holds no lock"
 
@@ -355,11 +360,7 @@ def test_disk_full_fails_cleanly_then_resumes(tmp_path, stages, model_path, case
         if case == "study":
             proc = _start(wd, *args, output=tmp_path / "failed.log")
             try:
-                deadline = time.time() + 300
-                while (_n_complete_or_none(wd) or 0) < 1:
-                    assert proc.poll() is None, (tmp_path / "failed.log").read_text()[-3000:]
-                    assert time.time() < deadline, "no trial completed in 300 s"
-                    time.sleep(0.02)
+                _wait_for_a_trial(wd, proc, tmp_path / "failed.log", poll=0.02)
                 before = _trials(wd)
                 filler = _fill(mount, 0)
                 returncode = proc.wait(timeout=300)
