@@ -89,6 +89,12 @@ class Protocol:
     # bitsandbytes quantization of the study's model for both tools ("none" or "bnb_4bit", the one
     # mode Heretic 1.4.0 offers; CUDA only). Both merge unquantized; held-out runs unquantized.
     quantization: str = "none"
+    # A real model from benchmarks/real_models.py: its installed GGUF is converted once into
+    # ``model`` (float32 safetensors, untimed common input) and both tools load that folder.
+    real_model: str | None = None
+    # uncensorbench's 150 harmful prompts join the Arditi pool, so that every split mixes two sources
+    # (refusals came back partly on prompts of another source than the study's).
+    with_uncensorbench: bool = False
 
 
 PROTOCOLS = {
@@ -132,6 +138,23 @@ PROTOCOLS = {
         seed=42,
         batch_size=64,
         threads=None,
+    ),
+    # A real safety-tuned model (Qwen2.5-Coder-0.5B-Instruct) on 2 CPU cores, sized so that three
+    # seeds of both tools run in one 3-hour session: benchmarks/README.md ("cpu-real") gives the
+    # reasons for these sizes and the figures. 100 + 100 held out, as the paired statistics need.
+    "cpu-real": Protocol(
+        model=str(BENCHMARKS / "work" / "models" / "qwen2.5-coder-0.5b" / "hf-float32"),
+        dtype="float32",
+        n_harmful={"train": 96, "eval": 32, "heldout": 100},
+        n_harmless={"train": 96, "eval": 32, "heldout": 100},
+        max_response_length=16,
+        n_trials=20,
+        n_startup_trials=8,
+        seed=42,
+        batch_size=32,
+        threads=2,
+        real_model="qwen2.5-coder-0.5b",
+        with_uncensorbench=True,
     ),
     # A minute on 2 cores with the tiny model of tiny_model.py: checks the harness only.
     "smoke": Protocol(
@@ -272,6 +295,33 @@ def _read_instructions(path: Path) -> list[str]:
     return [r["instruction"] for r in json.loads(path.read_text(encoding="utf-8"))]
 
 
+def _uncensorbench_prompts() -> list[str]:
+    import importlib.util
+
+    ub = Path(next(iter(importlib.util.find_spec("uncensorbench").submodule_search_locations)))
+    return [r["prompt"] for r in json.loads((ub / "data" / "prompts.json").read_text())["prompts"]]
+
+
+def converted_real_model(protocol: Protocol) -> Path:
+    """The protocol's real model as a safetensors folder, converted from its installed GGUF on first
+    use (benchmarks/real_models.py installs the GGUF; this conversion is the workflow's own)."""
+    folder = Path(protocol.model)
+    if (folder / "abliterate.json").is_file():
+        return folder
+    import real_models
+    from abliterate import loading
+
+    gguf = real_models.installed(real_models.get_model(protocol.real_model))
+    if gguf is None:
+        raise SystemExit(
+            f"{protocol.real_model} is not installed: run "
+            f"python benchmarks/real_models.py install {protocol.real_model}"
+        )
+    source = loading.ModelSource(path=str(gguf.parent), gguf_file=gguf.name)
+    loading.convert_gguf(source, folder, {"benchmark": "compare.py", "gguf": gguf.name})
+    return folder
+
+
 def prompt_pools(protocol: Protocol, out: Path) -> dict | None:
     """Write seeded pools of exactly train+eval+heldout prompts per set from the shared
     data and return our workflow's `prompts` config for them; None when the shared data
@@ -284,6 +334,8 @@ def prompt_pools(protocol: Protocol, out: Path) -> dict | None:
         pool = []
         for part in ("train", "val"):
             pool += _read_instructions(SHARED_PROMPTS / f"{name}_{part}.json")
+        if name == "harmful" and protocol.with_uncensorbench:
+            pool += _uncensorbench_prompts()
         pool = sorted({p.strip() for p in pool if p.strip()})
         random.Random(protocol.seed).shuffle(pool)
         total = sum(sizes.values())
@@ -318,17 +370,9 @@ def local_splits(protocol: Protocol) -> dict[str, dict[str, list[str]]]:
             for name in ("harmful", "harmless")
         }
     else:
-        import importlib.util
-
-        ub = Path(next(iter(importlib.util.find_spec("uncensorbench").submodule_search_locations)))
         harmless = REPO / "workflow" / "abliterate" / "data" / "harmless_prompts.json"
         pools = {
-            "harmful": sorted(
-                {
-                    r["prompt"].strip()
-                    for r in json.loads((ub / "data" / "prompts.json").read_text())["prompts"]
-                }
-            ),
+            "harmful": sorted({p.strip() for p in _uncensorbench_prompts()}),
             "harmless": sorted(
                 {r["prompt"].strip() for r in json.loads(harmless.read_text())["prompts"]}
             ),
@@ -856,6 +900,8 @@ def main(argv=None) -> int:
         protocol = replace(protocol, seed=args.seed)
     if args.quantization:
         protocol = replace(protocol, quantization=args.quantization)
+    if protocol.real_model and not args.model:
+        converted_real_model(protocol)
     model = args.model or protocol.model
     if not model or not Path(model).is_dir():
         ap.error(f"model folder {model!r} not found (give --model)")
