@@ -95,6 +95,9 @@ class Protocol:
     # uncensorbench's 150 harmful prompts join the Arditi pool, so that every split mixes two sources
     # (refusals came back partly on prompts of another source than the study's).
     with_uncensorbench: bool = False
+    # Tokens the held-out judge generates (None: max_response_length). More than the study's when a
+    # model's refusal can begin after a sentence of disclaimer, which a short study budget misses.
+    heldout_tokens: int | None = None
 
 
 PROTOCOLS = {
@@ -155,6 +158,7 @@ PROTOCOLS = {
         threads=2,
         real_model="qwen2.5-coder-0.5b",
         with_uncensorbench=True,
+        heldout_tokens=48,
     ),
     # A minute on 2 cores with the tiny model of tiny_model.py: checks the harness only.
     "smoke": Protocol(
@@ -642,7 +646,7 @@ def eval_config(protocol: Protocol) -> dict:
         system_prompt=protocol.system_prompt,
     )
     config["evaluation"] = {
-        "max_new_tokens": protocol.max_response_length,
+        "max_new_tokens": protocol.heldout_tokens or protocol.max_response_length,
         "batch_size": protocol.batch_size,
         "markers": None,
     }
