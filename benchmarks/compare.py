@@ -392,12 +392,24 @@ def local_splits(protocol: Protocol) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+def ours_prompts_dir(ours_dir: Path) -> Path:
+    """Where the workflow writes this run's prompt tables: the folder its prompt settings key
+    (abliterate.workflow_config.prompts_dir, on the config as the Snakefile validates it)."""
+    import yaml
+    from abliterate import workflow_config
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((ours_dir / "config.yaml").read_text(encoding="utf-8"))
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    return ours_dir / workflow_config.prompts_dir(config)
+
+
 def workflow_splits(ours_dir: Path, run: str) -> dict[str, dict[str, list[str]]]:
     import pandas as pd
 
     out = {}
     for name in ("harmful", "harmless"):
-        df = pd.read_parquet(ours_dir / "results" / "prompts" / f"{name}.parquet")
+        df = pd.read_parquet(ours_prompts_dir(ours_dir) / f"{name}.parquet")
         out[name] = {s: df.loc[df["split"] == s, "prompt"].tolist() for s in SPLITS}
     return out
 
@@ -486,8 +498,10 @@ def run_ours_prompts(ours_dir: Path, protocol: Protocol, work: Path) -> None:
         snakemake_cmd(
             ours_dir,
             protocol.threads,
-            "results/prompts/harmful.parquet",
-            "results/prompts/harmless.parquet",
+            *(
+                str(ours_prompts_dir(ours_dir).relative_to(ours_dir) / f"{name}.parquet")
+                for name in ("harmful", "harmless")
+            ),
         ),
         cwd=ours_dir,
         log=work / "logs" / "ours-prompts.log",

@@ -105,7 +105,8 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     # export.confirm (on by default): the candidates were measured again on the train prompts.
     selected = json.loads((res / "selected.json").read_text())
     confirmation = selected["confirmation"]
-    n_train = len(pd.read_parquet(tmp_path / "results/prompts/harmful.parquet").query("split == 'train'"))
+    (table,) = (tmp_path / "results" / "prompts").glob("*/harmful.parquet")
+    n_train = len(pd.read_parquet(table).query("split == 'train'"))
     assert confirmation["split"] == "train" and confirmation["candidates"]
     assert all(c["train"]["n"] == n_train and c["train"]["kl"] >= 0 for c in confirmation["candidates"])
     assert selected["number"] in {c["number"] for c in confirmation["candidates"]} or "none of" in confirmation["reason"]

@@ -241,6 +241,13 @@ def ledger_path(config: dict) -> str:
     return f"results/{config['run']}/{LEDGER_NAME}"
 
 
+def prompts_dir(config: dict) -> str:
+    """The prompt tables of these prompt settings (sets and seed). Keyed by their hash, not by run:
+    runs with the same settings share the tables, and a run with other settings cannot overwrite
+    another run's tables (which would rerun that run's whole chain when it is next asked for)."""
+    return f"results/prompts/{stage_hash(config, 'prompts')}"
+
+
 def storage_url(config: dict) -> str:
     return config["study"].get("storage") or f"sqlite:///results/{config['run']}/study.sqlite"
 

@@ -5,8 +5,8 @@
 rule baseline:
     input:
         model_input,
-        harmful="results/prompts/harmful.parquet",
-        harmless="results/prompts/harmless.parquet",
+        harmful=f"{PROMPTS_DIR}/harmful.parquet",
+        harmless=f"{PROMPTS_DIR}/harmless.parquet",
     output:
         responses=f"results/{RUN}/baseline/responses.parquet",
         logprobs=f"results/{RUN}/baseline/logprobs.safetensors",

@@ -21,6 +21,8 @@ SETS = ["harmful", "harmless"]
 WORKERS = list(range(config["study"]["workers"]))
 STUDY_DB = wc.study_db_path(config)
 STUDY_LEDGER = wc.ledger_path(config)
+PROMPTS_DIR = wc.prompts_dir(config)
+PROMPTS_KEY = os.path.basename(PROMPTS_DIR)
 DEMO_DIR = "results/models/demo"
 MERGE_MEM_MB = int(config["merge"]["max_ram_gib"] * 1024)
 

@@ -4,8 +4,8 @@
 
 rule demo_model:
     input:
-        harmful="results/prompts/harmful.parquet",
-        harmless="results/prompts/harmless.parquet",
+        harmful=f"{PROMPTS_DIR}/harmful.parquet",
+        harmless=f"{PROMPTS_DIR}/harmless.parquet",
     output:
         model=directory(DEMO_DIR),
     params:

@@ -5,8 +5,8 @@
 rule directions:
     input:
         model_input,
-        harmful="results/prompts/harmful.parquet",
-        harmless="results/prompts/harmless.parquet",
+        harmful=f"{PROMPTS_DIR}/harmful.parquet",
+        harmless=f"{PROMPTS_DIR}/harmless.parquet",
     output:
         directions=f"results/{RUN}/directions.safetensors",
         plot=report(

@@ -6,8 +6,8 @@
 rule evaluate:
     input:
         unpack(evaluated_model),
-        harmful="results/prompts/harmful.parquet",
-        harmless="results/prompts/harmless.parquet",
+        harmful=f"{PROMPTS_DIR}/harmful.parquet",
+        harmless=f"{PROMPTS_DIR}/harmless.parquet",
         baseline_metrics=f"results/{RUN}/baseline/metrics.json",
         baseline_logprobs=f"results/{RUN}/baseline/logprobs.safetensors",
         selected=f"results/{RUN}/selected.json",

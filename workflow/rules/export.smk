@@ -6,8 +6,8 @@ rule export:
     input:
         model_input,
         trials=f"results/{RUN}/trials.csv",
-        harmful="results/prompts/harmful.parquet",
-        harmless="results/prompts/harmless.parquet",
+        harmful=f"{PROMPTS_DIR}/harmful.parquet",
+        harmless=f"{PROMPTS_DIR}/harmless.parquet",
         directions=f"results/{RUN}/directions.safetensors",
     output:
         selected=f"results/{RUN}/selected.json",

@@ -3,15 +3,15 @@
 
 rule prompts:
     output:
-        table="results/prompts/{set}.parquet",
+        table=f"{PROMPTS_DIR}/{{set}}.parquet",
     params:
         spec=lookup(dpath="prompts/{set}", within=config),
         seed=lookup(dpath="seed", within=config),
         config_hash=config_hash("prompts"),
     log:
-        "results/logs/prompts/{set}.log",
+        f"results/logs/prompts/{PROMPTS_KEY}/{{set}}.log",
     benchmark:
-        "results/benchmarks/prompts/{set}.tsv"
+        f"results/benchmarks/prompts/{PROMPTS_KEY}/{{set}}.tsv"
     wildcard_constraints:
         set="|".join(SETS),
     threads: 1

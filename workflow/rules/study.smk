@@ -6,8 +6,8 @@
 rule study:
     input:
         model_input,
-        harmful="results/prompts/harmful.parquet",
-        harmless="results/prompts/harmless.parquet",
+        harmful=f"{PROMPTS_DIR}/harmful.parquet",
+        harmless=f"{PROMPTS_DIR}/harmless.parquet",
         directions=f"results/{RUN}/directions.safetensors",
         baseline=f"results/{RUN}/baseline/logprobs.safetensors",
     output:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,16 +17,15 @@ from .common import eval_settings, refusal_counts, responses_table
 
 log = logging.getLogger(__name__)
 
-RULES = ("prompts", "demo_model", "baseline", "directions", "study", "trials", "export", "merge", "evaluate")
-
-
-def rule_timings(run: str, benchmarks_dir: str = "results/benchmarks") -> dict[str, float]:
-    """Wall seconds per rule from Snakemake's benchmark files (rules with several jobs are summed)."""
+def rule_timings(run: str, prompts_key: str, benchmarks_dir: str = "results/benchmarks") -> dict[str, float]:
+    """Wall seconds per rule from Snakemake's benchmark files (rules with several jobs are summed);
+    ``prompts_key`` names the prompt tables' folder (``workflow_config.prompts_dir``)."""
     root = Path(benchmarks_dir)
-    files = list((root / run).glob("*.tsv")) + list((root / "prompts").glob("*.tsv")) + list(root.glob("demo_model.tsv"))
+    prompts = root / "prompts" / prompts_key
+    files = list((root / run).glob("*.tsv")) + list(prompts.glob("*.tsv")) + list(root.glob("demo_model.tsv"))
     out: dict[str, float] = {}
     for f in files:
-        rule = f.stem.split("-")[0] if f.parent.name == run else ("prompts" if f.parent.name == "prompts" else f.stem)
+        rule = f.stem.split("-")[0] if f.parent.name == run else ("prompts" if f.parent == prompts else f.stem)
         with f.open() as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
         if rows:
@@ -51,6 +51,7 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
         baseline_logprobs: str, selected_path: str, storage: str, study_name: str, out_summary: str,
         out_responses: str, config_hash: str, adapter_dir: str | None = None, ledger: str | None = None) -> dict:
     """Evaluate ``model_dir`` (the merged model) or, when it is None, the base model with ``adapter_dir``."""
+    start = time.perf_counter()
     stats = study.study_stats(storage, study_name, ledger)  # a lost study fails before the evaluation
     lm = session.open_model(config, path=model_dir) if model_dir else with_adapter(session.open_model(config), adapter_dir)
     settings = eval_settings(config, lm, session.chats(config, lm.tokenizer, harmful, "heldout")[1])
@@ -91,7 +92,9 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
         },
         "merged": merged,
         "study": {"name": study_name, **{k: stats[k] for k in ("n_complete", "n_dominated", "n_failed", "seconds")}},
-        "timings_s": rule_timings(config["run"]),
+        # this job's own time: its benchmark file is written only after it ends
+        "timings_s": rule_timings(config["run"], Path(harmful).parent.name)  # the prompts folder
+        | {"evaluate": round(time.perf_counter() - start, 2)},
     }
     io.write_json(summary, out_summary)
     del lm
