@@ -9,7 +9,7 @@ import warnings
 from abliterate import logs
 
 
-def test_to_file_collects_logs_and_stderr_and_drops_the_known_cache_warning(tmp_path, monkeypatch):
+def test_to_file_collects_logs_and_stderr_and_drops_peft_s_deprecation_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", sys.stderr)  # restored after the test
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
@@ -19,8 +19,8 @@ def test_to_file_collects_logs_and_stderr_and_drops_the_known_cache_warning(tmp_
             warnings.simplefilter("always")
             logs.to_file(path)
             logging.getLogger("abliterate.test").info("a decision")
-            warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0", FutureWarning,
-                          stacklevel=1)
+            warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use "
+                          "`is_activation_checkpointing` instead.", FutureWarning, stacklevel=1)
             warnings.warn("something new", FutureWarning, stacklevel=1)
             print("a traceback", file=sys.stderr)
     finally:

@@ -24,6 +24,7 @@ import logging
 
 import torch
 
+from . import hf_compat
 from .architecture import text_config
 from .generation import forward_kwargs, input_device
 
@@ -115,7 +116,7 @@ class FixedShapeDecoder:
             input_ids=self.tokens[:, None].to(self.input_device),
             attention_mask=mask,
             position_ids=self.positions,
-            past_key_values=self.cache,
+            **hf_compat.cache_arg(self.cache),
             use_cache=True,
             **self.kwargs,
         )

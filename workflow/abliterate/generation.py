@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from . import hf_compat
 from .architecture import text_config, unwrap
 from .prompting import encode, length_order
 
@@ -247,21 +248,22 @@ def run_prefill(
         prefix_in, rows_in = {"inputs_embeds": embeds[0]}, {"inputs_embeds": embeds[1]}
     cache = None
     if plan.n_shared:
-        cache = model(
+        shared = model(
             **prefix_in,
             attention_mask=plan.mask.new_ones((1, plan.n_shared)),
             position_ids=torch.arange(plan.n_shared, device=plan.ids.device)[None],
-            past_key_values=new_cache(model),
+            **hf_compat.cache_arg(new_cache(model)),
             use_cache=True,
             **common,
-        ).past_key_values
+        )
+        cache = hf_compat.output_cache(shared)
         cache.batch_repeat_interleave(plan.ids.shape[0])
     elif use_cache:
         cache = new_cache(model)
     if fill_cache is not None and cache is not None:
         fill_cache(cache)
     if cache is not None:
-        kwargs["past_key_values"] = cache  # None: a model with special cache layers builds its own
+        kwargs[hf_compat.CACHE] = cache  # None: a model with special cache layers builds its own
     out = model(**rows_in, attention_mask=plan.mask, use_cache=use_cache or cache is not None, **kwargs)
     return out, plan.mask, plan.positions
 
@@ -453,11 +455,11 @@ def _generate_continuous(
                 out = model(
                     input_ids=next_tok[:, None].to(device),
                     attention_mask=mask,
-                    past_key_values=cache,
+                    **hf_compat.cache_arg(cache),
                     use_cache=True,
                     **step_kwargs,
                 )
-                cache = out.past_key_values
+                cache = hf_compat.output_cache(out)
                 next_tok = out.logits[:, -1].argmax(-1)
                 del out
         free = batch_size - len(alive)
@@ -468,11 +470,11 @@ def _generate_continuous(
             n_prefills += 1
             new_tok = out.logits[:, -1].argmax(-1)
             if alive:
-                mask = append_rows(cache, out.past_key_values, mask, new_mask)
+                mask = append_rows(cache, hf_compat.output_cache(out), mask, new_mask)
                 pos = torch.cat([pos, new_pos[:, -1:]])
                 next_tok = torch.cat([next_tok, new_tok.to(next_tok.device)])
             else:
-                cache, mask, pos, next_tok = out.past_key_values, new_mask, new_pos[:, -1:], new_tok
+                cache, mask, pos, next_tok = hf_compat.output_cache(out), new_mask, new_pos[:, -1:], new_tok
                 appendable = can_append_rows(cache)
             alive += rows
             del out
@@ -511,7 +513,7 @@ def _generate_fixed(
         # a row records the prefill's token, then at most max_new_tokens - 1 decoded ones
         steps = responses.max_new_tokens - 1
         try:
-            decoder = FixedShapeDecoder(model, out.past_key_values, mask, pos[:, -1:], first, steps, graph)
+            decoder = FixedShapeDecoder(model, hf_compat.output_cache(out), mask, pos[:, -1:], first, steps, graph)
         except torch.cuda.OutOfMemoryError:
             raise  # the batch is too large (the batch-size probe counts on seeing this), not the graph
         except RuntimeError as error:
@@ -521,7 +523,7 @@ def _generate_fixed(
             log.warning("CUDA graph capture failed (%s); decoding without graphs for this model", error)
             _GRAPH_FAILED.add(model)
             graph = False
-            decoder = FixedShapeDecoder(model, out.past_key_values, mask, pos[:, -1:], first, steps, graph)
+            decoder = FixedShapeDecoder(model, hf_compat.output_cache(out), mask, pos[:, -1:], first, steps, graph)
         del out
         live = list(range(len(rows)))
         tokens = first

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import generation
+from . import generation, hf_compat
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class LeadingLayers:
         finally:
             for h in handles:
                 h.remove()
-        cache = out.past_key_values
+        cache = hf_compat.output_cache(out)
         n = plan.n_shared
         full_kv = [(layer.keys, layer.values) for layer in cache.layers]
         prefix_kv = [(k[:1, :, :n].clone(), v[:1, :, :n].clone()) for k, v in full_kv]
@@ -210,7 +210,7 @@ class LeadingLayers:
         if use_cache:
             if rec.full_kv is None:
                 raise RuntimeError("this prefill was recorded without its KV cache")
-            for layer, (keys, values) in zip(out.past_key_values.layers[:start], rec.full_kv[:start]):
+            for layer, (keys, values) in zip(hf_compat.output_cache(out).layers[:start], rec.full_kv[:start]):
                 _set_layer(layer, keys, values)
         return out, mask, positions
 
