@@ -176,6 +176,24 @@ def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, mo
     assert wc.converted_model_dir({"run": "x", "model": {"path": "org/model"}}) is None
 
 
+def test_a_gguf_of_an_architecture_transformers_cannot_read_says_so(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(str(path), "no-such-architecture")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=r"transformers \S+ cannot read the model in GGUF file .*other\.gguf.*"
+                                             r"no-such-architecture is not supported.*model\.path") as err:
+        loading.load_config(loading.ModelSource(path=str(path)))
+    assert "corrupt" not in str(err.value)
+
+
 def test_truncated_gguf_files_are_named(tmp_path):
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)

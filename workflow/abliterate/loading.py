@@ -29,7 +29,8 @@ PROBE_PROMPT = "Write one sentence about the sea."
 
 @contextlib.contextmanager
 def _gguf_errors(res: Resolved):
-    """A truncated or corrupt GGUF fails deep inside the gguf reader; say which file it was."""
+    """A truncated or corrupt GGUF, or one whose model the installed transformers cannot read, fails
+    deep inside the reader; say which file it was and what to do."""
     if not res.gguf_file:
         yield
         return
@@ -37,11 +38,25 @@ def _gguf_errors(res: Resolved):
         yield
     except ModelLoadError:
         raise
-    except Exception as exc:  # any reader failure means the same thing to the user
+    except (ValueError, NotImplementedError) as exc:
+        if "not supported" not in str(exc) and "Unknown gguf model_type" not in str(exc):
+            raise _corrupt_gguf(res, exc) from exc
+        import transformers
+
         raise ModelLoadError(
-            f"cannot read GGUF file {res.description}: it is truncated or corrupt "
-            f"({type(exc).__name__}: {exc}); re-download or re-install it"
+            f"transformers {transformers.__version__} cannot read the model in GGUF file {res.description} "
+            f"({exc}): install a transformers (and gguf) release that supports it, or set model.path to a "
+            f"safetensors folder of the model"
         ) from exc
+    except Exception as exc:  # any other reader failure means the same thing to the user
+        raise _corrupt_gguf(res, exc) from exc
+
+
+def _corrupt_gguf(res: Resolved, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot read GGUF file {res.description}: it is truncated or corrupt "
+        f"({type(exc).__name__}: {exc}); re-download or re-install it"
+    )
 
 
 @contextlib.contextmanager

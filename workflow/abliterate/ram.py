@@ -12,6 +12,8 @@ import torch
 from .errors import AbliterateError
 
 log = logging.getLogger(__name__)
+# share of the budget (or of the free RAM, when less) above which an estimate is logged as a warning
+NEAR = 0.8
 
 
 def parameter_numels(config) -> list[int]:
@@ -44,11 +46,13 @@ def gguf_conversion_bytes(config) -> int:
 
 
 def check(needed: int, max_ram_gib: float, job: str, remedy: str) -> None:
-    """Log the estimate; raise when it exceeds the budget ``max_ram_gib`` (``remedy``: what to do)."""
+    """Log the estimate; raise when it exceeds the budget ``max_ram_gib`` (``remedy``: what to do).
+    A warning when it comes near the budget or what is free, so the job worth watching stands out."""
     budget = max_ram_gib * 2**30
     available = psutil.virtual_memory().available
-    log.warning("%s needs about %.2f GiB of RAM (budget merge.max_ram_gib %.1f GiB, %.1f GiB available now)",
-                job, needed / 2**30, max_ram_gib, available / 2**30)
+    level = logging.WARNING if needed > NEAR * min(budget, available) else logging.INFO
+    log.log(level, "%s needs about %.2f GiB of RAM (budget merge.max_ram_gib %.1f GiB, %.1f GiB available now)",
+            job, needed / 2**30, max_ram_gib, available / 2**30)
     if needed > budget:
         raise AbliterateError(
             f"{job} needs about {needed / 2**30:.1f} GiB, more than merge.max_ram_gib ({max_ram_gib} GiB); {remedy}"

@@ -13,7 +13,7 @@ Design choices (Optuna 5):
   suggested even when ``direction_scope`` is ``per_layer`` (and then ignored), as Heretic does,
   because multivariate TPE only models parameters present in every trial. A space restricted to
   one scope (``scopes``) suggests no ``direction_scope`` and, for ``per_layer``, no index.
-  ``constant_liar`` (Optuna's default) keeps parallel workers from sampling next to each other's
+  ``constant_liar`` (Optuna 5's default, set explicitly for 4.x) keeps parallel workers from sampling next to each other's
   running trials.
 * A fresh sampler is seeded per trial from ``(seed, worker_id, number of trials so far)``. A single
   seeded sampler would replay its random start-up sequence after a restart and so repeat finished
@@ -57,7 +57,9 @@ OBJECTIVES = ("refusals", "kl")
 # Heretic uses n_startup_trials=60 of 200 trials; 10 suits the short studies of a small model.
 # n_ei_candidates stays at Optuna's default (config study.n_ei_candidates): on the demo benchmark
 # Heretic's 128 concentrated trials on still-refusing ablations (benchmarks/results/*-ei128.json).
-DEFAULT_SAMPLER_KWARGS: dict[str, Any] = {"n_startup_trials": 10, "multivariate": True}
+# constant_liar is given, not left to Optuna: its default changed from False to True in Optuna 5.0,
+# and pyproject allows 4.x.
+DEFAULT_SAMPLER_KWARGS: dict[str, Any] = {"n_startup_trials": 10, "multivariate": True, "constant_liar": True}
 
 # A refusal direction taken at one (interpolated) layer for all, or each layer's own.
 SCOPES = ("global", "per_layer")

@@ -55,6 +55,10 @@ def run(config: dict, adapter: str, selected_path: str, out_model: str, config_h
                                                            if save_dtype not in (None, dtype) else ""),
     )
     meta = {"selected": selected, "config_hash": config_hash}
+    if selected.get("quantization") not in (None, "none"):
+        log.warning("the study ran %s-quantized, but the merge reloads the model unquantized on the CPU: it "
+                    "needs the full-precision model in RAM (estimate below); merge.adapter_only: true skips it",
+                    selected["quantization"])
     info = merging.merge(source, adapter, out_model, config["merge"]["max_ram_gib"], meta, card,
                          workflow_config.chat_template(config["model"]["chat_template"]), save_dtype)
     return info
