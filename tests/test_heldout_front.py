@@ -19,7 +19,7 @@ def heldout_front(monkeypatch):
     return importlib.import_module("heldout_front")
 
 
-def _work(tmp_path, n_layers: int):
+def _work(heldout_front, tmp_path, n_layers: int):
     """The parts of a compare.py working folder the script reads: our run's config, prompt splits,
     directions and study (three trials from a stand-in objective; the script never calls it)."""
     ours = tmp_path / "work" / "ours"
@@ -29,7 +29,7 @@ def _work(tmp_path, n_layers: int):
     for name in ("harmful", "harmless"):
         rows = [{"prompt": f"{name} prompt {i}", "split": split} for split in ("train", "eval", "heldout")
                 for i in range(3)]
-        io.write_parquet(pd.DataFrame(rows), ours / "results" / "prompts" / f"{name}.parquet")
+        io.write_parquet(pd.DataFrame(rows), heldout_front.compare.ours_prompts_dir(ours) / f"{name}.parquet")
     torch.manual_seed(0)
     io.save_safetensors({"directions": torch.randn(n_layers + 1, 64)}, run / "directions.safetensors")
 
@@ -43,7 +43,7 @@ def _work(tmp_path, n_layers: int):
 
 
 def test_each_front_trial_is_measured_on_the_heldout_split(heldout_front, tmp_path, tiny_model_path, capsys):
-    work = _work(tmp_path, n_layers=3)
+    work = _work(heldout_front, tmp_path, n_layers=3)
     out = tmp_path / "front.json"
     assert heldout_front.main(["--work", str(work), "--protocol", "smoke", "--model", str(tiny_model_path),
                                "--out", str(out)]) == 0
@@ -61,7 +61,7 @@ def test_each_front_trial_is_measured_on_the_heldout_split(heldout_front, tmp_pa
 
 
 def test_another_split_is_measured_under_its_name(heldout_front, tmp_path, tiny_model_path, capsys):
-    work = _work(tmp_path, n_layers=3)
+    work = _work(heldout_front, tmp_path, n_layers=3)
     out = tmp_path / "front.json"
     assert heldout_front.main(["--work", str(work), "--protocol", "smoke", "--model", str(tiny_model_path),
                                "--split", "train", "--out", str(out)]) == 0
@@ -73,7 +73,7 @@ def test_another_split_is_measured_under_its_name(heldout_front, tmp_path, tiny_
 
 def test_each_trial_starts_from_the_base_model(heldout_front, tmp_path, tiny_model_path):
     # the edit is reset after each trial: measuring in the other order gives the same figures
-    ours = _work(tmp_path, n_layers=3) / "ours"
+    ours = _work(heldout_front, tmp_path, n_layers=3) / "ours"
     smoke = heldout_front.compare.PROTOCOLS["smoke"]
 
     def kls(order):
@@ -123,7 +123,7 @@ def test_adapters_are_measured_one_at_a_time_on_the_base_model(heldout_front, tm
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    ours = _work(tmp_path, n_layers=3) / "ours"
+    ours = _work(heldout_front, tmp_path, n_layers=3) / "ours"
     splits = heldout_front.compare.workflow_splits(ours, "bench-smoke")
     adapters = {}
     for number, scale in ((0, 0.0), (1, 0.5), (2, 2.0)):

@@ -118,7 +118,7 @@ def test_sampler_settings_are_merged_over_the_defaults(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'study.sqlite'}"
     st.run_worker(url, "merged", cheap_objective, 2, sampler_kwargs={"n_startup_trials": 1},
                   n_layers=N_LAYERS, progress=False)
-    assert seen and all(kw == {"n_startup_trials": 1, "multivariate": True} for kw in seen)
+    assert seen and all(kw == {"n_startup_trials": 1, "multivariate": True, "constant_liar": True} for kw in seen)
 
 
 def test_study_name_ignores_key_order_and_changes_with_config():
