@@ -1,10 +1,6 @@
 """The whole workflow on a real safety-tuned model: Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M), which
 benchmarks/real_models.py installs offline from PyPI. Skipped when that file is not installed.
-
-Measured 2026-12-02 on 2 shared CPU cores with the settings below (seed 0, 5 trials, 16 tokens):
-the base model refused 20/30 held-out uncensorbench prompts, the merged model 7/30 at a held-out
-first-token KL of 0.047 (eval: 8/15 -> 1/15, KL 0.075); the whole chain took about 5.5 min
-(gguf_model 73 s, baseline 48 s, directions 37 s, study 54 s, export 39 s, merge 25 s, evaluate 40 s).
+What it measured, and how long it takes: benchmarks/README.md ("The real-model test").
 """
 
 from __future__ import annotations
