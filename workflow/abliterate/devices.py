@@ -1,7 +1,8 @@
 """Device selection, done once per process and cached.
 
 Order: ``ABLITERATE_DEVICE`` if set (e.g. ``cpu``, ``cuda``, ``cuda:1``, ``mps``), else CUDA, else MPS,
-else CPU. ``CUDA_VISIBLE_DEVICES`` is honoured by CUDA itself (an empty value hides every GPU).
+else CPU. ``CUDA_VISIBLE_DEVICES`` is honoured by CUDA itself (an empty value hides every GPU). Study
+workers on a machine with several GPUs take one each (:func:`use_worker_gpu`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,26 @@ def get_device() -> torch.device:
         log.info("device cpu (no CUDA or MPS found), %d threads", torch.get_num_threads())
     log_gpus()
     return device
+
+
+def use_worker_gpu(worker: int) -> torch.device | None:
+    """Put study worker ``worker`` on GPU ``worker mod n`` of a machine with n > 1 visible GPUs.
+
+    Several workers on one machine (``study.workers`` with ``--resources gpu=N``) would otherwise all
+    land on GPU 0. A job that sees one GPU (a SLURM job given its own) and an explicit
+    ``ABLITERATE_DEVICE`` are left alone. Call it before :func:`get_device`, in the worker's process.
+    """
+    if os.environ.get(ENV_VAR, "").strip() or not torch.cuda.is_available():
+        return None
+    n = torch.cuda.device_count()
+    if n < 2:
+        return None
+    index = worker % n
+    torch.cuda.set_device(index)  # tensors created on plain "cuda" go there too
+    os.environ[ENV_VAR] = f"cuda:{index}"
+    get_device.cache_clear()
+    log.info("study worker %d on GPU %d of %d", worker, index, n)
+    return torch.device("cuda", index)
 
 
 def log_gpus() -> list[dict]:

@@ -81,6 +81,7 @@ def build_objective(config: dict, lm, harmful: str, harmless: str, directions_pa
 def run(config: dict, worker: int, harmful: str, harmless: str, directions_path: str, baseline_path: str,
         storage: str, study_name: str, n_trials: int, out_done: str, config_hash: str,
         ledger: str | None = None) -> dict:
+    devices.use_worker_gpu(worker)
     lm = session.open_model(config)
     objective, layout, _ = build_objective(config, lm, harmful, harmless, directions_path, baseline_path,
                                            reuse_layers=True)
