@@ -407,9 +407,10 @@ def ours_prompts_dir(ours_dir: Path) -> Path:
 def workflow_splits(ours_dir: Path, run: str) -> dict[str, dict[str, list[str]]]:
     import pandas as pd
 
+    tables = ours_prompts_dir(ours_dir)
     out = {}
     for name in ("harmful", "harmless"):
-        df = pd.read_parquet(ours_prompts_dir(ours_dir) / f"{name}.parquet")
+        df = pd.read_parquet(tables / f"{name}.parquet")
         out[name] = {s: df.loc[df["split"] == s, "prompt"].tolist() for s in SPLITS}
     return out
 
@@ -494,14 +495,12 @@ def prepare_ours(
 
 def run_ours_prompts(ours_dir: Path, protocol: Protocol, work: Path) -> None:
     """The prompts rule only, untimed: prompt preparation is common input, not a tool's work."""
+    tables = ours_prompts_dir(ours_dir).relative_to(ours_dir)
     run_measured(
         snakemake_cmd(
             ours_dir,
             protocol.threads,
-            *(
-                str(ours_prompts_dir(ours_dir).relative_to(ours_dir) / f"{name}.parquet")
-                for name in ("harmful", "harmless")
-            ),
+            *(str(tables / f"{name}.parquet") for name in ("harmful", "harmless")),
         ),
         cwd=ours_dir,
         log=work / "logs" / "ours-prompts.log",
