@@ -16,6 +16,7 @@ from abliterate.refusal import RefusalDetector
 from abliterate.residuals import collect_residuals
 from abliterate.steps.study import Objective
 from optuna.trial import TrialState
+from study_space import SPACE
 from test_generation import PROMPTS
 from tiny_tokenizer import char_tokenizer
 
@@ -180,6 +181,7 @@ def _run_study(tmp_path) -> list[tuple]:
         stop_dominated=True,
         progress=False,
         heartbeat_interval=None,
+        space=SPACE,
     )
     trials = optuna.load_study(study_name="golden", storage=url).get_trials(
         states=[TrialState.COMPLETE]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from abliterate import io, study
 from conftest import REPO
+from study_space import SPACE
 
 
 @pytest.fixture()
@@ -38,7 +39,7 @@ def _work(heldout_front, tmp_path, n_layers: int):
         return {"refusals": number, "kl": 1.0 / (1 + number) * w, "n": 3}
 
     study.run_worker(f"sqlite:///{run / 'study.sqlite'}", "smoke", objective, 3, seed=1, n_layers=n_layers,
-                     sampler_kwargs={"n_startup_trials": 3}, progress=False)
+                     sampler_kwargs={"n_startup_trials": 3}, progress=False, space=SPACE)
     return tmp_path / "work"
 
 

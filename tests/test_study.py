@@ -14,6 +14,7 @@ from abliterate import selection
 from abliterate import study as st
 from abliterate.errors import ConfigError
 from optuna.trial import TrialState
+from study_space import SPACE
 
 N_LAYERS = 8
 FAST = {"n_startup_trials": 3, "multivariate": True}  # TPE proper after 3 trials
@@ -51,8 +52,8 @@ def _worker_process(url, name, n_trials, worker_id, objective, heartbeat, grace)
         n_layers=N_LAYERS,
         heartbeat_interval=heartbeat,
         grace_period=grace,
-        progress=False,
-    )
+        progress=False, space=SPACE,
+)
 
 
 def _spawn(*args):
@@ -117,7 +118,7 @@ def test_sampler_settings_are_merged_over_the_defaults(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "_sampler", spy)
     url = f"sqlite:///{tmp_path / 'study.sqlite'}"
     st.run_worker(url, "merged", cheap_objective, 2, sampler_kwargs={"n_startup_trials": 1},
-                  n_layers=N_LAYERS, progress=False)
+                  n_layers=N_LAYERS, progress=False, space=SPACE)
     assert seen and all(kw == {"n_startup_trials": 1, "multivariate": True, "constant_liar": True} for kw in seen)
 
 
@@ -159,7 +160,7 @@ def test_suggest_params_maps_relative_ranges_to_layers():
             "mlp_down.min_weight_distance": 0.2,
         }
     )
-    flat = st.suggest_params(trial, st.DEFAULT_SPACE, n_layers=N_LAYERS)
+    flat = st.suggest_params(trial, SPACE, n_layers=N_LAYERS)
     assert flat == pytest.approx(
         {
             "direction_index": 3.5,
@@ -181,7 +182,7 @@ def test_suggest_params_stays_in_range_and_samples_per_layer():
     )
     seen = []
     for _ in range(40):
-        flat = st.suggest_params(study.ask(), st.DEFAULT_SPACE, n_layers=N_LAYERS)
+        flat = st.suggest_params(study.ask(), SPACE, n_layers=N_LAYERS)
         seen.append(flat)
         index = flat["direction_index"]
         assert index is None or 0.2 * 7 <= index <= 0.9 * 7
@@ -196,7 +197,7 @@ def test_suggest_params_stays_in_range_and_samples_per_layer():
 
 @pytest.mark.parametrize("scopes", [["per_layer"], ["global"]])
 def test_one_scope_is_fixed_not_sampled(tmp_path, scopes):
-    space = {**st.DEFAULT_SPACE, "direction_index": {**st.DEFAULT_SPACE["direction_index"], "scopes": scopes}}
+    space = {**SPACE, "direction_index": {**SPACE["direction_index"], "scopes": scopes}}
     study = optuna.create_study(directions=list(st.DIRECTIONS), sampler=optuna.samplers.RandomSampler(0))
     for _ in range(5):
         trial = study.ask()
@@ -222,7 +223,7 @@ def test_one_scope_is_fixed_not_sampled(tmp_path, scopes):
             {
                 "components": {
                     "attn_out": {
-                        **st.DEFAULT_SPACE["components"]["attn_out"],
+                        **SPACE["components"]["attn_out"],
                         "min_weight_distance": [0, 1],
                     }
                 }
@@ -232,7 +233,7 @@ def test_one_scope_is_fixed_not_sampled(tmp_path, scopes):
         (
             {
                 "components": {
-                    "attn_out": {**st.DEFAULT_SPACE["components"]["attn_out"], "min_weight": [0, 2]}
+                    "attn_out": {**SPACE["components"]["attn_out"], "min_weight": [0, 2]}
                 }
             },
             "min_weight",
@@ -241,7 +242,7 @@ def test_one_scope_is_fixed_not_sampled(tmp_path, scopes):
 )
 def test_validate_space_names_the_bad_key(change, key):
     with pytest.raises(ConfigError, match=key):
-        st.validate_space({**st.DEFAULT_SPACE, **change})
+        st.validate_space({**SPACE, **change})
 
 
 def test_exact_budget_and_raising_n_trials_continues(db):
@@ -254,14 +255,14 @@ def test_exact_budget_and_raising_n_trials_continues(db):
         seed=1,
         sampler_kwargs=FAST,
         n_layers=N_LAYERS,
-        progress=False,
-    )
+        progress=False, space=SPACE,
+)
     assert summary["n_complete"] == 6 and summary["study_n_complete"] == 6
     first = _assert_distinct_complete(_trials(url, name), 6)
     # Rerunning with the same budget does nothing; a larger budget adds only the difference.
     assert (
         st.run_worker(
-            url, name, cheap_objective, 6, sampler_kwargs=FAST, n_layers=N_LAYERS, progress=False
+            url, name, cheap_objective, 6, sampler_kwargs=FAST, n_layers=N_LAYERS, progress=False, space=SPACE
         )["n_complete"]
         == 0
     )
@@ -273,8 +274,8 @@ def test_exact_budget_and_raising_n_trials_continues(db):
         seed=1,
         sampler_kwargs=FAST,
         n_layers=N_LAYERS,
-        progress=False,
-    )
+        progress=False, space=SPACE,
+)
     done = _assert_distinct_complete(_trials(url, name), 9)
     assert [t.params for t in done[:6]] == [t.params for t in first]
     attrs = done[0].user_attrs
@@ -310,7 +311,7 @@ def test_failing_trials_are_recorded_and_too_many_raise(db):
         return cheap_objective(params, number)
 
     summary = st.run_worker(
-        url, name, flaky, 4, sampler_kwargs=FAST, n_layers=N_LAYERS, progress=False
+        url, name, flaky, 4, sampler_kwargs=FAST, n_layers=N_LAYERS, progress=False, space=SPACE
     )
     assert summary["n_failed"] == 2
     df = st.trials_frame(url, name)
@@ -325,7 +326,7 @@ def test_failing_trials_are_recorded_and_too_many_raise(db):
 
     with pytest.raises(RuntimeError, match="3 trials failed in a row"):
         st.run_worker(
-            url, name + "-2", broken, 4, max_failures=2, n_layers=N_LAYERS, progress=False
+            url, name + "-2", broken, 4, max_failures=2, n_layers=N_LAYERS, progress=False, space=SPACE
         )
     assert st.study_stats(url, name + "-2")["n_failed"] == 3
 
@@ -354,8 +355,8 @@ def test_resume_after_kill_reasks_the_killed_trial(db):
         worker_id=0,
         sampler_kwargs=FAST,
         n_layers=N_LAYERS,
-        progress=False,
-    )
+        progress=False, space=SPACE,
+)
     trials = _trials(url, name)
     done = _assert_distinct_complete(trials, 6)
     assert [t.state for t in trials if t.number == killed.number] == [TrialState.FAIL]
@@ -382,8 +383,8 @@ def test_stale_trial_of_a_dead_worker_is_requeued_via_heartbeat(db):
         n_layers=N_LAYERS,
         heartbeat_interval=1,
         grace_period=1,
-        progress=False,
-    )
+        progress=False, space=SPACE,
+)
     trials = _trials(url, name)
     done = _assert_distinct_complete(trials, 4)
     assert [t.state for t in trials if t.number == killed.number] == [TrialState.FAIL]
@@ -417,7 +418,7 @@ def test_result_of_a_trial_failed_by_another_worker_is_dropped(db):
         return cheap_objective(params, number)
 
     summary = st.run_worker(
-        url, name, taken_over, 3, sampler_kwargs=FAST, n_layers=N_LAYERS, progress=False
+        url, name, taken_over, 3, sampler_kwargs=FAST, n_layers=N_LAYERS, progress=False, space=SPACE
     )
     assert summary["n_complete"] == 3  # the dropped result is not counted
     trials = _trials(url, name)
@@ -433,8 +434,8 @@ def test_interrupt_fails_and_requeues_the_trial(db):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        st.run_worker(url, name, interrupted, 3, n_layers=N_LAYERS, progress=False)
-    st.run_worker(url, name, cheap_objective, 3, n_layers=N_LAYERS, progress=False)
+        st.run_worker(url, name, interrupted, 3, n_layers=N_LAYERS, progress=False, space=SPACE)
+    st.run_worker(url, name, cheap_objective, 3, n_layers=N_LAYERS, progress=False, space=SPACE)
     trials = _trials(url, name)
     assert trials[0].state == TrialState.FAIL
     done = _assert_distinct_complete(trials, 3)
@@ -539,7 +540,7 @@ def test_stopping_dominated_trials_keeps_the_front_and_the_samplers_path(tmp_pat
         url = f"sqlite:///{tmp_path / f'stop-{stop}.sqlite'}"
         objective = CappedObjective()
         st.run_worker(url, "s", objective, 24, seed=3, sampler_kwargs=FAST, n_layers=N_LAYERS,
-                      progress=False, stop_dominated=stop)
+                      progress=False, stop_dominated=stop, space=SPACE)
         runs[stop] = (st.trials_frame(url, "s"), st.study_stats(url, "s"), objective.caps)
     (full, full_stats, no_caps), (cut, cut_stats, caps) = runs[False], runs[True]
     assert no_caps == [None] * 24 and any(caps)

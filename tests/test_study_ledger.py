@@ -12,6 +12,7 @@ import pytest
 from abliterate import study as st
 from abliterate.errors import DamagedFileError, StudyLostError
 from abliterate.study_ledger import Ledger, storage_key
+from study_space import SPACE
 from test_study import FAST, N_LAYERS, cheap_objective
 
 NAME = "abliterate-tiny-0123456789ab"
@@ -19,7 +20,7 @@ NAME = "abliterate-tiny-0123456789ab"
 
 def _run(url, ledger, n_trials):
     summary = st.run_worker(url, NAME, cheap_objective, n_trials, seed=0, sampler_kwargs=FAST, n_layers=N_LAYERS,
-                            progress=False, ledger=ledger)
+                            progress=False, ledger=ledger, space=SPACE)
     db = st.sqlite_path(url)
     with sqlite3.connect(db) as connection:  # what the job's exit does: the WAL folded into the file
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")

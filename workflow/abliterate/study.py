@@ -13,8 +13,7 @@ Design choices (Optuna 5):
   suggested even when ``direction_scope`` is ``per_layer`` (and then ignored), as Heretic does,
   because multivariate TPE only models parameters present in every trial. A space restricted to
   one scope (``scopes``) suggests no ``direction_scope`` and, for ``per_layer``, no index.
-  ``constant_liar`` (Optuna 5's default, set explicitly for 4.x) keeps parallel workers from sampling next to each other's
-  running trials.
+  ``constant_liar`` keeps parallel workers from sampling next to each other's running trials.
 * A fresh sampler is seeded per trial from ``(seed, worker_id, number of trials so far)``. A single
   seeded sampler would replay its random start-up sequence after a restart and so repeat finished
   trials; this way a restarted or second worker draws new points and one worker stays reproducible.
@@ -47,50 +46,25 @@ from optuna.trial import FrozenTrial, TrialState
 
 from abliterate import io, study_ledger
 from abliterate.errors import ConfigError, NumericalError
-from abliterate.kl_target import KLTargetTPESampler
 
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("minimize", "minimize")
 OBJECTIVES = ("refusals", "kl")
 
-# Heretic uses n_startup_trials=60 of 200 trials; 10 suits the short studies of a small model.
-# n_ei_candidates stays at Optuna's default (config study.n_ei_candidates): on the demo benchmark
-# Heretic's 128 concentrated trials on still-refusing ablations (benchmarks/results/*-ei128.json).
-# constant_liar is given, not left to Optuna: its default changed from False to True in Optuna 5.0,
-# and pyproject allows 4.x.
-DEFAULT_SAMPLER_KWARGS: dict[str, Any] = {"n_startup_trials": 10, "multivariate": True, "constant_liar": True}
+# What the design above needs from TPE, given explicitly rather than left to Optuna's defaults (the
+# constant_liar default changed in Optuna 5.0). The counts (n_startup_trials, n_ei_candidates) are
+# the config's: their defaults live in the config schema alone.
+DEFAULT_SAMPLER_KWARGS: dict[str, Any] = {"multivariate": True, "constant_liar": True}
 
 # A refusal direction taken at one (interpolated) layer for all, or each layer's own.
 SCOPES = ("global", "per_layer")
 
-# Relative values are multiplied by the last layer index (n_layers - 1), as in Heretic, so that
-# 1.0 is the last layer and every position is a valid layer index.
-DEFAULT_SPACE: dict[str, Any] = {
-    # Which layer's refusal direction to use (a float: neighbouring directions are interpolated),
-    # or, via the sampled choice direction_scope == "per_layer", each layer its own direction.
-    # ``scopes`` lists the choices; with one, it is fixed rather than sampled.
-    # Heretic samples [0.4, 0.9]; the low end is widened because small models (e.g. 30 layers)
-    # form the refusal direction earlier.
-    "direction_index": {"low": 0.2, "high": 0.9, "relative": True, "scopes": list(SCOPES)},
-    "components": {
-        # Each component gets its own triangular weight kernel over layers: peak max_weight at
-        # max_weight_position, falling linearly to min_weight at min_weight_distance layers away.
-        # MLP edits usually harm the model more than attention edits, so they are tuned apart.
-        "attn_out": {
-            "max_weight": [0.8, 1.5],  # Heretic's range: below 0.8 rarely removes refusals
-            "max_weight_position": [0.4, 1.0],  # Heretic: [0.6, 1.0]; widened for small models
-            "min_weight": [0.0, 1.0],  # fraction of max_weight, so min_weight <= max_weight
-            "min_weight_distance": [0.1, 0.6],  # Heretic: [1 layer, 0.6]; see config.yaml
-        },
-        "mlp_down": {
-            "max_weight": [0.8, 1.5],
-            "max_weight_position": [0.4, 1.0],
-            "min_weight": [0.0, 1.0],
-            "min_weight_distance": [0.1, 0.6],
-        },
-    },
-}
+# A space (the form suggest_params takes; the workflow builds it from config study.space, whose
+# schema holds the defaults and the reasons for them):
+#   {"direction_index": {"low", "high", "relative", "scopes"},
+#    "components": {kind: {"max_weight", "max_weight_position", "min_weight", "min_weight_distance"}}}
+# Relative values are multiplied by the last layer index (n_layers - 1).
 
 _KERNEL_KEYS = ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")
 _RESERVED_ATTRS = ("ablation_params", "worker", "seconds", "error", "retry_of", "surplus")
@@ -385,11 +359,6 @@ def describe_params(flat: Mapping[str, Any]) -> str:
 def _sampler(seed: int, worker: str, n_trials_so_far: int, kwargs: Mapping[str, Any]):
     blob = f"{seed}:{worker}:{n_trials_so_far}".encode()
     derived = int.from_bytes(hashlib.sha256(blob).digest()[:4], "little")
-    kwargs = dict(kwargs)
-    target = kwargs.pop("kl_target", None)
-    floor = kwargs.pop("refusal_floor", None)
-    if target or floor is not None:
-        return KLTargetTPESampler(target, floor, seed=derived, **kwargs)
     return optuna.samplers.TPESampler(seed=derived, **kwargs)
 
 
@@ -551,7 +520,7 @@ def run_worker(
     max_failures: int = 3,
     *,
     n_layers: int,
-    space: Mapping[str, Any] | None = None,
+    space: Mapping[str, Any],
     heartbeat_interval: int | None = 60,
     grace_period: int | None = None,
     progress: bool = True,
@@ -601,7 +570,7 @@ def run_worker(
     sampler_kwargs = {**DEFAULT_SAMPLER_KWARGS, **(sampler_kwargs or {})}
     if "seed" in sampler_kwargs:
         raise ConfigError("sampler_kwargs must not set 'seed'; pass seed= instead")
-    space = copy.deepcopy(DEFAULT_SPACE if space is None else dict(space))
+    space = copy.deepcopy(dict(space))
     validate_space(space)
     worker = str(worker_id)
     started = time.perf_counter()
@@ -627,12 +596,6 @@ def run_worker(
         n_trials,
         worker,
     )
-    if sampler_kwargs.get("kl_target"):
-        logger.info("sampler: trials with KL below %g count by their refusals in TPE's view (study.kl_target); "
-                    "the study stores measured values", sampler_kwargs["kl_target"])
-    if sampler_kwargs.get("refusal_floor") is not None:
-        logger.info("sampler: refusals below %g of the prompts count as that many in TPE's view (study.refusal_floor); "
-                    "the study stores measured values", sampler_kwargs["refusal_floor"])
     bar = tqdm(
         total=n_trials,
         initial=min(complete, n_trials),

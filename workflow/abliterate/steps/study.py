@@ -88,8 +88,7 @@ def run(config: dict, worker: int, harmful: str, harmless: str, directions_path:
     kinds = sorted({c.kind for c in layout.components})
     result = study.run_worker(
         storage, study_name, objective, n_trials, worker_id=worker, seed=config["seed"] + worker,
-        sampler_kwargs={key: config["study"][key] for key in ("n_startup_trials", "n_ei_candidates", "kl_target",
-                                                                   "refusal_floor")},
+        sampler_kwargs={key: config["study"][key] for key in ("n_startup_trials", "n_ei_candidates")},
         n_layers=layout.n_layers, space=search_space(config, kinds),
         stop_dominated=config["study"]["stop_dominated"], ledger=ledger,
     )
