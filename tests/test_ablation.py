@@ -84,28 +84,31 @@ def test_kernel_interpolation():
         Kernel(1.0, 0.0, 1.0, 0.0)
 
 
-def test_direction_interpolation():
-    d = torch.zeros(3, 4)
-    d[0, 0] = 2.0
-    d[1, 1] = 5.0
-    d[2, 2] = 1.0
+def test_direction_index_is_a_layer_whose_output_gives_the_direction():
+    # rows: the embedding output, then the outputs of decoder layers 0, 1 and 2
+    d = torch.zeros(4, 4)
+    d[0, 3] = 7.0  # the embedding output's row: never a direction
+    d[1, 0] = 2.0
+    d[2, 1] = 5.0
+    d[3, 2] = 1.0
     assert torch.equal(direction_for(d, 0), torch.tensor([1.0, 0, 0, 0]))
-    assert torch.equal(direction_for(d, 2.0), torch.tensor([0, 0, 1.0, 0]))
+    assert torch.equal(direction_for(d, 2.0), torch.tensor([0, 0, 1.0, 0]))  # the last layer's
     mid = direction_for(d, 0.5)  # lerp (1, 2.5, 0, 0) then renormalise
     expected = torch.tensor([1.0, 2.5, 0, 0]) / math.hypot(1.0, 2.5)
     torch.testing.assert_close(mid, expected)
     quarter = direction_for(d, 1.25)
     torch.testing.assert_close(quarter, torch.tensor([0, 3.75, 0.25, 0]) / math.hypot(3.75, 0.25))
     assert direction_for(d, 1.25).dtype == torch.float32
-    # layer i uses the direction of its own output, index i + 1
-    assert torch.equal(layer_direction(d, 0, None), direction_for(d, 1))
+    # per-layer and global directions mean the same thing by a layer index
+    assert torch.equal(layer_direction(d, 0, None), direction_for(d, 0))
+    assert torch.equal(layer_direction(d, 2, None), direction_for(d, 2))
     assert torch.equal(layer_direction(d, 1, 0.5), mid)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"\[0, 2\]"):
         direction_for(d, 2.5)
     with pytest.raises(ConfigError):
         direction_for(d, -0.1)
     with pytest.raises(NumericalError):
-        direction_for(torch.zeros(2, 4), 1)
+        direction_for(torch.zeros(2, 4), 0)
 
 
 def test_params_flat_roundtrip():

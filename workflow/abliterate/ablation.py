@@ -106,8 +106,8 @@ _KERNEL_FIELDS = tuple(f.name for f in dataclasses.fields(Kernel))
 @dataclass(frozen=True)
 class AblationParams:
     """One trial's parameters. ``direction_index`` None: each layer i uses its own direction
-    (``directions[i + 1]``, the output of layer i); a float in [0, n_layers] interpolates between the
-    directions at its floor and ceiling. ``kernels`` is keyed by component kind; a missing kind is not edited."""
+    (``directions[i + 1]``, the output of layer i); a float in [0, n_layers - 1] is a layer index
+    whose output's direction all layers use (see :func:`direction_for`). ``kernels`` is keyed by component kind; a missing kind is not edited."""
 
     direction_index: float | None
     kernels: dict[str, Kernel]
@@ -160,22 +160,25 @@ class AblationParams:
         return cls(None if index is None else float(index), kernels)
 
 
-def direction_for(directions: torch.Tensor, index: float) -> torch.Tensor:
-    """Unit direction at fractional ``index`` of a (n_layers + 1, hidden) table, on its device, float32."""
-    n = directions.shape[0]
-    if not 0 <= index <= n - 1:
-        raise ConfigError(f"direction_index {index} is outside [0, {n - 1}]")
-    lo = math.floor(index)
-    frac = float(index - lo)
-    v = (
-        directions[lo]
-        if frac == 0
-        else torch.lerp(directions[lo], directions[min(lo + 1, n - 1)], frac)
-    )
+def direction_for(directions: torch.Tensor, layer: float) -> torch.Tensor:
+    """Unit direction at the output of decoder layer ``layer`` (fractional: the outputs of its floor
+    and ceiling layers are interpolated), on the table's device, float32.
+
+    ``directions`` is the directions rule's (n_layers + 1, hidden) table, row 0 the embedding output
+    and row ``l + 1`` the output of layer ``l``; so ``layer`` lies in [0, n_layers - 1] and the last
+    layer's output is reachable. Heretic's ``modf(direction_index + 1)`` means the same.
+    """
+    last = directions.shape[0] - 2
+    if not 0 <= layer <= last:
+        raise ConfigError(f"direction_index {layer} is outside [0, {last}] (a decoder layer index)")
+    row = layer + 1
+    lo = math.floor(row)
+    frac = float(row - lo)
+    v = directions[lo] if frac == 0 else torch.lerp(directions[lo], directions[lo + 1], frac)
     norm = torch.linalg.vector_norm(v)
     if not norm.item() > 0:  # `not >` also catches NaN
         raise NumericalError(
-            f"direction at index {index} has norm {norm.item()}; the direction table is broken"
+            f"direction at layer {layer} has norm {norm.item()}; the direction table is broken"
         )
     return v / norm
 
@@ -183,8 +186,8 @@ def direction_for(directions: torch.Tensor, index: float) -> torch.Tensor:
 def layer_direction(
     directions: torch.Tensor, layer: int, direction_index: float | None
 ) -> torch.Tensor:
-    """The direction ablated at decoder layer ``layer``: its own output's (index layer + 1) or a global one."""
-    return direction_for(directions, layer + 1 if direction_index is None else direction_index)
+    """The direction ablated at decoder layer ``layer``: its own output's, or the global one."""
+    return direction_for(directions, layer if direction_index is None else direction_index)
 
 
 def _row_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

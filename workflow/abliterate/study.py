@@ -64,7 +64,8 @@ SCOPES = ("global", "per_layer")
 # schema holds the defaults and the reasons for them):
 #   {"direction_index": {"low", "high", "relative", "scopes"},
 #    "components": {kind: {"max_weight", "max_weight_position", "min_weight", "min_weight_distance"}}}
-# Relative values are multiplied by the last layer index (n_layers - 1).
+# Relative values are multiplied by the last layer index (n_layers - 1): a relative direction_index
+# of 1.0 is the last decoder layer's output (abliterate.ablation.direction_for).
 
 _KERNEL_KEYS = ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")
 _RESERVED_ATTRS = ("ablation_params", "worker", "seconds", "error", "retry_of", "surplus")
@@ -302,7 +303,7 @@ def suggest_params(
 ) -> dict[str, float | None]:
     """Sample one ablation and return it as a flat dict in absolute units.
 
-    Keys: ``direction_index`` (layer units, ``None`` for per-layer directions) and, per component
+    Keys: ``direction_index`` (a decoder layer index, ``None`` for per-layer directions) and, per component
     kind, ``<kind>.max_weight``, ``<kind>.max_weight_position`` (layer units),
     ``<kind>.min_weight`` (absolute weight) and ``<kind>.min_weight_distance`` (layers, > 0).
     Optuna records the sampled (relative) values under the same names, plus ``direction_scope``.
