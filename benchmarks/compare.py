@@ -394,14 +394,14 @@ def local_splits(protocol: Protocol) -> dict[str, dict[str, list[str]]]:
 
 def ours_prompts_dir(ours_dir: Path) -> Path:
     """Where the workflow writes this run's prompt tables: the folder its prompt settings key
-    (abliterate.workflow_config.prompts_dir, on the config as the Snakefile validates it)."""
+    (abliterate.rule_settings.prompts_dir, on the config as the Snakefile validates it)."""
     import yaml
-    from abliterate import workflow_config
+    from abliterate import rule_settings
     from snakemake.utils import validate
 
     config = yaml.safe_load((ours_dir / "config.yaml").read_text(encoding="utf-8"))
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
-    return ours_dir / workflow_config.prompts_dir(config)
+    return ours_dir / rule_settings.prompts_dir(config)
 
 
 def workflow_splits(ours_dir: Path, run: str) -> dict[str, dict[str, list[str]]]:

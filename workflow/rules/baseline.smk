@@ -12,6 +12,7 @@ rule baseline:
         logprobs=f"results/{RUN}/baseline/logprobs.safetensors",
         metrics=f"results/{RUN}/baseline/metrics.json",
     params:
+        settings=settings("baseline"),
         config_hash=config_hash("baseline"),
     log:
         f"results/logs/{RUN}/baseline.log",

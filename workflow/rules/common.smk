@@ -5,6 +5,7 @@ import os
 import yaml
 from snakemake.utils import validate
 
+from abliterate import rule_settings as rs
 from abliterate import workflow_config as wc
 
 # `--config key='{nested: 1}'` arrives as strings; turn them into what the schema expects first.
@@ -21,7 +22,7 @@ SETS = ["harmful", "harmless"]
 WORKERS = list(range(config["study"]["workers"]))
 STUDY_DB = wc.study_db_path(config)
 STUDY_LEDGER = wc.ledger_path(config)
-PROMPTS_DIR = wc.prompts_dir(config)
+PROMPTS_DIR = rs.prompts_dir(config)
 PROMPTS_KEY = os.path.basename(PROMPTS_DIR)
 DEMO_DIR = "results/models/demo"
 MERGE_MEM_MB = int(config["merge"]["max_ram_gib"] * 1024)
@@ -47,5 +48,11 @@ def evaluated_model(wildcards):
     return {"model": f"results/{RUN}/model"}
 
 
-def config_hash(stage):
-    return wc.stage_hash(config, stage)
+def settings(rule):
+    """What the rule's step reads (abliterate.rule_settings): a change reruns the rule."""
+    return rs.settings(config, rule)
+
+
+def config_hash(rule):
+    """The fingerprint its outputs carry as metadata."""
+    return rs.fingerprint(config, rule)

@@ -9,8 +9,8 @@ rule demo_model:
     output:
         model=directory(DEMO_DIR),
     params:
-        demo=lookup(dpath="demo_model", within=config),
-        config_hash=config_hash("model"),
+        settings=settings("demo_model"),
+        config_hash=config_hash("demo_model"),
     log:
         "results/logs/demo_model.log",
     benchmark:

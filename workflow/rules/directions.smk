@@ -16,6 +16,7 @@ rule directions:
             labels={"result": "refusal directions per layer", "run": RUN},
         ),
     params:
+        settings=settings("directions"),
         config_hash=config_hash("directions"),
     log:
         f"results/logs/{RUN}/directions.log",

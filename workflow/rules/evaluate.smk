@@ -21,10 +21,11 @@ rule evaluate:
         ),
         responses=f"results/{RUN}/merged_responses.parquet",
     params:
+        settings=settings("evaluate"),
         storage=wc.storage_url(config),
-        study_name=wc.study_name(config),
+        study_name=rs.study_name(config),
         ledger=STUDY_LEDGER,
-        config_hash=config_hash("export"),
+        config_hash=config_hash("evaluate"),
     log:
         f"results/logs/{RUN}/evaluate.log",
     benchmark:

@@ -20,6 +20,7 @@ rule export:
             labels={"result": "Pareto front", "run": RUN},
         ),
     params:
+        settings=settings("export"),
         config_hash=config_hash("export"),
     log:
         f"results/logs/{RUN}/export.log",

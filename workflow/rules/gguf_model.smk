@@ -8,7 +8,8 @@ rule gguf_model:
     output:
         model=directory(f"results/{RUN}/base_model"),
     params:
-        config_hash=wc.gguf_hash(config),
+        settings=settings("gguf_model"),
+        config_hash=config_hash("gguf_model"),
     log:
         f"results/logs/{RUN}/gguf_model.log",
     benchmark:

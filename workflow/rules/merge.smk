@@ -10,6 +10,7 @@ rule merge:
     output:
         model=directory(f"results/{RUN}/model"),
     params:
+        settings=settings("merge"),
         config_hash=config_hash("merge"),
     log:
         f"results/logs/{RUN}/merge.log",

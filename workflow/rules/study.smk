@@ -13,8 +13,9 @@ rule study:
     output:
         done=f"results/{RUN}/study/worker-{{worker}}.json",
     params:
+        settings=settings("study"),
         storage=wc.storage_url(config),
-        study_name=wc.study_name(config),
+        study_name=rs.study_name(config),
         ledger=STUDY_LEDGER,
         n_trials=lookup(dpath="study/n_trials", within=config),
         config_hash=config_hash("study"),
@@ -47,7 +48,7 @@ rule trials:
         ),
     params:
         storage=wc.storage_url(config),
-        study_name=wc.study_name(config),
+        study_name=rs.study_name(config),
         ledger=STUDY_LEDGER,
         # a new n_trials reruns this rule and so the study, even after a failed study job deleted
         # its worker file (Snakemake then skips a missing intermediate whose consumer is up to date)

@@ -8,7 +8,7 @@ from abliterate.steps import baseline
 
 logs.to_file(snakemake.log[0])
 baseline.run(
-    config=snakemake.config,
+    config=snakemake.params.settings,
     harmful=snakemake.input.harmful,
     harmless=snakemake.input.harmless,
     out_responses=snakemake.output.responses,

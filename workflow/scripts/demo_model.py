@@ -8,7 +8,7 @@ from abliterate.steps import demo
 
 logs.to_file(snakemake.log[0])
 demo.run(
-    config=snakemake.config,
+    config=snakemake.params.settings,
     harmful=snakemake.input.harmful,
     harmless=snakemake.input.harmless,
     out_dir=snakemake.output.model,

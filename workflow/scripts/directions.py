@@ -8,7 +8,7 @@ from abliterate.steps import directions
 
 logs.to_file(snakemake.log[0])
 directions.run(
-    config=snakemake.config,
+    config=snakemake.params.settings,
     harmful=snakemake.input.harmful,
     harmless=snakemake.input.harmless,
     out_directions=snakemake.output.directions,

@@ -8,7 +8,7 @@ from abliterate.steps import evaluate
 
 logs.to_file(snakemake.log[0])
 evaluate.run(
-    config=snakemake.config,
+    config=snakemake.params.settings,
     model_dir=snakemake.input.get("model"),
     adapter_dir=snakemake.input.get("adapter"),
     harmful=snakemake.input.harmful,

@@ -8,7 +8,7 @@ from abliterate.steps import export
 
 logs.to_file(snakemake.log[0])
 export.run(
-    config=snakemake.config,
+    config=snakemake.params.settings,
     trials=snakemake.input.trials,
     harmful=snakemake.input.harmful,
     harmless=snakemake.input.harmless,

@@ -8,7 +8,7 @@ from abliterate.steps import gguf_model
 
 logs.to_file(snakemake.log[0])
 gguf_model.run(
-    config=snakemake.config,
+    config=snakemake.params.settings,
     out_dir=snakemake.output.model,
     config_hash=snakemake.params.config_hash,
 )

@@ -8,7 +8,7 @@ from abliterate.steps import merge
 
 logs.to_file(snakemake.log[0])
 merge.run(
-    config=snakemake.config,
+    config=snakemake.params.settings,
     adapter=snakemake.input.adapter,
     selected_path=snakemake.input.selected,
     out_model=snakemake.output.model,

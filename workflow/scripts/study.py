@@ -8,7 +8,7 @@ from abliterate.steps import study
 
 logs.to_file(snakemake.log[0])
 study.run(
-    config=snakemake.config,
+    config=snakemake.params.settings,
     worker=int(snakemake.wildcards.worker),
     harmful=snakemake.input.harmful,
     harmless=snakemake.input.harmless,

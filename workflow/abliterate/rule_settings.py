@@ -1,0 +1,129 @@
+"""What each rule reads from the configuration, and the hashes that name what the rules make.
+
+A rule gets its settings as ``params.settings``: the slice of the validated configuration its step
+reads (:data:`READS`), in the configuration's own shape. The step reads nothing else (a key outside
+its slice is a KeyError, which the workflow tests meet), and Snakemake reruns a job whose params
+changed, so a changed key reruns the rules that read it and, through their outputs, those downstream.
+
+What outlives a job (a study in its database, the prompt tables that runs share) is named by a
+:func:`fingerprint`: a hash of the rule's slice, less the keys that decide how fast or where it runs
+rather than what it makes (:data:`NOT_HASHED`), and of the fingerprints of the rules it reads from
+(:func:`upstream`). So raising ``study.n_trials`` or switching ``ablation.route`` continues the same
+study, and a new ``study.n_ei_candidates`` starts another.
+
+Read when Snakemake parses the workflow: no torch or optuna here.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .io import config_hash
+from .workflow_config import chat_template, gguf_path, uses_demo_model
+
+# model.* keys as the open_model path reads them (run: where a converted GGUF model lives)
+_SOURCE = ("model.path", "model.revision", "model.gguf_file", "model.package", "model.trust_remote_code")
+_MODEL = ("run", *_SOURCE, "model.chat_template", "model.system_prompt", "model.dtypes", "model.cpu_half",
+          "model.device_map", "model.quantization")
+_EVALUATION = ("evaluation",)
+_ABLATION = ("seed", "ablation", "evaluation.cuda_graphs")
+
+READS: dict[str, tuple[str, ...]] = {
+    "prompts": ("seed", "prompts"),
+    # the harmful set's own refusals are the demo model's training targets
+    "demo_model": ("demo_model", "prompts.harmful", "evaluation.markers"),
+    "gguf_model": (*_SOURCE, "merge.max_ram_gib"),
+    "baseline": (*_MODEL, *_EVALUATION),
+    "directions": (*_MODEL, "directions"),
+    "study": (*_MODEL, *_EVALUATION, *_ABLATION, "study.n_startup_trials", "study.n_ei_candidates",
+              "study.stop_dominated", "study.space"),
+    "trials": (),
+    "export": (*_MODEL, *_EVALUATION, *_ABLATION, "export"),
+    "merge": ("run", *_SOURCE, "model.chat_template", "merge.dtype", "merge.max_ram_gib"),
+    "evaluate": (*_MODEL, *_EVALUATION, "merge.adapter_only"),
+}
+
+# Read, but not part of what a rule makes. The study's own budget and place (study.n_trials,
+# study.workers, study.storage) reach its jobs as separate params and are never hashed either.
+NOT_HASHED: dict[str, str] = {
+    "run": "the run's name already names its folder and prefixes the study's name",
+    "ablation.route": "in-place and LoRA edits score the same; only the speed differs",
+    "evaluation.cuda_graphs": "graph replay decodes the same tokens as eager decoding, faster",
+    "merge.max_ram_gib": "a limit checked before loading, not an input of the result",
+}
+
+
+def model_rule(config: dict) -> str | None:
+    """The rule that makes the model the jobs load (the demo model, a converted GGUF), if any."""
+    if uses_demo_model(config):
+        return "demo_model"
+    return "gguf_model" if gguf_path(config) is not None else None
+
+
+def upstream(config: dict, rule: str) -> tuple[str, ...]:
+    """The rules whose outputs ``rule`` reads."""
+    model = (model_rule(config),) if model_rule(config) else ()
+    evaluated = ("export",) if config["merge"]["adapter_only"] else ("merge",)
+    return {
+        "prompts": (),
+        "demo_model": ("prompts",),
+        "gguf_model": (),
+        "baseline": ("prompts", *model),
+        "directions": ("prompts", *model),
+        "study": ("prompts", *model, "directions", "baseline"),
+        "trials": ("study",),
+        "export": ("prompts", *model, "directions", "trials"),
+        "merge": (*model, "export"),
+        "evaluate": ("prompts", *model, "baseline", "trials", *evaluated),
+    }[rule]
+
+
+def _get(config: dict, path: str) -> Any:
+    node: Any = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _put(out: dict, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        out = out.setdefault(part, {})
+    out[last] = copy.deepcopy(value)
+
+
+def settings(config: dict, rule: str) -> dict:
+    """The slice of ``config`` that ``rule``'s step reads, in the configuration's shape."""
+    out: dict = {}
+    for path in READS[rule]:
+        _put(out, path, _get(config, path))
+    return out
+
+
+def fingerprint(config: dict, rule: str) -> str:
+    """Hash of what ``rule`` makes from: its hashed settings and its upstream rules' fingerprints."""
+    hashed = settings(config, rule)
+    for path in NOT_HASHED:
+        *parents, last = path.split(".")
+        node = hashed
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    template = hashed.get("model", {}).get("chat_template")
+    if template is not None and chat_template(template) != template:
+        # a template file: its text decides the prompts, so an edited file counts as a new setting
+        hashed["model"]["chat_template"] = {"file": template, "text": chat_template(template)}
+    ups = {name: fingerprint(config, name) for name in upstream(config, rule)}
+    return config_hash({**hashed, **({"upstream": ups} if ups else {})})
+
+
+def study_name(config: dict) -> str:
+    return f"abliterate-{config['run']}-{fingerprint(config, 'study')}"
+
+
+def prompts_dir(config: dict) -> str:
+    """The prompt tables of these prompt settings. Keyed by their fingerprint, not by run: runs with
+    the same settings share the tables, and a run with other settings cannot overwrite another run's
+    tables (which would rerun that run's whole chain when it is next asked for)."""
+    return f"results/prompts/{fingerprint(config, 'prompts')}"
