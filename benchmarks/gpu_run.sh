@@ -13,9 +13,8 @@
 #   models    a Qwen3-0.6B-shaped random model folder, bf16 (benchmarks/random_model.py)
 #   micro06   ablation apply+reset vs the bandwidth bound, and evaluation batches, 0.6B bf16
 #   eval06    only the evaluation batches of micro06 (continuous batching vs CUDA graphs)
-#   ablate06  only the ablation of micro06, LoRA route: the stacked batched edit run eagerly against
-#             the same edit replayed as a CUDA graph, profiled (PATHS=per_component,batched,graph
-#             adds the per-component loop)
+#   ablate06  only the ablation of micro06, LoRA route: the stacked batched edit against the
+#             per-component loop, profiled (PATHS=batched: the batched edit alone)
 #   ablate4b  the same on the Qwen3-4B shape
 #   load06    where a rule's model load goes (CUDA start-up, CPU load + .to(cuda) vs device_map)
 #   compare   both tools end to end on that model (benchmarks/compare.py --protocol gpu)
@@ -88,9 +87,9 @@ PY
 ENV
 step env 60 12 bash "$WORK/env.sh"
 step models 60 3 python3 benchmarks/random_model.py qwen3-0.6b "$MODEL" --device cuda --tokenizer "$TOK"
-PATHS=${PATHS:-batched,graph}
+PATHS=${PATHS:-per_component,batched}
 step pytest 90 8 python3 -m pytest -q -rP -p no:cacheprovider -m gpu tests/test_quantized.py \
-    tests/test_fixed_decoding.py tests/test_batched_ablation.py tests/test_edit_graph.py
+    tests/test_fixed_decoding.py tests/test_batched_ablation.py
 step load06 60 30 python3 benchmarks/load_time.py "$MODEL" --out "$RES/load-cuda-bf16-qwen3-0.6b-$DAY.json"
 step ablate06 75 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections ablation \
     --model qwen3-0.6b-shape --tokenizer "$TOK" --reps 20 --routes lora --paths "$PATHS" \

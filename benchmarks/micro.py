@@ -164,10 +164,9 @@ def profile_top_ops(fn, device: torch.device, top: int = 8) -> dict:
 
 
 def bench_ablation(model, device: torch.device, bandwidth: dict, reps: int, row_norms, routes,
-                   profile: bool = True, paths=("per_component", "batched", "graph")) -> list[dict]:
+                   profile: bool = True, paths=("per_component", "batched")) -> list[dict]:
     """apply+reset of a trial that edits every component, per (path, route, row_norm), vs the bandwidth
-    bound. ``paths``: the per-component loop, the stacked, batched edit (abliterate.batched_ablation), and
-    that edit as a CUDA graph (abliterate.edit_graph)."""
+    bound. ``paths``: the per-component loop and the stacked, batched edit (abliterate.batched_ablation)."""
     params = AblationParams.constant(1.0)
     results = []
     for path, route, row_norm in itertools.product(paths, routes, row_norms):
@@ -175,7 +174,7 @@ def bench_ablation(model, device: torch.device, bandwidth: dict, reps: int, row_
         directions = random_directions(layout)
         ablator = Ablator(model, layout, directions, row_norm=row_norm, force_direct=(route == "direct"),
                           backup_device=None if device.type != "cpu" else "cpu",
-                          batched=(path != "per_component"), graphs=(path == "graph"))
+                          batched=(path != "per_component"))
         ablator.apply(params)
         edited = list(ablator._factors)
         nbytes = sum(tensor_bytes(c.weight) for c in edited)
@@ -492,9 +491,8 @@ def parse_args(argv=None):
     p.add_argument("--sections", default="ablation,eval,merge")
     p.add_argument("--routes", default="lora,direct")
     p.add_argument("--row-norms", default="none,pre,full")
-    p.add_argument("--paths", default="per_component,batched,graph",
-                   help="ablation paths: the per-component loop, the stacked batched edit run eagerly, and "
-                        "the same edit replayed as a CUDA graph (on CUDA; elsewhere it is the eager one)")
+    p.add_argument("--paths", default="per_component,batched",
+                   help="ablation paths: the per-component loop and the stacked batched edit")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--bandwidth-mib", type=int, default=512)

@@ -27,7 +27,7 @@ def test_micro_sections_report_their_keys(tiny_model_path, tmp_path):
     ablation = micro.bench_ablation(model, cpu, bandwidth, reps=1, row_norms=["none", "full"],
                                     routes=["lora", "direct"])
     assert [(r["path"], r["route"], r["row_norm"]) for r in ablation] == [
-        (path, route, row_norm) for path in ("per_component", "batched", "graph") for route in ("lora", "direct")
+        (path, route, row_norm) for path in ("per_component", "batched") for route in ("lora", "direct")
         for row_norm in ("none", "full")]
     for row in ablation:
         assert {"edited_bytes", "bound_s", "apply_reset_s", "ratio", "target_met", "profile"} <= set(row)

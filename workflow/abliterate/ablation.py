@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import batched_ablation, devices, edit_graph, io
+from . import batched_ablation, devices, io
 from .architecture import KINDS, Component, ModelLayout, unwrap
 from .errors import ConfigError, NumericalError, UnsupportedArchitectureError
 
@@ -302,14 +302,11 @@ class Ablator:
         force_direct: bool = False,
         backup_device: str | torch.device | None = "cpu",
         batched: bool = True,
-        graphs: bool = True,
     ) -> None:
         """``backup_device``: where direct-edit backups live ("cpu" saves accelerator memory; None keeps
         each backup on its weight's device, faster resets). ``batched``: stack the weights of each
         component kind and edit all its layers at once (:mod:`abliterate.batched_ablation`); False
-        keeps the per-component loop, the reference the batched maths is tested against. ``graphs``: on
-        CUDA, record the stacked LoRA groups' edit as a CUDA graph at the first trial and replay it
-        (:mod:`abliterate.edit_graph`; not for row_norm full)."""
+        keeps the per-component loop, the reference the batched maths is tested against."""
         expected = (layout.n_layers + 1, layout.hidden_size)
         if directions.ndim != 2 or tuple(directions.shape) != expected:
             raise ConfigError(
@@ -349,15 +346,12 @@ class Ablator:
                 f"quantized layers cannot be edited in place: {quantized[:3]}; use the LoRA route (force_direct=False)"
             )
         # every LoRA B factor, looked up once: PEFT's module lookups cost more than zeroing them
-        self._lora_b_rest = [self._lora_weights(c)[0] for c in self._lora_layers]  # the ones no graph zeroes
+        self._lora_bs = [self._lora_weights(c)[0] for c in self._lora_layers]
         self._groups: list[batched_ablation.WeightGroup] = []
         self._grouped: set[Component] = set()
         self._table: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._graph: edit_graph.EditGraph | None = None
-        self._graph_groups: list[batched_ablation.WeightGroup] = []
         if batched:
             self._stack()
-            self._plan_graph(graphs)
 
     def _stack(self) -> None:
         self._groups = batched_ablation.stack_groups(self.layout.components, set(self._lora_layers))
@@ -377,29 +371,8 @@ class Ablator:
             len(self._grouped), len(self.layout.components), len(self._groups), self.row_norm.value,
         )
 
-    def _plan_graph(self, enabled: bool) -> None:
-        lora_groups = [g for g in self._groups if g.lora]
-        reason = edit_graph.graph_reason(lora_groups, self.row_norm.value, enabled)
-        if reason is None:
-            self._graph_groups = lora_groups  # recorded at the first apply, under its no_grad
-        elif any(g.stored.device.type == "cuda" for g in lora_groups):
-            log.info("edit graph: not used, %s; trials run the batched edit eagerly", reason)
-
-    def _record_graph(self) -> None:
-        groups, self._graph_groups = self._graph_groups, []
-        try:
-            self._graph = edit_graph.EditGraph(
-                groups, lambda g, r, lam: self._group_factors(g, r, lam, 0, len(g.components)),
-                self.layout.n_layers, self.layout.hidden_size,
-            )
-        except RuntimeError as err:  # e.g. a kernel that syncs with the host: the eager path is the same maths
-            log.warning("edit graph: recording failed (%s); trials run the batched edit eagerly",
-                        str(err).splitlines()[0][:200])
-            return
-        recorded = {c for g in groups for c in g.components}
-        self._lora_b_rest = [self._lora_weights(c)[0] for c in self._lora_layers if c not in recorded]
-
     # -- LoRA route -------------------------------------------------------------------------------
+
     def _lora_config(self):
         from peft import LoraConfig
 
@@ -544,8 +517,8 @@ class Ablator:
                 table = self.directions.to(device)
                 norms = torch.linalg.vector_norm(table[1:], dim=1, keepdim=True)
                 good = norms > 0  # False for NaN too
-                # a broken layer's row is zero, not NaN: no trial edits it, but the edit graph computes
-                # every layer with weight 0 outside the kernels, and 0 · NaN would still be NaN
+                # a broken layer's row is zero, not NaN: no trial edits it, and a zero weight times
+                # NaN would still be NaN
                 unit = torch.where(good, table[1:] / torch.where(good, norms, torch.ones_like(norms)), 0.0)
                 self._table[device] = (table, unit)
             table, per_layer = self._table[device]
@@ -564,23 +537,6 @@ class Ablator:
             oversampling=FULL_OVERSAMPLING, niter=FULL_NITER,
             split=batched_ablation.split_products_supported(group.stored.device.type, group.stored.dtype),
         )
-
-    def _replay_graph(self, weights: list[list[float]], direction_index: float | None, directions: dict) -> int:
-        """The recorded groups' edit from their per-layer weights; returns the number of components edited."""
-        graph = self._graph
-        for group in graph.groups:
-            group.check_views()
-        active = [[i for i, w in enumerate(ws) if w != 0.0] for ws in weights]
-        layers = [g.components[i].layer for g, rows in zip(graph.groups, active) for i in rows]
-        if not layers:
-            graph.zero()
-            return 0
-        table = self._trial_directions(graph.device, direction_index, layers, directions)
-        graph.replay([w for ws in weights for w in ws], table)
-        for group, rows, (bs, as_) in zip(graph.groups, active, graph.outputs):
-            components = group.components
-            self._factors.update({components[i]: (bs[i], as_[i]) for i in rows})
-        return len(layers)
 
     def _apply_group(self, group, weights: list[float], direction_index: float | None, directions: dict) -> int:
         """One group's edit from its per-layer weights; returns the number of components edited."""
@@ -622,23 +578,12 @@ class Ablator:
             for group in self._groups:
                 group.restore()
             self._factors.clear()
-            if self._graph_groups:
-                self._record_graph()
-            recorded = set() if self._graph is None else set(map(id, self._graph.groups))
-            graph_weights = []
             for group in self._groups:
                 kernel = params.kernels.get(group.components[0].kind)
                 weights = [kernel.weight_at(c.layer) if kernel is not None else 0.0 for c in group.components]
-                if id(group) in recorded:
-                    graph_weights.append(weights)
-                else:
-                    n = self._apply_group(group, weights, params.direction_index, directions)
-                    edited += n
-                    lora += n if group.lora else 0
-            if recorded:
-                n = self._replay_graph(graph_weights, params.direction_index, directions)
+                n = self._apply_group(group, weights, params.direction_index, directions)
                 edited += n
-                lora += n
+                lora += n if group.lora else 0
             for c in self.layout.components:
                 if c in self._grouped:
                     continue
@@ -671,10 +616,8 @@ class Ablator:
     def reset(self) -> None:
         """Back to the base model: LoRA B factors zeroed, direct edits restored bit for bit from backups."""
         with torch.no_grad():
-            if self._graph is not None:
-                self._graph.zero()
-            if self._lora_b_rest:
-                torch._foreach_zero_(self._lora_b_rest)
+            if self._lora_bs:
+                torch._foreach_zero_(self._lora_bs)
             for c in list(self._dirty):
                 self._restore(c)
             for group in self._groups:

@@ -27,7 +27,7 @@ _SOURCE = ("model.path", "model.revision", "model.gguf_file", "model.package", "
 _MODEL = ("run", *_SOURCE, "model.chat_template", "model.system_prompt", "model.dtypes", "model.cpu_half",
           "model.device_map", "model.quantization")
 _EVALUATION = ("evaluation",)
-_ABLATION = ("seed", "ablation", "evaluation.cuda_graphs")
+_ABLATION = ("seed", "ablation")
 
 READS: dict[str, tuple[str, ...]] = {
     "prompts": ("seed", "prompts"),

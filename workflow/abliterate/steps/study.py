@@ -57,7 +57,6 @@ def build_ablator(config: dict, lm, directions_path: str, route: str | None = No
         row_norm=ablation.RowNorm(config["ablation"]["row_norm"]),
         full_rank=config["ablation"]["full_rank"], seed=config["seed"],
         force_direct=ablation.direct_route(route or config["ablation"]["route"], layout, device),
-        graphs=config["evaluation"]["cuda_graphs"],
     )
 
 
