@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import tiny_models
 import torch
-from abliterate import generation, prompting
+from abliterate import generation, hf_compat, prompting
 from abliterate.evaluation import Evaluator
 from abliterate.generation import RefusalLimitReached, generate_ids
 from abliterate.kl import first_token_logprobs
@@ -133,7 +133,7 @@ def test_a_peft_model_is_generated_through_the_model_under_it(tokenizer):
     directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=1)
     ablator = Ablator(model, layout, directions, force_direct=False)
     ablator.apply(AblationParams.constant(0.8))
-    assert ablator.peft_model is not None and not generation.accepts_position_ids(ablator.model)
+    assert ablator.peft_model is not None and not hf_compat.accepts_position_ids(ablator.model)
     assert generation.cuda_graph_reason(generation.unwrap(ablator.model)) == "not on a CUDA device"
     with torch.inference_mode():
         reference = [ablator.model.generate(**prompting.encode(tokenizer, [t], "cpu"), do_sample=False,

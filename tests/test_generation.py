@@ -252,7 +252,7 @@ def test_rows_freed_by_early_stops_are_refilled(factory, tokenizer, monkeypatch)
 
 
 def test_kv_cache_grows_in_place_and_takes_over_replaced_tensors():
-    from abliterate.generation import new_cache
+    from abliterate.hf_compat import new_cache
 
     assert new_cache(tiny_models.FACTORIES["gemma3_text"]()) is None  # sliding layers: model's own
     cache = new_cache(tiny_models.tiny_llama())

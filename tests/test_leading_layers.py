@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import tiny_models as tm
 import torch
-from abliterate import generation, leading_layers, prompting
+from abliterate import generation, hf_compat, prompting
 from abliterate.ablation import AblationParams, Ablator, Kernel
 from abliterate.architecture import discover
 from abliterate.evaluation import Evaluator, baseline
@@ -121,14 +121,14 @@ def test_small_budget_keeps_fewer_layer_inputs_and_stays_exact(tokenizer):
 def test_a_replay_that_differs_turns_reuse_off(tokenizer, monkeypatch, caplog):
     # An architecture whose layers need more than the decoder's shared inputs would replay wrongly;
     # here the slice skips one layer too many.
-    real = leading_layers.decoder_slice
+    real = hf_compat.decoder_slice
 
     @contextlib.contextmanager
     def one_too_many(decoder, start):
         with real(decoder, start + 1):
             yield
 
-    monkeypatch.setattr(leading_layers, "decoder_slice", one_too_many)
+    monkeypatch.setattr(hf_compat, "decoder_slice", one_too_many)
     model = tm.tiny_llama()
     leading = LeadingLayers(model)
     with caplog.at_level("INFO", logger="abliterate.leading_layers"):

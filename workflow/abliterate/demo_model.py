@@ -28,7 +28,7 @@ import torch
 
 from . import generation, io
 from .errors import AbliterateError
-from .leading_layers import decoder_slice
+from .hf_compat import decoder_slice
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +402,7 @@ def _answer_loss(model, batch: dict) -> torch.Tensor:
     The vocabulary projection is a fifth of the model's work per token; the prompt positions carry
     no loss, so skipping them there saves time on a CPU. A batch with ``prefix`` holds the hidden
     states entering the first trained layer; the decoder must then hold only the layers from there
-    (:func:`abliterate.leading_layers.decoder_slice`).
+    (:func:`abliterate.hf_compat.decoder_slice`).
     """
     inputs = (
         {"inputs_embeds": batch["prefix"]} if "prefix" in batch else {"input_ids": batch["input_ids"]}

@@ -21,6 +21,10 @@ class PromptError(AbliterateError):
     """A prompt set is missing, empty, too small or overlaps another split."""
 
 
+class UnsupportedVersionError(AbliterateError):
+    """An installed library (transformers) is older than the oldest release abliterate supports."""
+
+
 class QuantizationBackendError(AbliterateError):
     """Quantization was requested but no usable bitsandbytes backend is present."""
 

@@ -19,49 +19,16 @@ generations, and a graph kept longer could read a tensor the model no longer use
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 
 from . import hf_compat
-from .architecture import text_config
-from .generation import forward_kwargs, input_device
 
 log = logging.getLogger(__name__)
 
 # attention implementations whose mask argument this module knows how to build
 _MASKS = ("sdpa", "eager")
-
-
-def attention_implementation(model) -> str | None:
-    return getattr(text_config(model.config), "_attn_implementation", None)
-
-
-@functools.cache
-def _fixed_layer_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class FixedLayer(DynamicLayer):
-        """A cache layer of fixed length whose ``update`` writes one token at the shared ``slot``.
-
-        ``keys`` and ``values`` are always the full buffers; which columns count is the mask's
-        business. The slot is a one-element device tensor, so a replayed graph writes where the
-        step before it left off.
-        """
-
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor):
-            super().__init__()
-            self.keys, self.values, self.slot = keys, values, slot
-            self.device = keys.device
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            self.keys.index_copy_(-2, self.slot.to(self.keys.device), key_states)
-            self.values.index_copy_(-2, self.slot.to(self.values.device), value_states)
-            return self.keys, self.values
-
-    return FixedLayer
 
 
 class FixedShapeDecoder:
@@ -75,31 +42,21 @@ class FixedShapeDecoder:
     """
 
     def __init__(self, model, cache, mask, positions, first, steps: int, graph: bool):
-        from transformers.cache_utils import DynamicCache
-
-        implementation = attention_implementation(model)
+        implementation = hf_compat.attention_implementation(model)
         if implementation not in _MASKS:
             raise ValueError(f"fixed-shape decoding needs sdpa or eager attention, not {implementation}")
         self.model = model
         rows, width = mask.shape
         total = width + max(steps, 1)
         self.slot = torch.full((1,), width, dtype=torch.long, device=mask.device)
-        layers = []
-        for layer in cache.layers:
-            keys = layer.keys.new_zeros((*layer.keys.shape[:-2], total, layer.keys.shape[-1]))
-            values = layer.values.new_zeros((*layer.values.shape[:-2], total, layer.values.shape[-1]))
-            keys[..., :width, :] = layer.keys
-            values[..., :width, :] = layer.values
-            layers.append(_fixed_layer_class()(keys, values, self.slot))
-        self.cache = DynamicCache(config=model.config)
-        self.cache.layers = layers
+        self.cache = hf_compat.fixed_cache(model, cache, width, total, self.slot)
         self.attend = torch.zeros((rows, total), dtype=torch.bool, device=mask.device)
         self.attend[:, :width] = mask.bool()
         self.positions = positions.clone()
         self.tokens = first.clone()
-        self.kwargs = forward_kwargs(model)
-        self.input_device = input_device(model)
-        self.float_mask = None if implementation == "sdpa" else layers[0].keys.dtype
+        self.kwargs = hf_compat.forward_kwargs(model)
+        self.input_device = hf_compat.input_device(model)
+        self.float_mask = None if implementation == "sdpa" else self.cache.layers[0].keys.dtype
         self.graph = self._capture() if graph else None
 
     def _advance(self) -> None:

@@ -13,8 +13,6 @@ come back in the original order.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import time
 import weakref
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import hf_compat
 from .architecture import text_config, unwrap
+from .fixed_decoding import _MASKS, FixedShapeDecoder
 from .prompting import encode, length_order
 
 log = logging.getLogger(__name__)
@@ -43,11 +42,6 @@ class RefusalLimitReached(Exception):
 
 class Verdict(Protocol):
     def verdict(self, partial_text: str) -> bool | None: ...
-
-
-def input_device(model) -> torch.device:
-    """Where input ids must go: the embedding's device (also right for models split over GPUs)."""
-    return model.get_input_embeddings().weight.device
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -68,16 +62,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def forward_kwargs(model) -> dict:
-    """Optional forward arguments this model accepts: only the last position's logits are needed."""
-    params = inspect.signature(model.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-
-
-def accepts_position_ids(model) -> bool:
-    return "position_ids" in inspect.signature(model.forward).parameters
-
-
 def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch: real tokens count from 0, padding gets 0 (as generate does)."""
     return (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)
@@ -85,8 +69,8 @@ def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
 
 def prompt_forward_inputs(model, enc: dict) -> dict:
     """Everything one cache-less forward over an encoded left-padded batch needs, for this model."""
-    inputs = dict(enc, **forward_kwargs(model))
-    if accepts_position_ids(model):
+    inputs = dict(enc, **hf_compat.forward_kwargs(model))
+    if hf_compat.accepts_position_ids(model):
         inputs["position_ids"] = left_padded_positions(enc["attention_mask"])
     return inputs
 
@@ -125,66 +109,6 @@ def full_attention_only(model) -> bool:
     return window is None or getattr(config, "use_sliding_window", True) is False
 
 
-@functools.cache
-def _growing_layer_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        """A ``DynamicLayer`` that writes each step's keys and values into spare room.
-
-        ``DynamicLayer`` concatenates the whole cache with the new token at every step: a copy of
-        all keys and values per layer per token, which took 30 % of greedy decoding on a CPU. Here
-        the tensors live in a buffer with room to grow (doubling), ``keys``/``values`` are views of
-        its filled part, and a step writes one column. Anything that replaces ``keys`` (pruning
-        rows, appending rows, repeating a shared prefix) is taken over at the next update.
-        """
-
-        def __init__(self):
-            super().__init__()
-            self._buffers = self._views = None
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, k = self.get_seq_length(), key_states.shape[-2]
-            adopted = self._views is not None and self.keys is self._views[0]
-            if not adopted or n + k > self._buffers[0].shape[-2]:
-                room = n + k + max(n + k, 32)
-                self._buffers = tuple(
-                    new.new_empty((*new.shape[:-2], room, new.shape[-1])) for new in (key_states, value_states)
-                )
-                if n:
-                    self._buffers[0][..., :n, :] = self.keys
-                    self._buffers[1][..., :n, :] = self.values
-            self._buffers[0][..., n : n + k, :] = key_states
-            self._buffers[1][..., n : n + k, :] = value_states
-            self._views = (self._buffers[0][..., : n + k, :], self._buffers[1][..., : n + k, :])
-            self.keys, self.values = self._views
-            return self.keys, self.values
-
-    return GrowingLayer
-
-
-def new_cache(model):
-    """An empty KV cache for generation: growing in place where every layer is a plain one.
-
-    ``None`` (the model then builds its own cache) for sliding-window, linear-attention or other
-    special layers, and where the cache classes differ from what this was written against.
-    """
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-
-        cache = DynamicCache(config=model.config)
-    except Exception:  # noqa: BLE001 - an older or newer transformers: its own cache is correct
-        return None
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        return None
-    growing = _growing_layer_class()
-    cache.layers = [growing() for _ in layers]
-    return cache
-
-
 @dataclass(frozen=True)
 class PrefillPlan:
     """How a left-padded prompt batch is forwarded: a shared prefix once, then each row's tokens.
@@ -208,7 +132,7 @@ def plan_prefill(model, enc: dict) -> PrefillPlan:
     rows' own tokens follow, left-padded after the prefix (the mask holds the gap).
     """
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    shareable = accepts_position_ids(model) and full_attention_only(model)
+    shareable = hf_compat.accepts_position_ids(model) and full_attention_only(model)
     n_shared = shared_prefix_length(ids, mask) if shareable else 0
     if n_shared < MIN_SHARED_PREFIX:
         return PrefillPlan(0, None, ids, mask, left_padded_positions(mask))
@@ -240,8 +164,10 @@ def run_prefill(
     some of its layers (:mod:`abliterate.leading_layers`); ``fill_cache(cache)`` is called once the
     prefix sits in every row, before the rows' own tokens are forwarded.
     """
-    common = forward_kwargs(model)
-    kwargs = dict(common, position_ids=plan.positions) if accepts_position_ids(model) else dict(common)
+    common = hf_compat.forward_kwargs(model)
+    kwargs = dict(common)
+    if hf_compat.accepts_position_ids(model):
+        kwargs["position_ids"] = plan.positions
     if embeds is None:
         prefix_in, rows_in = {"input_ids": plan.prefix}, {"input_ids": plan.ids}
     else:
@@ -252,14 +178,14 @@ def run_prefill(
             **prefix_in,
             attention_mask=plan.mask.new_ones((1, plan.n_shared)),
             position_ids=torch.arange(plan.n_shared, device=plan.ids.device)[None],
-            **hf_compat.cache_arg(new_cache(model)),
+            **hf_compat.cache_arg(hf_compat.new_cache(model)),
             use_cache=True,
             **common,
         )
         cache = hf_compat.output_cache(shared)
         cache.batch_repeat_interleave(plan.ids.shape[0])
     elif use_cache:
-        cache = new_cache(model)
+        cache = hf_compat.new_cache(model)
     if fill_cache is not None and cache is not None:
         fill_cache(cache)
     if cache is not None:
@@ -276,19 +202,6 @@ def prefill(model, enc: dict, use_cache: bool = True) -> tuple[object, torch.Ten
     ``output.logits`` holds the last position's logits of each row.
     """
     return run_prefill(model, plan_prefill(model, enc), use_cache)
-
-
-def select_rows(cache, index: torch.Tensor) -> None:
-    """Keep only ``index`` rows of a KV cache, in place.
-
-    ``reorder_cache`` (index_select on the batch axis) is implemented by every cache layer type of
-    transformers 5, linear-attention and sliding-window layers included, whereas
-    ``batch_select_indices`` is missing on some; older tuple caches are not supported.
-    """
-    if hasattr(cache, "reorder_cache"):
-        cache.reorder_cache(index)
-    else:
-        raise TypeError(f"cannot prune a KV cache of type {type(cache).__name__}")
 
 
 class _IncrementalText:
@@ -325,43 +238,6 @@ class _IncrementalText:
                 self.read[r] = len(generated[r])
                 changed.append(r)
         return changed
-
-
-def can_append_rows(cache) -> bool:
-    """True when rows can join ``cache`` mid-generation: every layer is a plain growing KV layer.
-
-    Sliding-window, static, quantized and linear-attention layers keep state that left padding
-    cannot align, so models with them finish each batch before the next one starts.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) in (DynamicLayer, _growing_layer_class()) for layer in layers)
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def append_rows(cache, other, mask: torch.Tensor, other_mask: torch.Tensor) -> torch.Tensor:
-    """Append the rows of ``other`` to ``cache`` in place; return the matching attention mask.
-
-    Both caches are left-padded to the longer one's length, and so are their masks: the new rows
-    see exactly their own tokens, at their own positions (positions are per row, not per column).
-    """
-    width = max(mask.shape[1], other_mask.shape[1])
-    for layer, new in zip(cache.layers, other.layers):
-        # each layer's tensors stay on that layer's device (models split over GPUs)
-        layer.keys = torch.cat([_left_pad(layer.keys, width, -2), _left_pad(new.keys, width, -2)])
-        layer.values = torch.cat(
-            [_left_pad(layer.values, width, -2), _left_pad(new.values, width, -2)]
-        )
-    return torch.cat([_left_pad(mask, width, 1), _left_pad(other_mask, width, 1)])
 
 
 def refill_threshold(batch_size: int) -> int:
@@ -428,9 +304,9 @@ def _generate_continuous(
     before the next one starts. ``prefill_fn`` replaces :func:`prefill` (same arguments and result).
     """
     prefill_fn = prefill_fn or prefill
-    device = input_device(model)
-    kwargs = forward_kwargs(model)
-    use_pos = accepts_position_ids(model)
+    device = hf_compat.input_device(model)
+    kwargs = hf_compat.forward_kwargs(model)
+    use_pos = hf_compat.accepts_position_ids(model)
     queue = list(order)
     alive: list[int] = []  # batch row -> index into texts
     cache = mask = pos = next_tok = None
@@ -445,7 +321,8 @@ def _generate_continuous(
                 alive = [alive[j] for j in keep]
                 if alive:
                     index = torch.tensor(keep, device=device)
-                    select_rows(cache, index)  # moves the index to each layer's device itself
+                    # moves the index to each layer's device itself
+                    hf_compat.select_rows(cache, index)
                     next_tok = next_tok[index.to(next_tok.device)]
                     mask, pos = mask[index], pos[index]
             if alive:
@@ -470,12 +347,12 @@ def _generate_continuous(
             n_prefills += 1
             new_tok = out.logits[:, -1].argmax(-1)
             if alive:
-                mask = append_rows(cache, hf_compat.output_cache(out), mask, new_mask)
+                mask = hf_compat.append_rows(cache, hf_compat.output_cache(out), mask, new_mask)
                 pos = torch.cat([pos, new_pos[:, -1:]])
                 next_tok = torch.cat([next_tok, new_tok.to(next_tok.device)])
             else:
                 cache, mask, pos, next_tok = hf_compat.output_cache(out), new_mask, new_pos[:, -1:], new_tok
-                appendable = can_append_rows(cache)
+                appendable = hf_compat.can_append_rows(cache)
             alive += rows
             del out
         if not alive:
@@ -501,10 +378,8 @@ def _generate_fixed(
 
     A batch runs until all its rows are finished; no rows join it on the way.
     """
-    from .fixed_decoding import FixedShapeDecoder
-
     prefill_fn = prefill_fn or prefill
-    device = input_device(model)
+    device = hf_compat.input_device(model)
     graph = device.type == "cuda" if graph is None else graph
     for start in range(0, len(order), batch_size):
         rows = list(order[start : start + batch_size])
@@ -545,7 +420,6 @@ _GRAPH_LOGGED: weakref.WeakSet = weakref.WeakSet()
 
 def cuda_graph_reason(model) -> str | None:
     """Why this model's decoding cannot replay CUDA graphs (None: it can)."""
-    from .fixed_decoding import _MASKS, attention_implementation
     if model in _GRAPH_FAILED:
         return "an earlier capture failed"
     if getattr(model, "is_loaded_in_8bit", False):
@@ -554,13 +428,14 @@ def cuda_graph_reason(model) -> str | None:
         return "bitsandbytes 8-bit layers cannot be captured in a CUDA graph"
     if len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
         return "the model is split over several devices"
-    if not accepts_position_ids(model) or not full_attention_only(model):
+    if not hf_compat.accepts_position_ids(model) or not full_attention_only(model):
         return "the model takes no position ids or has sliding-window layers"
-    if attention_implementation(model) not in _MASKS:
-        return f"attention implementation {attention_implementation(model)} is not sdpa or eager"
-    if new_cache(model) is None:
+    implementation = hf_compat.attention_implementation(model)
+    if implementation not in _MASKS:
+        return f"attention implementation {implementation} is not sdpa or eager"
+    if hf_compat.new_cache(model) is None:
         return "its KV cache has special layers"
-    if input_device(model).type != "cuda":
+    if hf_compat.input_device(model).type != "cuda":
         return "not on a CUDA device"
     return None
 
@@ -568,7 +443,7 @@ def cuda_graph_reason(model) -> str | None:
 def first_batch(model, tokenizer, texts: Sequence[str], batch_size: int) -> dict:
     """The encoded batch :func:`generate_ids` prefills first (the ``batch_size`` longest prompts)."""
     rows = length_order(tokenizer, texts)[:batch_size]
-    return encode(tokenizer, [texts[i] for i in rows], input_device(model))
+    return encode(tokenizer, [texts[i] for i in rows], hf_compat.input_device(model))
 
 
 def generate_ids(
@@ -606,7 +481,8 @@ def generate_ids(
     eos = eos_token_ids(model, tokenizer)
     order = length_order(tokenizer, texts)
     reason = cuda_graph_reason(model) if cuda_graphs else "turned off (evaluation.cuda_graphs)"
-    if model not in _GRAPH_LOGGED and (reason is None or input_device(model).type == "cuda"):
+    on_cuda = hf_compat.input_device(model).type == "cuda"
+    if model not in _GRAPH_LOGGED and (reason is None or on_cuda):
         _GRAPH_LOGGED.add(model)
         if reason is None:
             log.info("decoding with CUDA graphs at fixed shapes")

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from .architecture import unwrap
 from .errors import NumericalError
-from .generation import input_device, prefill
+from .generation import prefill
+from .hf_compat import input_device
 from .prompting import batches, encode, length_order
 
 log = logging.getLogger(__name__)

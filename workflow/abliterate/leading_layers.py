@@ -15,7 +15,6 @@ nearest kept layer below its first edited one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -55,30 +54,6 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Make a cache layer hold ``keys``/``values`` (not copied: the layer replaces, never writes into them)."""
-    layer.lazy_initialization(keys, values)
-    layer.keys, layer.values = keys, values
-
-
-@contextlib.contextmanager
-def decoder_slice(decoder, start: int, stop: int | None = None, final_norm: bool = True):
-    """Let ``decoder`` run only its layers ``start:stop`` (and its final norm only if asked).
-
-    The decoder's own forward still builds the causal mask and rotary embeddings, so a slice of
-    layers computes exactly what those layers compute inside the whole model (each attention layer
-    keeps its index into the KV cache).
-    """
-    layers, norm = decoder.layers, decoder.norm
-    decoder.layers = torch.nn.ModuleList(list(layers)[start:stop])
-    if not final_norm:
-        decoder.norm = torch.nn.Identity()
-    try:
-        yield decoder
-    finally:
-        decoder.layers, decoder.norm = layers, norm
-
-
 class LeadingLayers:
     """Recorded prefills of the unedited model, replayed from a trial's first edited layer.
 
@@ -100,7 +75,7 @@ class LeadingLayers:
         if self.decoder is None or not isinstance(getattr(self.decoder, "layers", None), torch.nn.ModuleList):
             log.info("prefills run every layer: %s has no decoder `layers` list", type(self.model).__name__)
             return False
-        if generation.new_cache(self.model) is None:
+        if hf_compat.new_cache(self.model) is None:
             # sliding-window or linear-attention caches keep state that cannot be assembled from parts
             log.info("prefills run every layer: this model's KV cache has special layers")
             return False
@@ -137,7 +112,7 @@ class LeadingLayers:
                 h.remove()
         cache = hf_compat.output_cache(out)
         n = plan.n_shared
-        full_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        full_kv = hf_compat.layer_kv(cache)
         prefix_kv = [(k[:1, :, :n].clone(), v[:1, :, :n].clone()) for k, v in full_kv]
         kv_bytes = _nbytes(t for pair in prefix_kv for t in pair)
         if keep_cache:
@@ -199,19 +174,18 @@ class LeadingLayers:
         def fill(cache):
             # Layers below ``start`` are not run: give them the prefix they would have computed (the
             # cache's length, and with it the causal mask, is read from them).
-            for layer, (keys, values) in zip(cache.layers[:start], rec.prefix_kv[:start]):
-                _set_layer(layer, keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+            hf_compat.set_layers(cache, [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                                         for k, v in rec.prefix_kv[:start]])
 
         prefix = rec.prefix_inputs[k]
-        with decoder_slice(self.decoder, start):
+        with hf_compat.decoder_slice(self.decoder, start):
             out, mask, positions = generation.run_prefill(
                 self.model, plan, use_cache, embeds=(prefix, rec.inputs[k]), fill_cache=fill
             )
         if use_cache:
             if rec.full_kv is None:
                 raise RuntimeError("this prefill was recorded without its KV cache")
-            for layer, (keys, values) in zip(hf_compat.output_cache(out).layers[:start], rec.full_kv[:start]):
-                _set_layer(layer, keys, values)
+            hf_compat.set_layers(hf_compat.output_cache(out), rec.full_kv[:start])
         return out, mask, positions
 
     def prefill_from(self, first: int):
@@ -228,7 +202,7 @@ class LeadingLayers:
 
 def _default_budget(model) -> int:
     """:data:`BUDGET_BYTES`, or a tenth of the free memory of a GPU that holds the model if less."""
-    device = generation.input_device(model)
+    device = hf_compat.input_device(model)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return min(BUDGET_BYTES, free // 10)

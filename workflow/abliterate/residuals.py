@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .generation import input_device, prompt_forward_inputs
+from .generation import prompt_forward_inputs
+from .hf_compat import input_device
 from .prompting import batches, encode, length_order
 
 log = logging.getLogger(__name__)
