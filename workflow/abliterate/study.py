@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -563,6 +564,57 @@ def run_worker(
     """
     from tqdm.auto import tqdm
 
+    sampler_kwargs, space = _checked_inputs(n_trials, n_layers, sampler_kwargs, space)
+    worker = str(worker_id)
+    started = time.perf_counter()
+    book, storage, study = _open_worker(storage_url, study_name, ledger, heartbeat_interval, grace_period, worker)
+    counts = _Counts()
+    complete = len(_count(study, (TrialState.COMPLETE,)))
+    if book is not None:
+        book.record(storage_url, study_name, complete)
+    logger.info("study %s: %d of %d trials complete; worker %s starts", study_name, complete, n_trials, worker)
+    bar = tqdm(total=n_trials, initial=min(complete, n_trials), desc=f"trials (worker {worker})", unit="trial",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        while True:
+            with study_lock(storage_url), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+                if heartbeat_interval is not None:
+                    optuna.storages.fail_stale_trials(study)
+                if len(_count(study, (TrialState.COMPLETE, TrialState.RUNNING))) >= n_trials:
+                    break
+                study.sampler = _sampler(seed, worker, len(study.get_trials(deepcopy=False)), sampler_kwargs)
+                asked = _ask(study, worker, n_trials, space, n_layers)
+            if asked is None:
+                counts.surplus += 1
+                continue
+            trial, params = asked
+            extra = (refusal_cap(study),) if stop_dominated else ()
+            if not _evaluate(study, storage, trial, params, objective, extra, counts, max_failures, worker):
+                continue
+            complete = len(_count(study, (TrialState.COMPLETE,)))
+            if book is not None:
+                book.record(storage_url, study_name, complete)
+            bar.n = min(complete, n_trials)
+            bar.refresh()
+    finally:
+        bar.close()
+    return _summary(study, worker, counts, n_trials, started)
+
+
+@dataclasses.dataclass
+class _Counts:
+    """What one worker call did: trials completed, failed, found surplus, and failures in a row."""
+
+    done: int = 0
+    failed: int = 0
+    surplus: int = 0
+    consecutive: int = 0
+
+
+def _checked_inputs(n_trials: int, n_layers: int, sampler_kwargs: Mapping[str, Any] | None,
+                    space: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if int(n_trials) < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
     if int(n_layers) < 1:
@@ -573,9 +625,12 @@ def run_worker(
         raise ConfigError("sampler_kwargs must not set 'seed'; pass seed= instead")
     space = copy.deepcopy(dict(space))
     validate_space(space)
-    worker = str(worker_id)
-    started = time.perf_counter()
+    return sampler_kwargs, space
 
+
+def _open_worker(storage_url: str, study_name: str, ledger, heartbeat_interval, grace_period, worker: str):
+    """The ledger (checked), the storage and the study, with this worker's trials left RUNNING by a
+    killed job failed and re-queued."""
     book = _open_ledger(ledger, storage_url)
     storage = make_storage(storage_url, heartbeat_interval, grace_period)
     with study_lock(storage_url):
@@ -585,126 +640,68 @@ def run_worker(
         for trial in _count(study, (TrialState.RUNNING,)):
             if trial.user_attrs.get("worker") == worker:
                 _fail_and_requeue(study, trial, f"left RUNNING by a killed job of worker {worker}")
+    return book, storage, study
 
-    done = failed = surplus = consecutive = 0
-    complete = len(_count(study, (TrialState.COMPLETE,)))
-    if book is not None:
-        book.record(storage_url, study_name, complete)
-    logger.info(
-        "study %s: %d of %d trials complete; worker %s starts",
-        study_name,
-        complete,
-        n_trials,
-        worker,
-    )
-    bar = tqdm(
-        total=n_trials,
-        initial=min(complete, n_trials),
-        desc=f"trials (worker {worker})",
-        unit="trial",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+
+def _ask(study: optuna.Study, worker: str, n_trials: int, space: Mapping[str, Any], n_layers: int):
+    """The next trial and its parameters (under the study lock), or None when it was surplus."""
+    trial = study.ask()
+    trial.set_user_attr("worker", worker)
+    if _is_surplus(study, trial.number, n_trials):
+        trial.set_user_attr("surplus", True)
+        trial.set_user_attr("error", "surplus: other workers filled n_trials")
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        if frozen.system_attrs.get("fixed_params"):
+            _requeue(study, frozen)
+        return None
+    params = suggest_params(trial, space, n_layers)
+    trial.set_user_attr("ablation_params", params)
+    return trial, params
+
+
+def _evaluate(study, storage, trial, params: dict, objective, extra: tuple, counts: _Counts, max_failures: int,
+              worker: str) -> bool:
+    """Run the objective on one trial and tell the study; True when the trial completed."""
+    start = time.perf_counter()
     try:
-        while True:
-            with study_lock(storage_url), warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-                if heartbeat_interval is not None:
-                    optuna.storages.fail_stale_trials(study)
-                if len(_count(study, (TrialState.COMPLETE, TrialState.RUNNING))) >= n_trials:
-                    break
-                study.sampler = _sampler(
-                    seed, worker, len(study.get_trials(deepcopy=False)), sampler_kwargs
-                )
-                trial = study.ask()
-                trial.set_user_attr("worker", worker)
-                if _is_surplus(study, trial.number, n_trials):
-                    trial.set_user_attr("surplus", True)
-                    trial.set_user_attr("error", "surplus: other workers filled n_trials")
-                    frozen = study.tell(trial, state=TrialState.FAIL)
-                    if frozen.system_attrs.get("fixed_params"):
-                        _requeue(study, frozen)
-                    surplus += 1
-                    continue
-                params = suggest_params(trial, space, n_layers)
-                trial.set_user_attr("ablation_params", params)
+        with _heartbeat(storage, trial._trial_id):
+            result = objective(dict(params), trial.number, *extra)
+        refusals, kl, attrs = _check_result(result)
+    except Exception as exc:  # a failed trial must not end the study
+        seconds = time.perf_counter() - start
+        counts.consecutive += 1
+        counts.failed += 1
+        logger.exception("trial %d failed after %.1f s (%d in a row): %s", trial.number, seconds,
+                         counts.consecutive, describe_params(params))
+        _finish(study, trial, {"error": f"{type(exc).__name__}: {exc}", "seconds": seconds}, None)
+        if counts.consecutive > max_failures:
+            raise RuntimeError(f"{counts.consecutive} trials failed in a row (max_failures={max_failures}); "
+                               f"last error: {type(exc).__name__}: {exc}") from exc
+        return False
+    except BaseException:
+        _fail_and_requeue(study, study._storage.get_trial(trial._trial_id), "interrupted")
+        raise
+    seconds = time.perf_counter() - start
+    stored = {f"objective_{k}" if k in _RESERVED_ATTRS else k: v for k, v in attrs.items()}
+    stored["seconds"] = seconds
+    counts.consecutive = 0
+    if not _finish(study, trial, stored, [refusals, kl]):
+        return False
+    counts.done += 1
+    n, dominated = attrs.get("n"), attrs.get(DOMINATED_BY)
+    logger.info("trial %d [worker %s] %s | refusals %s%s KL %.4g%s | %.1f s", trial.number, worker,
+                describe_params(params), ">=" if dominated is not None else "",
+                f"{refusals}/{n}" if n is not None else refusals, kl,
+                f" (dominated by trial {dominated}: stopped)" if dominated is not None else "", seconds)
+    return True
 
-            start = time.perf_counter()
-            try:
-                with _heartbeat(storage, trial._trial_id):
-                    extra = (refusal_cap(study),) if stop_dominated else ()
-                    result = objective(dict(params), trial.number, *extra)
-                refusals, kl, attrs = _check_result(result)
-            except Exception as exc:  # a failed trial must not end the study
-                seconds = time.perf_counter() - start
-                consecutive += 1
-                failed += 1
-                logger.exception(
-                    "trial %d failed after %.1f s (%d in a row): %s",
-                    trial.number,
-                    seconds,
-                    consecutive,
-                    describe_params(params),
-                )
-                error = f"{type(exc).__name__}: {exc}"
-                _finish(study, trial, {"error": error, "seconds": seconds}, None)
-                if consecutive > max_failures:
-                    raise RuntimeError(
-                        f"{consecutive} trials failed in a row (max_failures={max_failures}); "
-                        f"last error: {type(exc).__name__}: {exc}"
-                    ) from exc
-                continue
-            except BaseException:
-                _fail_and_requeue(study, study._storage.get_trial(trial._trial_id), "interrupted")
-                raise
 
-            seconds = time.perf_counter() - start
-            stored = {f"objective_{k}" if k in _RESERVED_ATTRS else k: v for k, v in attrs.items()}
-            stored["seconds"] = seconds
-            consecutive = 0
-            if not _finish(study, trial, stored, [refusals, kl]):
-                continue
-            done += 1
-            n = attrs.get("n")
-            dominated = attrs.get(DOMINATED_BY)
-            logger.info(
-                "trial %d [worker %s] %s | refusals %s%s KL %.4g%s | %.1f s",
-                trial.number,
-                worker,
-                describe_params(params),
-                ">=" if dominated is not None else "",
-                f"{refusals}/{n}" if n is not None else refusals,
-                kl,
-                f" (dominated by trial {dominated}: stopped)" if dominated is not None else "",
-                seconds,
-            )
-            complete = len(_count(study, (TrialState.COMPLETE,)))
-            if book is not None:
-                book.record(storage_url, study_name, complete)
-            bar.n = min(complete, n_trials)
-            bar.refresh()
-    finally:
-        bar.close()
-
+def _summary(study: optuna.Study, worker: str, counts: _Counts, n_trials: int, started: float) -> dict[str, Any]:
     complete = len(_count(study, (TrialState.COMPLETE,)))
-    summary = {
-        "worker": worker,
-        "n_complete": done,
-        "n_failed": failed,
-        "n_surplus": surplus,
-        "study_n_complete": complete,
-        "seconds": time.perf_counter() - started,
-    }
-    logger.info(
-        "worker %s done: %d trials complete, %d failed, study has %d/%d (%.1f s)",
-        worker,
-        done,
-        failed,
-        complete,
-        n_trials,
-        summary["seconds"],
-    )
+    summary = {"worker": worker, "n_complete": counts.done, "n_failed": counts.failed, "n_surplus": counts.surplus,
+               "study_n_complete": complete, "seconds": time.perf_counter() - started}
+    logger.info("worker %s done: %d trials complete, %d failed, study has %d/%d (%.1f s)", worker, counts.done,
+                counts.failed, complete, n_trials, summary["seconds"])
     return summary
 
 
