@@ -682,13 +682,12 @@ def measure_heldout(lm, harmful: list[str], harmless: list[str], settings, base_
     """Refusals of ``lm`` on ``harmful`` (count, n, per-prompt ``refused``) and its first-token
     log-probabilities on ``harmless``; given the base model's, also ``kl`` and ``kl_per_prompt``."""
     from abliterate import kl
-    from abliterate.steps.common import refusal_counts
+    from abliterate.evaluation import measure
 
-    counts, _, flags = refusal_counts(lm.model, lm.tokenizer, harmful, settings)
-    lp = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless, settings.batch_size).cpu()
-    out = {**counts, "refused": flags}
+    found = measure(lm.model, lm.tokenizer, settings, harmful, harmless, base_lp, progress=True)
+    lp = found.logprobs.cpu()
+    out = {**found.counts(), "refused": found.refused}
     if base_lp is not None:
-        out["kl"] = kl.kl_divergence(base_lp, lp)
         out["kl_per_prompt"] = kl.kl_per_prompt(base_lp, lp).tolist()
     return out, lp
 

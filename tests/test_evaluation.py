@@ -6,8 +6,9 @@ import pytest
 import tiny_models as tm
 import torch
 from abliterate import prompting
-from abliterate.evaluation import Evaluator, baseline
+from abliterate.evaluation import EvalSettings, Evaluator, measure
 from abliterate.generation import generate_ids
+from abliterate.refusal import RefusalDetector
 from test_generation import PROMPTS, StopAfter, _stop_strings
 from tiny_tokenizer import char_tokenizer
 
@@ -28,11 +29,11 @@ def evaluator():
     tokenizer = char_tokenizer()
     texts = prompting.chat_texts(tokenizer, PROMPTS, system_prompt=None)
     model = tm.tiny_llama()
-    base = baseline(model, tokenizer, texts, texts, 16, 4)
+    base = measure(model, tokenizer, EvalSettings(16, 4, RefusalDetector()), texts, texts)
     with torch.no_grad():  # an edited model, so that KL > 0
         model.model.layers[1].mlp.down_proj.weight.mul_(0.5)
     stops = _stop_strings(tokenizer, generate_ids(model, tokenizer, texts, 16, 4))
-    return Evaluator(model, tokenizer, texts, texts, base["logprobs"], 16, 4, Rigged(stops))
+    return Evaluator(model, tokenizer, texts, texts, base.logprobs, 16, 4, Rigged(stops))
 
 
 def test_a_cap_that_is_not_reached_changes_nothing(evaluator):

@@ -11,7 +11,7 @@ from abliterate import prompting, study
 from abliterate.ablation import Ablator
 from abliterate.architecture import discover
 from abliterate.directions import compute_directions
-from abliterate.evaluation import Evaluator, baseline
+from abliterate.evaluation import EvalSettings, Evaluator, measure
 from abliterate.refusal import RefusalDetector
 from abliterate.residuals import collect_residuals
 from abliterate.steps.study import Objective
@@ -152,7 +152,7 @@ def _run_study(tmp_path) -> list[tuple]:
     harmful, harmless = texts[:5], texts[4:]
     detector = RefusalDetector(["ue{wxf", "me{wxf", "mee{wx"])  # 4 of the 5 unedited answers
     model = tm.tiny_llama()
-    base = baseline(model, tokenizer, harmful, harmless, 8, 3, detector)
+    base = measure(model, tokenizer, EvalSettings(8, 3, detector), harmful, harmless)
     directions = compute_directions(
         collect_residuals(model, tokenizer, harmful, 3, progress=False),
         collect_residuals(model, tokenizer, harmless, 3, progress=False),
@@ -163,7 +163,7 @@ def _run_study(tmp_path) -> list[tuple]:
         tokenizer,
         harmful,
         harmless,
-        base["logprobs"],
+        base.logprobs,
         8,
         3,
         detector,

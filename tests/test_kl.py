@@ -8,7 +8,7 @@ import pytest
 import tiny_models
 import torch
 from abliterate import errors, prompting
-from abliterate.evaluation import Evaluator, baseline
+from abliterate.evaluation import EvalSettings, Evaluator, measure
 from abliterate.kl import first_token_logprobs, kl_divergence, kl_per_prompt
 from abliterate.refusal import RefusalDetector
 from test_generation import PROMPTS
@@ -87,15 +87,13 @@ def test_evaluator_scores_and_detects_edit(tokenizer, texts):
     harmful, harmless = texts[:4], texts[4:]
     # every response of a random model counts as a refusal with a marker it emits constantly
     detector = RefusalDetector(["i can't"])
-    base = baseline(
-        model, tokenizer, harmful, harmless, max_new_tokens=6, batch_size=4, detector=detector
-    )
-    assert base["n"] == 4 and len(base["responses"]) == 4 and base["logprobs"].shape[0] == 3
-    ev = Evaluator(model, tokenizer, harmful, harmless, base["logprobs"], 6, 4, detector)
+    base = measure(model, tokenizer, EvalSettings(max_new_tokens=6, batch_size=4, detector=detector), harmful, harmless)
+    assert base.n == 4 and len(base.responses) == 4 and base.logprobs.shape[0] == 3
+    ev = Evaluator(model, tokenizer, harmful, harmless, base.logprobs, 6, 4, detector)
     s = ev.score()
     assert set(s) == {"refusals", "n", "kl", "seconds"}
-    assert s["kl"] == 0.0 and s["refusals"] == base["refusals"] and s["n"] == 4
-    assert ev.responses() == base["responses"]
+    assert s["kl"] == 0.0 and s["refusals"] == base.refusals and s["n"] == 4
+    assert ev.responses() == base.responses
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)
     assert ev.score()["kl"] > 1e-4

@@ -10,7 +10,7 @@ import torch
 from abliterate import generation, hf_compat, prompting
 from abliterate.ablation import AblationParams, Ablator, Kernel
 from abliterate.architecture import discover
-from abliterate.evaluation import Evaluator, baseline
+from abliterate.evaluation import EvalSettings, Evaluator, measure
 from abliterate.kl import first_token_logprobs, kl_divergence
 from abliterate.leading_layers import LeadingLayers
 from abliterate.refusal import RefusalDetector
@@ -66,10 +66,10 @@ def test_trial_scores_are_the_same_with_and_without_recorded_prefills(force_dire
     harmful, harmless = texts[:5], texts[4:]
     detector = RefusalDetector(["a"])
     model = tm.tiny_llama()
-    base = baseline(model, tokenizer, harmful, harmless, 8, 3, detector)
+    base = measure(model, tokenizer, EvalSettings(8, 3, detector), harmful, harmless)
     ablator = Ablator(model, discover(model), _directions(), force_direct=force_direct)
-    plain = Evaluator(ablator.model, tokenizer, harmful, harmless, base["logprobs"], 8, 3, detector)
-    reusing = Evaluator(ablator.model, tokenizer, harmful, harmless, base["logprobs"], 8, 3, detector,
+    plain = Evaluator(ablator.model, tokenizer, harmful, harmless, base.logprobs, 8, 3, detector)
+    reusing = Evaluator(ablator.model, tokenizer, harmful, harmless, base.logprobs, 8, 3, detector,
                         reuse_layers=True)
     assert ablator.first_edited_layer == tm.LAYERS  # nothing edited yet
     ablator.apply(FROM_LAYER_1)
@@ -82,7 +82,7 @@ def test_trial_scores_are_the_same_with_and_without_recorded_prefills(force_dire
     # nothing edited: only the final norm and the head run (PEFT's wrapped model differs from the
     # bare one by rounding, hence the comparison with the plain evaluator, not with 0)
     assert reusing.score(first_edited=ablator.first_edited_layer)["kl"] == plain.score()["kl"]
-    assert reusing.responses() == plain.responses() == base["responses"]
+    assert reusing.responses() == plain.responses() == base.responses
 
 
 def test_sliding_window_models_prefill_every_layer(tokenizer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -22,7 +23,7 @@ class Evaluator:
 
     ``harmful_texts`` and ``harmless_texts`` are chat-formatted (see ``prompting.chat_texts``);
     ``base_logprobs`` are the unedited model's first-token log-probabilities on ``harmless_texts``
-    (see :func:`baseline`). Responses stop early once the detector has seen a refusal marker, so
+    (see :func:`measure`). Responses stop early once the detector has seen a refusal marker, so
     :meth:`responses` returns them cut at that point. With ``reuse_layers`` the prefills that every
     score repeats are recorded now, while the model is unedited (:mod:`abliterate.leading_layers`).
     """
@@ -153,33 +154,52 @@ class Evaluator:
         return list(self._responses)
 
 
-def baseline(
-    model,
-    tokenizer,
-    harmful_texts: Sequence[str],
-    harmless_texts: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int,
-    detector: RefusalDetector | None = None,
-) -> dict:
-    """The unedited model's ``refusals``, ``n``, ``responses`` and ``logprobs`` (on harmless texts).
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a split is measured: generation's token budget and batch, and the refusal verdict."""
 
-    ``logprobs`` stays on the model's device, ready to be the ``base_logprobs`` of an
-    :class:`Evaluator`; move it to the CPU before saving.
-    """
-    detector = detector if detector is not None else RefusalDetector()
+    max_new_tokens: int
+    batch_size: int
+    detector: RefusalDetector
+    cuda_graphs: bool = True
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What :func:`measure` found: answers to the harmful prompts and their verdicts, and the
+    first-token log-probabilities on the harmless prompts (on the model's device) with their KL."""
+
+    responses: list[str]
+    refused: list[bool]
+    logprobs: torch.Tensor | None = None
+    kl: float | None = None
+
+    @property
+    def refusals(self) -> int:
+        return int(sum(self.refused))
+
+    @property
+    def n(self) -> int:
+        return len(self.refused)
+
+    def counts(self) -> dict:
+        """``refusals`` and ``n``, and ``kl`` when it was measured: the form of every JSON summary."""
+        return {"refusals": self.refusals, "n": self.n, **({"kl": self.kl} if self.kl is not None else {})}
+
+
+def measure(model, tokenizer, settings: EvalSettings, harmful: Sequence[str] = (), harmless: Sequence[str] = (),
+            base_logprobs: torch.Tensor | None = None, progress: bool = False) -> Measurement:
+    """The one measurement of a model on chat-formatted prompts, for the baseline, the final
+    evaluation, the export's confirmation and the benchmarks: greedy answers to ``harmful`` (each
+    stops at its first refusal marker) judged by ``settings.detector``, and first-token
+    log-probabilities on ``harmless``, with the KL from ``base_logprobs`` when given. A study trial
+    scores the same way through :class:`Evaluator`, which adds recorded prefills and early stops."""
     start = time.perf_counter()
-    logprobs = first_token_logprobs(model, tokenizer, harmless_texts, batch_size)
-    responses = generate(
-        model, tokenizer, harmful_texts, max_new_tokens, batch_size, detector=detector
-    )
-    refusals = sum(detector.is_refusal(r) for r in responses)
-    seconds = time.perf_counter() - start
-    log.info("baseline: refusals %d/%d (%.1f s)", refusals, len(harmful_texts), seconds)
-    return {
-        "refusals": refusals,
-        "n": len(harmful_texts),
-        "responses": responses,
-        "logprobs": logprobs,
-        "seconds": seconds,
-    }
+    responses = generate(model, tokenizer, harmful, settings.max_new_tokens, settings.batch_size, settings.detector,
+                         progress=progress, cuda_graphs=settings.cuda_graphs) if harmful else []
+    logprobs = first_token_logprobs(model, tokenizer, harmless, settings.batch_size) if harmless else None
+    kl = None if base_logprobs is None or logprobs is None else kl_divergence(base_logprobs, logprobs)
+    found = Measurement(responses, [settings.detector.is_refusal(r) for r in responses], logprobs, kl)
+    log.info("measured %d harmful prompts (%d refused) and %d harmless ones%s in %.1f s", found.n, found.refusals,
+             len(harmless), "" if kl is None else f" (KL {kl:.4g})", time.perf_counter() - start)
+    return found

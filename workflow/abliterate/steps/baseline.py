@@ -6,8 +6,9 @@ import logging
 
 import pandas as pd
 
-from .. import devices, io, kl, prompts, session
-from .common import eval_settings, refusal_counts, responses_table
+from .. import devices, io, prompts, session
+from ..evaluation import measure
+from .common import eval_settings, responses_table
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,10 @@ def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logpr
     settings = eval_settings(config, lm, [t for _, texts in work.values() for t in texts])
     tables = []
     for label, (raw, texts) in work.items():
-        counts, responses, flags = refusal_counts(lm.model, lm.tokenizer, texts, settings)
-        metrics[label] = counts
-        tables.append(responses_table(raw, responses, flags, label))
-        log.info("baseline %s: %d/%d refusals", label, counts["refusals"], counts["n"])
+        found = measure(lm.model, lm.tokenizer, settings, harmful=texts, progress=True)
+        metrics[label] = found.counts()
+        tables.append(responses_table(raw, found.responses, found.refused, label))
+        log.info("baseline %s: %d/%d refusals", label, found.refusals, found.n)
     if metrics["eval"]["refusals"] == 0:
         # Not an error: measuring a model is legitimate, but every trial can then only add KL.
         log.warning("the unmodified model refuses none of the %d eval harmful prompts: there is no refusal "
@@ -36,7 +37,7 @@ def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logpr
     logprobs = {}
     for split in ("eval", "heldout"):
         _, texts = session.chats(config, lm.tokenizer, harmless, split)
-        logprobs[split] = kl.first_token_logprobs(lm.model, lm.tokenizer, texts, settings.batch_size)
+        logprobs[split] = measure(lm.model, lm.tokenizer, settings, harmless=texts).logprobs
     io.write_parquet(pd.concat(tables, ignore_index=True), out_responses, metadata={"config_hash": config_hash})
     io.save_safetensors(logprobs, out_logprobs, metadata={**lm.metadata(), "config_hash": config_hash})
     io.write_json(metrics, out_metrics)

@@ -1,26 +1,18 @@
-"""Pieces the GPU steps share: evaluation settings and refusal counting on a split."""
+"""Pieces the GPU steps share: the evaluation settings of a config and the responses table."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import pandas as pd
 
 from .. import batching, generation, kl, refusal
+from ..evaluation import EvalSettings
 
 log = logging.getLogger(__name__)
 
 # Batch sizes found by probing a GPU, per model and GPU model: a cache, not a pipeline artifact.
 BATCH_CACHE = "results/batch_sizes.json"
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    max_new_tokens: int
-    batch_size: int
-    detector: refusal.RefusalDetector
-    cuda_graphs: bool = True
 
 
 def resolve_batch_size(value, lm, max_new_tokens: int, texts: list[str], cuda_graphs: bool = True) -> int:
@@ -60,16 +52,6 @@ def eval_settings(config: dict, lm, texts: list[str]) -> EvalSettings:
         detector=refusal.RefusalDetector(markers),
         cuda_graphs=ev["cuda_graphs"],
     )
-
-
-def refusal_counts(model, tokenizer, texts: list[str], settings: EvalSettings) -> tuple[dict, list[str], list[bool]]:
-    """Generate (stopping at the first refusal marker) and count refusals."""
-    responses = generation.generate(
-        model, tokenizer, texts, settings.max_new_tokens, settings.batch_size, settings.detector, progress=True,
-        cuda_graphs=settings.cuda_graphs,
-    )
-    flags = [settings.detector.is_refusal(r) for r in responses]
-    return {"refusals": int(sum(flags)), "n": len(flags)}, responses, flags
 
 
 def responses_table(prompts: list[str], responses: list[str], flags: list[bool], label: str) -> pd.DataFrame:

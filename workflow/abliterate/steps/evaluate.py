@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import ablation, devices, io, kl, loading, session, study
+from .. import ablation, devices, io, loading, session, study
 from ..errors import ConfigError
-from .common import eval_settings, refusal_counts, responses_table
+from ..evaluation import measure
+from .common import eval_settings, responses_table
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,15 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
     tables = []
     for split in ("eval", "heldout"):
         raw, texts = session.chats(config, lm.tokenizer, harmful, split)
-        counts, responses, flags = refusal_counts(lm.model, lm.tokenizer, texts, settings)
-        tables.append(responses_table(raw, responses, flags, split))
         _, harmless_texts = session.chats(config, lm.tokenizer, harmless, split)
-        logprobs = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless_texts, settings.batch_size)
-        merged[split] = {**counts, "kl": kl.kl_divergence(base_lp[split], logprobs)}
-        log.info("merged %s: %d/%d refusals, KL %.4f", split, counts["refusals"], counts["n"], merged[split]["kl"])
+        found = measure(lm.model, lm.tokenizer, settings, texts, harmless_texts, base_lp[split], progress=True)
+        tables.append(responses_table(raw, found.responses, found.refused, split))
+        merged[split] = found.counts()
+        log.info("merged %s: %d/%d refusals, KL %.4f", split, found.refusals, found.n, found.kl)
     raw, texts = session.chats(config, lm.tokenizer, harmless, "heldout")
-    counts, responses, flags = refusal_counts(lm.model, lm.tokenizer, texts, settings)
-    tables.append(responses_table(raw, responses, flags, "harmless_heldout"))
-    merged["harmless_heldout"] = counts
+    found = measure(lm.model, lm.tokenizer, settings, harmful=texts, progress=True)
+    tables.append(responses_table(raw, found.responses, found.refused, "harmless_heldout"))
+    merged["harmless_heldout"] = found.counts()
     io.write_parquet(pd.concat(tables, ignore_index=True), out_responses, metadata={"config_hash": config_hash})
 
     baseline = io.read_json(baseline_metrics)

@@ -6,8 +6,8 @@ import logging
 
 import pandas as pd
 
-from .. import ablation, devices, io, kl, selection, session
-from ..evaluation import Evaluator
+from .. import ablation, devices, io, selection, session
+from ..evaluation import Evaluator, measure
 from ..generation import RefusalLimitReached
 from .common import eval_settings
 from .study import build_ablator
@@ -45,7 +45,7 @@ def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmf
         return None, None
     settings = eval_settings(config, lm, harmful_texts)
     # the unedited model's answers on the train prompts: the baseline rule measures eval and held-out only
-    base_lp = kl.first_token_logprobs(lm.model, lm.tokenizer, harmless_texts, settings.batch_size)
+    base_lp = measure(lm.model, lm.tokenizer, settings, harmless=harmless_texts).logprobs
     evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base_lp,
                           settings.max_new_tokens, settings.batch_size, settings.detector,
                           cuda_graphs=settings.cuda_graphs)
