@@ -161,7 +161,7 @@ def test_failed_check_raises_with_figures():
         epochs=1, batch_size=8, n_variants=1, distill_tokens=2, check_tokens=2, lora_r=2
     )
     with pytest.raises(
-        dm.DemoModelCheckError, match=r"harmful refusal rate 0\.\d\d < min_refusal 1\.01"
+        dm.DemoModelCheckError, match=r"harmful refusal rate \d\.\d\d < min_refusal 1\.01"
     ):
         dm.build_demo_model(
             _tiny_llama(len(tokenizer)),
@@ -297,9 +297,9 @@ def test_check_with_a_refusal_detector_stops_refusals_early_with_the_same_rate()
     tokenizer, model = char_tokenizer(), tiny_models.tiny_llama()  # random, non-empty answers
     prompts = [h["prompt"] for h in HARMFUL] + HARMLESS
     # markers the random model is sure to write: the answers' own first characters
-    _, full = dm.refusal_rate(model, tokenizer, prompts, SYSTEM, 8)
+    _, full = dm.refusal_rate(model, tokenizer, prompts, SYSTEM, 8, RefusalDetector(["no such marker"]))
     detector = RefusalDetector([a[:2] for a in full[::2] if len(a.strip()) >= 2])
     rate, answers = dm.refusal_rate(model, tokenizer, prompts, SYSTEM, 8, detector)
-    assert rate == dm.refusal_rate(model, tokenizer, prompts, SYSTEM, 8, detector.is_refusal)[0]
+    assert rate == sum(map(detector.is_refusal, full)) / len(full)
     assert all(f.startswith(a) for a, f in zip(answers, full))
     assert any(len(a) < len(f) for a, f in zip(answers, full))

@@ -28,7 +28,9 @@ import torch
 
 from . import generation, io
 from .errors import AbliterateError
+from .evaluation import EvalSettings, measure
 from .hf_compat import decoder_slice
+from .refusal import RefusalDetector
 
 log = logging.getLogger(__name__)
 
@@ -228,20 +230,6 @@ def _end_of_turn(tokenizer) -> str:
     if "<|im_end|>" in tokenizer.get_vocab():
         return "<|im_end|>"
     return tokenizer.eos_token or ""
-
-
-def generate_greedy(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int = 96,
-    detector: generation.Verdict | None = None,
-) -> list[str]:
-    """Greedy answers for already rendered chat prompts (the project's batched generator); with a
-    ``detector``, an answer ends as soon as its verdict is known."""
-    answers = generation.generate(model, tokenizer, list(prompts), max_new_tokens, batch_size, detector)
-    return [a.strip() for a in answers]
 
 
 def _drop_quantizer_state(model) -> None:
@@ -592,21 +580,16 @@ def refusal_rate(
     prompts: Sequence[str],
     system_prompt: str | None,
     max_new_tokens: int = 32,
-    detector: Callable[[str], bool] | generation.Verdict | None = None,
+    detector: RefusalDetector | None = None,
 ) -> tuple[float, list[str]]:
-    """Fraction of ``prompts`` whose greedy answer is a refusal, and the answers.
-
-    ``detector`` is a function of the answer, or an object with ``is_refusal`` and ``verdict``
-    (:class:`abliterate.refusal.RefusalDetector`): then each answer stops as soon as its verdict is
-    known, so a refusal's answer ends at its marker.
-    """
+    """Fraction of ``prompts`` whose greedy answer ``detector`` calls a refusal, and the answers, as
+    :func:`abliterate.evaluation.measure` finds them (each answer stops once its verdict is known)."""
     if not prompts:
         return float("nan"), []
     rendered = [_render(tokenizer, system_prompt, p) for p in prompts]
-    verdict = detector if hasattr(detector, "verdict") else None
-    answers = generate_greedy(model, tokenizer, rendered, max_new_tokens, detector=verdict)
-    detect = detector.is_refusal if verdict is not None else (detector or is_refusal)
-    return sum(bool(detect(a)) for a in answers) / len(answers), answers
+    settings = EvalSettings(max_new_tokens, 96, detector if detector is not None else RefusalDetector())
+    found = measure(model, tokenizer, settings, harmful=rendered)
+    return found.refusals / found.n, [a.strip() for a in found.responses]
 
 
 def build_demo_model(
@@ -619,7 +602,7 @@ def build_demo_model(
     check_harmless: Sequence[str],
     min_refusal: float | None = 0.65,
     max_harmless_refusal: float | None = 0.1,
-    detector: Callable[[str], bool] | generation.Verdict | None = None,
+    detector: RefusalDetector | None = None,
 ) -> tuple[object, dict]:
     """Fine-tune ``base_model`` (in place) into a refusing model; return it merged, and metrics.
 
@@ -627,8 +610,8 @@ def build_demo_model(
     ``harmless``: prompts answered with the base model's own greedy answers. ``check_*``: prompts
     that were not trained on; the build raises :class:`DemoModelCheckError` if the refusal rate on
     ``check_harmful`` is below ``min_refusal`` or that on ``check_harmless`` above
-    ``max_harmless_refusal`` (``None`` disables a threshold). ``detector`` classifies an answer as a
-    refusal (default: :func:`is_refusal`; see :func:`refusal_rate`).
+    ``max_harmless_refusal`` (``None`` disables a threshold). ``detector`` is the refusal verdict of
+    the check (default: the shipped markers; see :func:`refusal_rate`).
     """
     if not harmful or not harmless:
         raise DemoModelCheckError(
