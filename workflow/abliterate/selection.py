@@ -346,14 +346,8 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
     else:
         ax.scatter(done["refusals"], done["kl"], s=18, color="0.6", label=f"trials ({len(done)})")
         if not stopped.empty:
-            ax.scatter(
-                stopped["refusals"],
-                stopped["kl"],
-                s=18,
-                facecolors="none",
-                edgecolors="0.6",
-                label=f"stopped once dominated ({len(stopped)}; refusals at least)",
-            )
+            ax.scatter(stopped["refusals"], stopped["kl"], s=18, facecolors="none", edgecolors="0.6",
+                       label=f"stopped once dominated ({len(stopped)}; refusals at least)")
         front = pareto_front(done)
         ax.plot(front["refusals"], front["kl"], "-o", color="tab:blue", ms=4, label="Pareto front")
         for _, point in front.iterrows():
@@ -367,42 +361,26 @@ def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.Pa
         kl = done["kl"].astype(float)
         if kl.min() > 0 and kl.max() / kl.min() > 100:
             ax.set_yscale("log")
-        chosen = (
-            done[done["number"] == selected_number] if selected_number is not None else done[:0]
-        )
+        chosen = done[done["number"] == selected_number] if selected_number is not None else done[:0]
         if not chosen.empty:
-            row = chosen.iloc[0]
-            ax.scatter(
-                [row["refusals"]],
-                [row["kl"]],
-                s=140,
-                marker="*",
-                color="tab:red",
-                zorder=3,
-                label=f"selected: trial {int(row['number'])}",
-            )
-            # Point the label towards the middle of the axes so it is never clipped.
-            ax.autoscale_view()
-            to_axes = ax.transData + ax.transAxes.inverted()
-            fx, fy = to_axes.transform((float(row["refusals"]), float(row["kl"])))
-            ax.annotate(
-                f"trial {int(row['number'])}\n{_fmt(row)}",
-                (row["refusals"], row["kl"]),
-                xytext=(16 if fx < 0.6 else -16, 16 if fy < 0.6 else -16),
-                textcoords="offset points",
-                ha="left" if fx < 0.6 else "right",
-                va="bottom" if fy < 0.6 else "top",
-                fontsize=8,
-                arrowprops={"arrowstyle": "-", "color": "tab:red"},
-            )
+            _mark_selected(ax, chosen.iloc[0])
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title("Study trials: refusals vs KL")
     with io.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(
-            tmp,
-            format="png",
-            dpi=120,
-            metadata={"Description": f"abliterate study; selected trial {selected_number}"},
-        )
+        fig.savefig(tmp, format="png", dpi=120,
+                    metadata={"Description": f"abliterate study; selected trial {selected_number}"})
     return fig
+
+
+def _mark_selected(ax, row: pd.Series) -> None:
+    ax.scatter([row["refusals"]], [row["kl"]], s=140, marker="*", color="tab:red", zorder=3,
+               label=f"selected: trial {int(row['number'])}")
+    # Point the label towards the middle of the axes so it is never clipped.
+    ax.autoscale_view()
+    to_axes = ax.transData + ax.transAxes.inverted()
+    fx, fy = to_axes.transform((float(row["refusals"]), float(row["kl"])))
+    ax.annotate(f"trial {int(row['number'])}\n{_fmt(row)}", (row["refusals"], row["kl"]),
+                xytext=(16 if fx < 0.6 else -16, 16 if fy < 0.6 else -16), textcoords="offset points",
+                ha="left" if fx < 0.6 else "right", va="bottom" if fy < 0.6 else "top", fontsize=8,
+                arrowprops={"arrowstyle": "-", "color": "tab:red"})

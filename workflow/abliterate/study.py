@@ -540,23 +540,9 @@ def run_worker(
     is called as ``objective(params, trial_number, refusal_cap(study))`` (see :func:`refusal_cap`)
     and may return ``dominated_by`` (a trial number) with a lower-bound ``refusals``.
 
-    Restart: RUNNING trials recorded for this ``worker_id`` were left by a killed job: they are
-    marked FAIL and their parameters queued again, so they are the next trials asked. With
-    heartbeats, any worker does the same for silent trials of other workers. Two live workers
-    must never share a ``worker_id``.
-
-    Budget: the worker asks only while COMPLETE + RUNNING < ``n_trials``, counted under a file lock
-    for SQLite. Without the lock (server databases) two workers can both ask the last trial; the
-    later-numbered one is then told FAIL at once, before sampling, with user attribute
-    ``surplus`` (FAIL, not PRUNED, because samplers ignore failed trials), and its queued
-    parameters, if any, are queued again.
-
-    Failures: an exception from the objective fails the trial (user attribute ``error``) and the
-    loop continues; more than ``max_failures`` in a row raise ``RuntimeError``. On
-    ``KeyboardInterrupt``/``SystemExit`` the trial is failed and re-queued before re-raising.
-
-    Ledger: with ``ledger`` (a :class:`abliterate.study_ledger.Ledger` path), a database missing,
-    emptied, damaged or holding fewer completed trials than recorded there is refused before anything
+    Restart (:func:`_open_worker`), the budget across workers (:func:`_ask`) and failures
+    (:func:`_evaluate`) are described where they happen. With ``ledger`` (a
+    :class:`abliterate.study_ledger.Ledger` path) a lost or older database is refused before anything
     is written to it, and the count is recorded after every completed trial.
 
     Returns ``{"worker", "n_complete", "n_failed", "n_surplus", "study_n_complete", "seconds"}``
@@ -629,8 +615,11 @@ def _checked_inputs(n_trials: int, n_layers: int, sampler_kwargs: Mapping[str, A
 
 
 def _open_worker(storage_url: str, study_name: str, ledger, heartbeat_interval, grace_period, worker: str):
-    """The ledger (checked), the storage and the study, with this worker's trials left RUNNING by a
-    killed job failed and re-queued."""
+    """The ledger (checked), the storage and the study.
+
+    RUNNING trials recorded for this ``worker`` were left by a killed job: they are marked FAIL and
+    their parameters queued again, so they are the next trials asked. With heartbeats, any worker
+    does the same for silent trials of other workers. Two live workers must never share an id."""
     book = _open_ledger(ledger, storage_url)
     storage = make_storage(storage_url, heartbeat_interval, grace_period)
     with study_lock(storage_url):
@@ -644,7 +633,13 @@ def _open_worker(storage_url: str, study_name: str, ledger, heartbeat_interval, 
 
 
 def _ask(study: optuna.Study, worker: str, n_trials: int, space: Mapping[str, Any], n_layers: int):
-    """The next trial and its parameters (under the study lock), or None when it was surplus."""
+    """The next trial and its parameters, or None when it was surplus.
+
+    The caller asks only while COMPLETE + RUNNING < ``n_trials``, counted under a file lock for
+    SQLite. Without the lock (server databases) two workers can both ask the last trial; the
+    later-numbered one is then told FAIL at once, before sampling, with user attribute ``surplus``
+    (FAIL, not PRUNED, because samplers ignore failed trials), and its queued parameters, if any,
+    are queued again."""
     trial = study.ask()
     trial.set_user_attr("worker", worker)
     if _is_surplus(study, trial.number, n_trials):
@@ -661,7 +656,11 @@ def _ask(study: optuna.Study, worker: str, n_trials: int, space: Mapping[str, An
 
 def _evaluate(study, storage, trial, params: dict, objective, extra: tuple, counts: _Counts, max_failures: int,
               worker: str) -> bool:
-    """Run the objective on one trial and tell the study; True when the trial completed."""
+    """Run the objective on one trial and tell the study; True when the trial completed.
+
+    An exception from the objective fails the trial (user attribute ``error``) and the loop goes on;
+    more than ``max_failures`` in a row raise ``RuntimeError``. On ``KeyboardInterrupt`` or
+    ``SystemExit`` the trial is failed and re-queued before re-raising."""
     start = time.perf_counter()
     try:
         with _heartbeat(storage, trial._trial_id):
