@@ -267,8 +267,8 @@ def direct_route(route: str, layout: ModelLayout, device: torch.device) -> bool:
     """Whether a study edits weights in place (True) or through LoRA adapters (False).
 
     ``auto`` edits in place on the CPU when no layer is quantized: there PEFT's extra LoRA matmuls
-    made each trial of the demo study about 18% slower (16.2-17.3 s against 13.3-14.6 s, identical
-    scores), while an in-place edit costs one rank-1 update per weight and a copy back on reset, and
+    made each trial of the demo study slower at identical scores (benchmarks/README.md, "Figures
+    from the code"), while an in-place edit costs one rank-1 update per weight and a copy back on reset, and
     the backups hold one extra copy of the edited weights in RAM. On accelerators LoRA stays the
     default until that trade is measured there. Quantized layers always take LoRA.
     """

@@ -1,9 +1,9 @@
 """One trial's edit of all same-shaped components at once: stacked weights, batched factor maths.
 
-Why. On a GPU, :class:`abliterate.ablation.Ablator` edits component after component: a Qwen3-0.6B
-trial is 56 rank-1 edits whose arithmetic reads 294 MB (73 µs at the H200's 4 TB/s), but whose
-dozens of small kernels, host syncs and Python steps took 4.5 ms (row_norm none) to 138 ms (full,
-one ``svd_lowrank`` per matrix). Here the weights of one component kind — one matrix per layer, all
+Why. On a GPU, :class:`abliterate.ablation.Ablator` edits component after component: a trial is
+dozens of rank-1 edits whose arithmetic is a bandwidth-bound read of the weights, but whose small
+kernels, host syncs and Python steps cost many times that (benchmarks/README.md, "Figures from the
+code"). Here the weights of one component kind — one matrix per layer, all
 the same shape — are moved once into a single ``(L, out, in)`` tensor (each parameter becomes a view
 of it, so no memory is duplicated), and a trial's factors for the whole group come from a handful of
 batched products that read the weights once (none, pre) or a dozen times (full).

@@ -8,8 +8,8 @@ chosen size is used without a safety margin.
 On CPU and MPS there is no reliable out-of-memory signal (MPS shares system memory and the CPU
 swaps), so ``NON_CUDA_DEFAULT`` is used without probing. It is large because a decoding step
 reads every weight once whatever the batch: on a CPU the step is bound by memory bandwidth, and
-two batches of 16 cost nearly twice one batch of 32 (SmolLM2-135M, 24 prompts x 32 tokens, 1 thread:
-9.8 s in batches of 16). Prompt prefill is compute-bound and indifferent to the batch size.
+two batches of 16 cost nearly twice one batch of 32 (benchmarks/README.md, "Figures from the code").
+Prompt prefill is compute-bound and indifferent to the batch size.
 """
 
 from __future__ import annotations

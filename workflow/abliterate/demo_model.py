@@ -135,7 +135,7 @@ class DemoRecipe:
     distill_batch_size: int = 96
     # Training examples per harmful prompt: the prompt as written with its dataset refusal, then
     # rephrased ones with generic refusals. More generic refusals made the model refuse harmless
-    # prompts too (3 variants: 28-32% of held-out harmless prompts refused).
+    # prompts too (benchmarks/README.md, "Figures from the code").
     n_variants: int = 2
     # Training examples per harmless prompt: as written, then rephrased with the same wrappers as
     # harmful ones, so a phrasing alone never signals "refuse". The target is the distilled answer.
@@ -150,9 +150,8 @@ class DemoRecipe:
         "down_proj",
     )
     # LoRA only on layers at or above this fraction of the depth: the layers below never change, so
-    # their output is computed once, and backpropagation stops there. 0.4 trains in 68 % of the
-    # time of 0 at nearly the same refusal rates (held-out 33/45 harmful, 8/138 harmless against 34/45 and
-    # 6/138); 0.5 dropped to 31/45 harmful.
+    # their output is computed once, and backpropagation stops there: faster at nearly the same
+    # refusal rates, up to a point (benchmarks/README.md, "Figures from the code").
     lora_first_layer: float = 0.4
     # Batches hold examples of similar length (less padding); examples are shuffled within windows
     # of this many batches, then the batches are shuffled. 1 disables it.
@@ -164,8 +163,8 @@ class DemoRecipe:
     # Per harmless example, this many generic refusals whose first diverging token is pushed down
     # (unlikelihood loss, weighted by ``unlikely_weight``): harmless prompts learn "not a refusal"
     # at the decision token, not only "this answer".
-    # Without it (0) the demo model refused 25% of held-out harmless prompts; with 2 it refused 4%
-    # at the same harmful refusal rate (76%).
+    # Without it the demo model refused many held-out harmless prompts (benchmarks/README.md,
+    # "Figures from the code").
     unlikely_refusals: int = 2
     unlikely_weight: float = 1.0
     warmup_steps: int = 3

@@ -4,8 +4,8 @@ A trial's ablation kernel is zero below some layer, so those layers compute, for
 exactly what the unedited model computed. The KL prompts and the first generation batch are the
 same in every trial: their prefill is recorded once on the unedited model (each layer's input and
 the KV cache), and a trial runs only the layers from its first edited one, starting from the
-recorded input of that layer. Over a 40-trial study of the 30-layer demo model the first edited
-layer was 9 on average, so nearly a third of that prefill work is skipped.
+recorded input of that layer. A study's first edited layer is seldom the first layer, so part of
+that prefill work is skipped (how much on the demo: benchmarks/README.md, "Figures from the code").
 
 Recordings are looked up by the batch's token ids, so a batch that was not recorded (a refill of
 continuous batching, a changed prompt) is simply prefilled in full. Layer inputs are kept at every

@@ -181,7 +181,7 @@ def _open_rdb_storage(
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # Optuna commits once per suggested value. With WAL, synchronous=NORMAL skips the fsync of
-    # each commit (about 7 ms here) yet keeps the file consistent after a crash; a power cut can
+    # each commit yet keeps the file consistent after a crash; a power cut can
     # lose the last commits, which only means a trial is run again.
     dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
