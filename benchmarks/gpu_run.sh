@@ -13,6 +13,8 @@
 #   models    a Qwen3-0.6B-shaped random model folder, bf16 (benchmarks/random_model.py)
 #   micro06   ablation apply+reset vs the bandwidth bound, and evaluation batches, 0.6B bf16
 #   eval06    only the evaluation batches of micro06 (continuous batching vs CUDA graphs)
+#   static06  the same base-model batches also through transformers' generate() with a static cache,
+#             compiled: the rival the fixed-shape decoder must beat to stay (issue 29; not yet run)
 #   ablate06  only the ablation of micro06, LoRA route: the stacked batched edit against the
 #             per-component loop, profiled (PATHS=batched: the batched edit alone)
 #   ablate4b  the same on the Qwen3-4B shape
@@ -100,6 +102,9 @@ step micro06 75 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --
 step eval06 90 20 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections eval \
     --eval-model qwen3-0.6b-shape --tokenizer "$TOK" --batch-sizes 64 \
     --max-new-tokens 64 --reps 3 --out "$RES/micro-cuda-bf16-qwen3-0.6b-eval-$DAY.json"
+step static06 90 20 python3 benchmarks/micro.py --device cuda --dtype bfloat16 --sections eval \
+    --eval-model qwen3-0.6b-shape --tokenizer "$TOK" --batch-sizes 64 --no-lora-eval --hf-static \
+    --max-new-tokens 64 --reps 3 --out "$RES/micro-cuda-bf16-qwen3-0.6b-static-$DAY.json"
 compare() {  # compare NAME LABEL MODEL_DIR [compare.py options...]: both tools, then where their time went
     local name=$1 label=$2 model=$3
     shift 3

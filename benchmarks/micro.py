@@ -216,9 +216,34 @@ def harmless_texts(tokenizer, n: int) -> list[str]:
     return prompting.chat_texts(tokenizer, prompts)
 
 
+def hf_static_generate(model, tokenizer, texts: list[str], max_new_tokens: int, detector=None) -> list[list[int]]:
+    """transformers' own answer to decoding overhead, the rival of our fixed-shape decoder: generate()
+    with a static cache (which transformers compiles on CUDA) and, for early stops, a stopping
+    criterion that asks the refusal verdict of every row after each token."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    enc = prompting.encode(tokenizer, texts, next(model.parameters()).device)
+    width = enc["input_ids"].shape[1]
+
+    class Verdicts(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+            return torch.tensor([detector.verdict(t) is not None for t in texts], device=input_ids.device)
+
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, cache_implementation="static",
+                             stopping_criteria=StoppingCriteriaList([Verdicts()]) if detector else None,
+                             pad_token_id=tokenizer.pad_token_id)
+    rows = [row[width:].cpu().tolist() for row in out]
+    pad = tokenizer.pad_token_id
+    return [row[: len(row) - next((i for i, t in enumerate(reversed(row)) if t != pad), len(row))] for row in rows]
+
+
 def bench_eval(model, tokenizer, device: torch.device, reps: int, batch_sizes, max_new_tokens: int,
-               with_lora: bool) -> list[dict]:
-    """Seconds per generation batch (greedy, with and without early stop) and per log-prob batch."""
+               with_lora: bool, hf_static: bool = False) -> list[dict]:
+    """Seconds per generation batch (greedy, with and without early stop) and per log-prob batch.
+    Decodes: continuous batching, on CUDA fixed shapes as CUDA graphs, and with ``hf_static``
+    transformers' generate() with a static cache (:func:`hf_static_generate`)."""
     results = []
     ablator = None
     label = "base"
@@ -231,7 +256,8 @@ def bench_eval(model, tokenizer, device: torch.device, reps: int, batch_sizes, m
         label = "lora"
     detector = RefusalDetector()
     # on CUDA each batch is decoded both ways: continuous batching, and fixed shapes as CUDA graphs
-    decodes = (False, True) if device.type == "cuda" else (False,)
+    decodes = [False, True] if device.type == "cuda" else [False]
+    decodes += ["hf_static"] if hf_static else []
     for batch in batch_sizes:
         texts = harmless_texts(tokenizer, batch)
         for early_stop in (False, True):
@@ -241,8 +267,11 @@ def bench_eval(model, tokenizer, device: torch.device, reps: int, batch_sizes, m
                 outputs: list[list[list[int]]] = []
 
                 def run():
-                    outputs.append(generate_ids(model, tokenizer, texts, max_new_tokens, batch, det,
-                                                cuda_graphs=graphs))
+                    if graphs == "hf_static":
+                        outputs.append(hf_static_generate(model, tokenizer, texts, max_new_tokens, det))
+                    else:
+                        outputs.append(generate_ids(model, tokenizer, texts, max_new_tokens, batch, det,
+                                                    cuda_graphs=graphs))
 
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -254,7 +283,8 @@ def bench_eval(model, tokenizer, device: torch.device, reps: int, batch_sizes, m
                 same = sum(a == b for x, y in zip(ids, reference) for a, b in zip(x, y))
                 n_tokens = sum(len(x) for x in ids)
                 results.append({
-                    "peak_gpu_allocated_bytes": peak, "cuda_graphs": graphs,
+                    "peak_gpu_allocated_bytes": peak, "cuda_graphs": graphs is True,
+                    "decode": {False: "continuous", True: "fixed_graphs"}.get(graphs, graphs),
                     "model_state": label, "task": "generate", "batch": batch, "early_stop": early_stop,
                     "max_new_tokens": max_new_tokens, "batch_s": t["median_s"], "times_s": t["times_s"],
                     "tokens_per_batch": n_tokens, "tokens_per_s": n_tokens / t["median_s"],
@@ -461,10 +491,10 @@ def run(args) -> dict:
             result["eval_loadavg"] = loadavg()
             batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
             result["eval"] = bench_eval(model, tokenizer, device, args.reps, batch_sizes, args.max_new_tokens,
-                                        with_lora=False)
+                                        with_lora=False, hf_static=args.hf_static)
             if not args.no_lora_eval:
                 result["eval"] += bench_eval(model, tokenizer, device, args.reps, batch_sizes, args.max_new_tokens,
-                                             with_lora=True)
+                                             with_lora=True, hf_static=args.hf_static)
             del model
             devices.free_memory()
         if "merge" in sections:
@@ -499,6 +529,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default="16,32")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-lora-eval", action="store_true", help="skip the eval batches with a LoRA adapter on")
+    p.add_argument("--hf-static", action="store_true",
+                   help="also decode with transformers' generate() and a static cache (compiled on CUDA)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/micro-<device>-<date>.json)")
     args = p.parse_args(argv)

@@ -51,3 +51,15 @@ def test_micro_sections_report_their_keys(tiny_model_path, tmp_path):
               "bandwidth": bandwidth, "ablation_model": "tiny", "ablation": ablation,
               "eval_model": "tiny", "eval": evals, "merge_baseline": baseline, "merge": merges}
     assert "ratio" in micro.table(result)
+
+
+def test_the_static_cache_rival_decodes_the_tokens_we_decode(tiny_model_path):
+    from abliterate import prompting
+    from abliterate.generation import generate_ids
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    micro = _micro()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    texts = prompting.chat_texts(tokenizer, ["hello there", "how are you today", "write a poem"])
+    assert micro.hf_static_generate(model, tokenizer, texts, 8) == generate_ids(model, tokenizer, texts, 8, 3)
