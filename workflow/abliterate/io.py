@@ -187,14 +187,6 @@ def write_parquet(df, path: str | os.PathLike, metadata: Mapping[str, str] | Non
         pq.write_table(table, tmp)
 
 
-def read_parquet_metadata(path: str | os.PathLike) -> dict[str, str]:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    prefix = b"abliterate."
-    return {k[len(prefix):].decode(): v.decode() for k, v in meta.items() if k.startswith(prefix)}
-
-
 def write_csv(df, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
@@ -235,14 +227,6 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         except (json.JSONDecodeError, TypeError):
             meta[k] = v
     return tensors, meta
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_texts(texts: list[str]) -> str:

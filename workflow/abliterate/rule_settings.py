@@ -1,9 +1,11 @@
-"""What each rule reads from the configuration, and the hashes that name what the rules make.
+"""What each rule reads from the configuration, as frozen typed settings, and the hashes that name
+what the rules make.
 
-A rule gets its settings as ``params.settings``: the slice of the validated configuration its step
-reads (:data:`READS`), in the configuration's own shape. The step reads nothing else (a key outside
-its slice is a KeyError, which the workflow tests meet), and Snakemake reruns a job whose params
-changed, so a changed key reruns the rules that read it and, through their outputs, those downstream.
+A rule gets the slice of the validated configuration its step reads (:data:`READS`) as
+``params.settings``, and its step turns it into frozen dataclasses with :func:`typed` (fields: the
+keys it reads, typed as the schema types them), which fails on a missing or an extra key; Snakemake reruns a job whose params changed, so a changed key
+reruns the rules that read it and, through their outputs, those downstream. The classes are also
+read-only mappings, so helpers shared with the Snakefile's whole configuration accept them.
 
 What outlives a job (a study in its database, the prompt tables that runs share) is named by a
 :func:`fingerprint`: a hash of the rule's slice, less the keys that decide how fast or where it runs
@@ -17,15 +19,41 @@ Read when Snakemake parses the workflow: no torch or optuna here.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import operator
+import types
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from .errors import ConfigError
 from .io import config_hash
 from .workflow_config import chat_template, gguf_path, uses_demo_model
 
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+
 # model.* keys as the open_model path reads them (run: where a converted GGUF model lives)
-_SOURCE = ("model.path", "model.revision", "model.gguf_file", "model.package", "model.trust_remote_code")
-_MODEL = ("run", *_SOURCE, "model.chat_template", "model.system_prompt", "model.dtypes", "model.cpu_half",
-          "model.device_map", "model.quantization")
+_SOURCE = (
+    "model.path",
+    "model.revision",
+    "model.gguf_file",
+    "model.package",
+    "model.trust_remote_code",
+)
+_MODEL = (
+    "run",
+    *_SOURCE,
+    "model.chat_template",
+    "model.system_prompt",
+    "model.dtypes",
+    "model.cpu_half",
+    "model.device_map",
+    "model.quantization",
+)
 _EVALUATION = ("evaluation",)
 _ABLATION = ("seed", "ablation")
 
@@ -36,13 +64,129 @@ READS: dict[str, tuple[str, ...]] = {
     "gguf_model": (*_SOURCE, "merge.max_ram_gib"),
     "baseline": (*_MODEL, *_EVALUATION),
     "directions": (*_MODEL, "directions"),
-    "study": (*_MODEL, *_EVALUATION, *_ABLATION, "study.n_startup_trials", "study.n_ei_candidates",
-              "study.stop_dominated", "study.space"),
+    "study": (
+        *_MODEL,
+        *_EVALUATION,
+        *_ABLATION,
+        "study.n_startup_trials",
+        "study.n_ei_candidates",
+        "study.stop_dominated",
+        "study.space",
+    ),
     "trials": (),
     "export": (*_MODEL, *_EVALUATION, *_ABLATION, "export"),
     "merge": ("run", *_SOURCE, "model.chat_template", "merge.dtype", "merge.max_ram_gib"),
     "evaluate": (*_MODEL, *_EVALUATION, "merge.adapter_only"),
 }
+
+
+class Section(Mapping):
+    """Frozen settings that also read as the configuration mapping they were built from, so helpers
+    shared with the Snakefile's whole configuration accept them."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
+
+
+_TYPES = {
+    "string": str,
+    "integer": int,
+    "number": float,
+    "boolean": bool,
+    "array": tuple,
+    "object": Mapping,
+    "null": type(None),
+}
+
+
+@functools.cache
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))
+
+
+def _annotation(path: tuple[str, ...]) -> Any:
+    """The schema's type of a key (documentation: the schema validated the value already)."""
+    node = _schema()
+    for part in path:
+        node = node.get("properties", {}).get(part, {})
+    kinds = node.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds or []
+    return functools.reduce(operator.or_, [_TYPES[k] for k in kinds]) if kinds else Any
+
+
+@functools.cache
+def _section_class(rule: str, path: tuple[str, ...], names: tuple[str, ...]) -> type[Section]:
+    title = "".join(part.title().replace("_", "") for part in (rule, *path))
+    return dataclasses.make_dataclass(
+        f"{title}Settings",
+        [(n, _annotation((*path, n))) for n in names],
+        bases=(Section,),
+        frozen=True,
+    )
+
+
+def _leaves(path: str) -> list[str]:
+    """A whole section (``evaluation``) as its keys; anything deeper (a prompt source, the search
+    space) is one value."""
+    node = _schema()["properties"].get(path, {}) if "." not in path else {}
+    return [f"{path}.{key}" for key in node["properties"]] if "properties" in node else [path]
+
+
+def _tree(paths: tuple[str, ...]) -> dict:
+    tree: dict = {}
+    for path in (leaf for p in paths for leaf in _leaves(p)):
+        *parents, last = path.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = None  # a leaf: the value as configured
+    return tree
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    return tuple(_frozen(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _build(rule: str, tree: dict, data: Mapping, path: tuple[str, ...] = ()) -> Section:
+    missing, extra = sorted(set(tree) - set(data)), sorted(set(data) - set(tree))
+    if missing or extra:
+        where = ".".join(path) or "the top"
+        raise ConfigError(
+            f"the settings of rule {rule} at {where}: "
+            + "; ".join(
+                [f"{missing} missing"] * bool(missing)
+                + [f"{extra} beyond what its step reads"] * bool(extra)
+            )
+            + " (abliterate.rule_settings.READS)"
+        )
+    cls = _section_class(rule, path, tuple(tree))
+    return cls(
+        **{
+            name: _frozen(data[name])
+            if sub is None
+            else _build(rule, sub, data[name], (*path, name))
+            for name, sub in tree.items()
+        }
+    )
+
+
+def typed(rule: str, settings: Mapping) -> Section:
+    """The frozen settings of ``rule`` (its slice, :data:`READS`) from its ``params.settings``, as
+    nested dataclasses whose fields are the keys it reads; typed ones pass through."""
+    if isinstance(settings, Section):
+        return settings
+    return _build(rule, _tree(READS[rule]), settings)
+
 
 # Read, but not part of what a rule makes. The study's own budget and place (study.n_trials,
 # study.workers, study.storage) reach its jobs as separate params and are never hashed either.

@@ -15,13 +15,13 @@ from .errors import PromptError
 log = logging.getLogger(__name__)
 
 
-def model_source(config: dict, path: str | None = None) -> loading.ModelSource:
+def model_source(settings, path: str | None = None) -> loading.ModelSource:
     """The configured model (a GGUF file: its converted folder), or (``path``) a folder this workflow
-    wrote, such as the merged model."""
+    wrote, such as the merged model. ``settings``: a rule's (:mod:`abliterate.rule_settings`)."""
     if path is not None:
-        return loading.ModelSource(path=path, trust_remote_code=config["model"]["trust_remote_code"])
-    configured = loading.ModelSource.from_config(config["model"])
-    converted = workflow_config.converted_model_dir(config)
+        return loading.ModelSource(path=path, trust_remote_code=settings.model.trust_remote_code)
+    configured = loading.ModelSource.from_config(settings.model)
+    converted = workflow_config.converted_model_dir(settings)
     if converted is None:
         return configured
     # a GGUF model is read from the folder the gguf_model rule converted it into, under its own name
@@ -29,22 +29,22 @@ def model_source(config: dict, path: str | None = None) -> loading.ModelSource:
                                label=loading.resolve(configured).description)
 
 
-def open_model(config: dict, path: str | None = None, device=None, quantization: str | None = None) -> loading.LoadedModel:
-    model_cfg = config["model"]
-    quant = model_cfg["quantization"] if quantization is None else quantization
-    source = model_source(config, path)
+def open_model(settings, path: str | None = None, device=None, quantization: str | None = None) -> loading.LoadedModel:
+    model = settings.model
+    quant = model.quantization if quantization is None else quantization
+    source = model_source(settings, path)
     if quant != "none" and source.label:  # a GGUF model, read from its converted folder
         log.warning("%s holds GGUF-quantized weights; %s rounds their dequantised copy a second time, adding "
                     "its error to the file's", source.label, quant)
     return loading.load_model(
         source,
         device or devices.get_device(),
-        cascade=model_cfg["dtypes"],
+        cascade=list(model.dtypes),
         quant=quant,
-        cpu_half=model_cfg["cpu_half"],
+        cpu_half=model.cpu_half,
         # a folder this workflow wrote carries the template in its tokenizer (the merge saved it there)
-        chat_template=None if path else workflow_config.chat_template(model_cfg["chat_template"]),
-        device_map=model_cfg["device_map"],
+        chat_template=None if path else workflow_config.chat_template(model.chat_template),
+        device_map=model.device_map,
     )
 
 
@@ -56,12 +56,8 @@ def read_split(table_path: str, split: str) -> list[str]:
     return texts
 
 
-def chats(config: dict, tokenizer, table_path: str, split: str) -> tuple[list[str], list[str]]:
+def chats(settings, tokenizer, table_path: str, split: str) -> tuple[list[str], list[str]]:
     """``(raw prompts, chat-formatted texts)`` of one split."""
     raw = read_split(table_path, split)
-    return raw, prompting.chat_texts(tokenizer, raw, config["model"]["system_prompt"])
+    return raw, prompting.chat_texts(tokenizer, raw, settings.model.system_prompt)
 
-
-def batch_size(value, default_cpu: int = 16) -> int | None:
-    """An explicit batch size, or None for "auto" (the step then asks abliterate.batching)."""
-    return None if value == "auto" else int(value)

@@ -8,6 +8,7 @@ import pandas as pd
 
 from .. import devices, io, prompts, session
 from ..evaluation import measure
+from ..rule_settings import typed
 from .common import eval_settings, responses_table
 
 log = logging.getLogger(__name__)
@@ -15,13 +16,14 @@ log = logging.getLogger(__name__)
 
 def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logprobs: str, out_metrics: str,
         config_hash: str) -> dict:
+    config = typed("baseline", config)
     prompts.check_no_cross_overlap({"harmful": pd.read_parquet(harmful), "harmless": pd.read_parquet(harmless)})
     lm = session.open_model(config)
     metrics: dict = {"model": lm.source.description, "config_hash": config_hash, **lm.metadata()}
     work = {label: session.chats(config, lm.tokenizer, table, split)
             for table, split, label in ((harmful, "eval", "eval"), (harmful, "heldout", "heldout"),
                                         (harmless, "heldout", "harmless_heldout"))}
-    settings = eval_settings(config, lm, [t for _, texts in work.values() for t in texts])
+    settings = eval_settings(config.evaluation, lm, [t for _, texts in work.values() for t in texts])
     tables = []
     for label, (raw, texts) in work.items():
         found = measure(lm.model, lm.tokenizer, settings, harmful=texts, progress=True)

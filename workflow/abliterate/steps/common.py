@@ -42,15 +42,15 @@ def resolve_batch_size(value, lm, max_new_tokens: int, texts: list[str], cuda_gr
     return batching.auto_batch_size(probe, device, key, BATCH_CACHE, start=1, max_size=min(256, cap))
 
 
-def eval_settings(config: dict, lm, texts: list[str]) -> EvalSettings:
-    """Settings for generating answers to ``texts`` (used to size the batch)."""
-    ev = config["evaluation"]
-    markers = ev["markers"] or refusal.DEFAULT_MARKERS
+def eval_settings(evaluation, lm, texts: list[str]) -> EvalSettings:
+    """Settings for generating answers to ``texts`` (used to size the batch); ``evaluation``: a
+    rule's :class:`abliterate.rule_settings.Evaluation`."""
+    ev = evaluation
     return EvalSettings(
-        max_new_tokens=ev["max_new_tokens"],
-        batch_size=resolve_batch_size(ev["batch_size"], lm, ev["max_new_tokens"], texts, ev["cuda_graphs"]),
-        detector=refusal.RefusalDetector(markers),
-        cuda_graphs=ev["cuda_graphs"],
+        max_new_tokens=ev.max_new_tokens,
+        batch_size=resolve_batch_size(ev.batch_size, lm, ev.max_new_tokens, texts, ev.cuda_graphs),
+        detector=refusal.RefusalDetector(ev.markers or refusal.DEFAULT_MARKERS),
+        cuda_graphs=ev.cuda_graphs,
     )
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 from .. import ablation, devices, io, loading, session, study
 from ..errors import ConfigError
 from ..evaluation import measure
+from ..rule_settings import typed
 from .common import eval_settings, responses_table
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,10 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
         out_responses: str, config_hash: str, adapter_dir: str | None = None, ledger: str | None = None) -> dict:
     """Evaluate ``model_dir`` (the merged model) or, when it is None, the base model with ``adapter_dir``."""
     start = time.perf_counter()
+    config = typed("evaluate", config)
     stats = study.study_stats(storage, study_name, ledger)  # a lost study fails before the evaluation
     lm = session.open_model(config, path=model_dir) if model_dir else with_adapter(session.open_model(config), adapter_dir)
-    settings = eval_settings(config, lm, session.chats(config, lm.tokenizer, harmful, "heldout")[1])
+    settings = eval_settings(config.evaluation, lm, session.chats(config, lm.tokenizer, harmful, "heldout")[1])
     device = next(lm.model.parameters()).device
     base_lp, _ = io.load_safetensors(baseline_logprobs, device=device)
     merged: dict = {}
@@ -76,7 +78,7 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
     baseline = io.read_json(baseline_metrics)
     selected = io.read_json(selected_path)
     summary = {
-        "run": config["run"],
+        "run": config.run,
         "model": baseline["model"],
         "dtype": baseline.get("dtype"),
         "quantization": baseline.get("quantization"),
@@ -93,7 +95,7 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
         "merged": merged,
         "study": {"name": study_name, **{k: stats[k] for k in ("n_complete", "n_dominated", "n_failed", "seconds")}},
         # this job's own time: its benchmark file is written only after it ends
-        "timings_s": rule_timings(config["run"], Path(harmful).parent.name)  # the prompts folder
+        "timings_s": rule_timings(config.run, Path(harmful).parent.name)  # the prompts folder
         | {"evaluate": round(time.perf_counter() - start, 2)},
     }
     io.write_json(summary, out_summary)

@@ -9,14 +9,15 @@ import pandas as pd
 from .. import ablation, devices, io, selection, session
 from ..evaluation import Evaluator, measure
 from ..generation import RefusalLimitReached
+from ..rule_settings import typed
 from .common import eval_settings
 from .study import build_ablator
 
 log = logging.getLogger(__name__)
 
 
-def policy(config: dict) -> dict:
-    return {"name": config["export"]["policy"], "refusal_target": config["export"]["refusal_target"], "fallback": "knee"}
+def policy(config) -> dict:
+    return {"name": config.export.policy, "refusal_target": config.export.refusal_target, "fallback": "knee"}
 
 
 def params_of(row: pd.Series) -> dict:
@@ -26,7 +27,7 @@ def params_of(row: pd.Series) -> dict:
     return params
 
 
-def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmful: str, harmless: str,
+def confirm(config, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmful: str, harmless: str,
             kl_n: int) -> tuple[pd.Series | None, dict | None]:
     """Measure the front trials within the refusal target on the train prompts and choose among
     those that stay within it on eval and train together (:func:`abliterate.selection.select_confirmed`). Returns the chosen row (None:
@@ -43,7 +44,7 @@ def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmf
         log.warning("confirmation skipped: the train split has %d harmful and %d harmless prompts",
                     len(harmful_texts), len(harmless_texts))
         return None, None
-    settings = eval_settings(config, lm, harmful_texts)
+    settings = eval_settings(config.evaluation, lm, harmful_texts)
     # the unedited model's answers on the train prompts: the baseline rule measures eval and held-out only
     base_lp = measure(lm.model, lm.tokenizer, settings, harmless=harmless_texts).logprobs
     evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base_lp,
@@ -89,8 +90,9 @@ def confirm(config: dict, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmf
 
 def run(config: dict, trials: str, harmful: str, harmless: str, directions_path: str,
         out_selected: str, out_pareto: str, out_adapter: str, out_plot: str, config_hash: str) -> dict:
+    config = typed("export", config)
     df = pd.read_csv(trials)
-    named = config["export"].get("trial")
+    named = config.export.trial
     if named is None:
         row, reason = selection.select_trial(df, policy(config))
         log.info("selected on the eval prompts: %s", reason)
@@ -100,7 +102,7 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
     lm = session.open_model(config)
     ablator = None
     confirmation = None
-    if config["export"]["confirm"] and named is None:
+    if config.export.confirm and named is None:
         # the study's route: on the CPU that edits in place, faster than LoRA's extra matmuls; reset
         # restores the weights bit for bit before the LoRA wrapping below
         ablator = build_ablator(config, lm, directions_path)

@@ -6,6 +6,7 @@ import json
 import logging
 
 from .. import dtypes, io, loading, merging, session, workflow_config
+from ..rule_settings import typed
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,13 @@ Held-out evaluation results are in the workflow's `summary.json`.
 
 
 def run(config: dict, adapter: str, selected_path: str, out_model: str, config_hash: str) -> dict:
+    config = typed("merge", config)
     selected = io.read_json(selected_path)
     source = session.model_source(config)
     dtype = merging.merge_dtype(loading.load_config(source))
-    save_dtype = None if config["merge"]["dtype"] == "auto" else dtypes.parse(config["merge"]["dtype"])
+    save_dtype = None if config.merge.dtype == "auto" else dtypes.parse(config.merge.dtype)
     card = CARD.format(
-        name=config["run"], model=selected.get("model", source.path), reason=selected["reason"],
+        name=config.run, model=selected.get("model", source.path), reason=selected["reason"],
         refusals=selected["eval"]["refusals"], n=selected["eval"]["n"], kl=selected["eval"]["kl"],
         params=json.dumps(selected["params"], indent=2), dtype=selected.get("dtype"),
         quantization=selected.get("quantization"), config_hash=config_hash,
@@ -59,6 +61,6 @@ def run(config: dict, adapter: str, selected_path: str, out_model: str, config_h
         log.warning("the study ran %s-quantized, but the merge reloads the model unquantized on the CPU: it "
                     "needs the full-precision model in RAM (estimate below); merge.adapter_only: true skips it",
                     selected["quantization"])
-    info = merging.merge(source, adapter, out_model, config["merge"]["max_ram_gib"], meta, card,
-                         workflow_config.chat_template(config["model"]["chat_template"]), save_dtype)
+    info = merging.merge(source, adapter, out_model, config.merge.max_ram_gib, meta, card,
+                         workflow_config.chat_template(config.model.chat_template), save_dtype)
     return info

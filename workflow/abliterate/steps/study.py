@@ -8,14 +8,15 @@ import time
 
 from .. import ablation, architecture, devices, io, session, study
 from ..evaluation import Evaluator
+from ..rule_settings import typed
 from .common import eval_settings
 
 log = logging.getLogger(__name__)
 
 
-def search_space(config: dict, kinds: list[str]) -> dict:
-    """The config's search space (shared by every component kind) in the form study.suggest_params takes."""
-    space = config["study"]["space"]
+def search_space(space, kinds: list[str]) -> dict:
+    """The configured search space (config study.space, shared by every component kind) in the form
+    study.suggest_params takes."""
     low, high = space["direction_index"]
     scopes = list(space.get("direction_scope", study.SCOPES))
     kernel = {key: list(space[key]) for key in ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")}
@@ -46,7 +47,7 @@ class Objective:
                 "seconds_evaluate": seconds}
 
 
-def build_ablator(config: dict, lm, directions_path: str, route: str | None = None) -> ablation.Ablator:
+def build_ablator(config, lm, directions_path: str, route: str | None = None) -> ablation.Ablator:
     """The config's ablation of ``lm`` with the directions rule's table; ``route`` overrides
     ``ablation.route`` (export needs LoRA adapters to write)."""
     layout = architecture.discover(lm.model)
@@ -54,20 +55,20 @@ def build_ablator(config: dict, lm, directions_path: str, route: str | None = No
     device = next(lm.model.parameters()).device
     return ablation.Ablator(
         lm.model, layout, tensors["directions"],
-        row_norm=ablation.RowNorm(config["ablation"]["row_norm"]),
-        full_rank=config["ablation"]["full_rank"], seed=config["seed"],
-        force_direct=ablation.direct_route(route or config["ablation"]["route"], layout, device),
+        row_norm=ablation.RowNorm(config.ablation.row_norm),
+        full_rank=config.ablation.full_rank, seed=config.seed,
+        force_direct=ablation.direct_route(route or config.ablation.route, layout, device),
     )
 
 
-def build_objective(config: dict, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
+def build_objective(config, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
                     reuse_layers: bool = False):
     """``reuse_layers`` records the prefills every trial repeats (worth it for a study, not for one edit)."""
     ablator = build_ablator(config, lm, directions_path)
     layout = ablator.layout
     device = next(lm.model.parameters()).device
     _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "eval")
-    settings = eval_settings(config, lm, harmful_texts)
+    settings = eval_settings(config.evaluation, lm, harmful_texts)
     base, _ = io.load_safetensors(baseline_path, device=device)
     _, harmless_texts = session.chats(config, lm.tokenizer, harmless, "eval")
     evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"],
@@ -80,16 +81,18 @@ def build_objective(config: dict, lm, harmful: str, harmless: str, directions_pa
 def run(config: dict, worker: int, harmful: str, harmless: str, directions_path: str, baseline_path: str,
         storage: str, study_name: str, n_trials: int, out_done: str, config_hash: str,
         ledger: str | None = None) -> dict:
+    config = typed("study", config)
     devices.use_worker_gpu(worker)
     lm = session.open_model(config)
     objective, layout, _ = build_objective(config, lm, harmful, harmless, directions_path, baseline_path,
                                            reuse_layers=True)
     kinds = sorted({c.kind for c in layout.components})
     result = study.run_worker(
-        storage, study_name, objective, n_trials, worker_id=worker, seed=config["seed"] + worker,
-        sampler_kwargs={key: config["study"][key] for key in ("n_startup_trials", "n_ei_candidates")},
-        n_layers=layout.n_layers, space=search_space(config, kinds),
-        stop_dominated=config["study"]["stop_dominated"], ledger=ledger,
+        storage, study_name, objective, n_trials, worker_id=worker, seed=config.seed + worker,
+        sampler_kwargs={"n_startup_trials": config.study.n_startup_trials,
+                        "n_ei_candidates": config.study.n_ei_candidates},
+        n_layers=layout.n_layers, space=search_space(config.study.space, kinds),
+        stop_dominated=config.study.stop_dominated, ledger=ledger,
     )
     io.write_json({**result, "worker": worker, "study_name": study_name, "config_hash": config_hash,
                    **lm.metadata()}, out_done)
