@@ -208,6 +208,8 @@ def test_each_rule_settings_are_typed_frozen_and_exactly_its_slice():
         study.study.space["max_weight"] = [0, 1]  # nested values are read-only too
     with pytest.raises(KeyError):
         study["export"]  # a key the study does not read
+    with pytest.raises(ConfigError, match="rule merge at the top"):
+        rs.typed("merge", study)  # another rule's settings are checked like a plain slice
 
 
 def test_a_settings_slice_with_a_missing_or_an_extra_key_is_refused():

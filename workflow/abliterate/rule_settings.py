@@ -3,9 +3,10 @@ what the rules make.
 
 A rule gets the slice of the validated configuration its step reads (:data:`READS`) as
 ``params.settings``, and its step turns it into frozen dataclasses with :func:`typed` (fields: the
-keys it reads, typed as the schema types them), which fails on a missing or an extra key; Snakemake reruns a job whose params changed, so a changed key
-reruns the rules that read it and, through their outputs, those downstream. The classes are also
-read-only mappings, so helpers shared with the Snakefile's whole configuration accept them.
+keys it reads, typed as the schema types them), which fails on a missing or an extra key.
+Snakemake reruns a job whose params changed, so a changed key reruns the rules that read it and,
+through their outputs, those downstream. The classes are also read-only mappings, so helpers shared
+with the Snakefile's whole configuration accept them.
 
 What outlives a job (a study in its database, the prompt tables that runs share) is named by a
 :func:`fingerprint`: a hash of the rule's slice, less the keys that decide how fast or where it runs
@@ -140,15 +141,17 @@ def _leaves(path: str) -> list[str]:
     return [f"{path}.{key}" for key in node["properties"]] if "properties" in node else [path]
 
 
-def _tree(paths: tuple[str, ...]) -> dict:
+def _tree(rule: str) -> dict:
+    """The keys ``rule`` reads, nested; a leaf (None) holds its value as configured."""
     tree: dict = {}
-    for path in (leaf for p in paths for leaf in _leaves(p)):
-        *parents, last = path.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = None  # a leaf: the value as configured
+    for path in READS[rule]:
+        for leaf in _leaves(path):
+            _put(tree, leaf, None)
     return tree
+
+
+def _rule_class(rule: str) -> type[Section]:
+    return _section_class(rule, (), tuple(_tree(rule)))
 
 
 def _frozen(value: Any) -> Any:
@@ -159,15 +162,14 @@ def _frozen(value: Any) -> Any:
 
 def _build(rule: str, tree: dict, data: Mapping, path: tuple[str, ...] = ()) -> Section:
     missing, extra = sorted(set(tree) - set(data)), sorted(set(data) - set(tree))
-    if missing or extra:
+    problems = [f"{missing} missing"] if missing else []
+    if extra:
+        problems.append(f"{extra} beyond what its step reads")
+    if problems:
         where = ".".join(path) or "the top"
         raise ConfigError(
-            f"the settings of rule {rule} at {where}: "
-            + "; ".join(
-                [f"{missing} missing"] * bool(missing)
-                + [f"{extra} beyond what its step reads"] * bool(extra)
-            )
-            + " (abliterate.rule_settings.READS)"
+            f"the settings of rule {rule} at {where}: {'; '.join(problems)} "
+            "(abliterate.rule_settings.READS)"
         )
     cls = _section_class(rule, path, tuple(tree))
     return cls(
@@ -182,10 +184,11 @@ def _build(rule: str, tree: dict, data: Mapping, path: tuple[str, ...] = ()) -> 
 
 def typed(rule: str, settings: Mapping) -> Section:
     """The frozen settings of ``rule`` (its slice, :data:`READS`) from its ``params.settings``, as
-    nested dataclasses whose fields are the keys it reads; typed ones pass through."""
-    if isinstance(settings, Section):
+    nested dataclasses whose fields are the keys it reads; ``rule``'s own typed settings pass
+    through."""
+    if type(settings) is _rule_class(rule):
         return settings
-    return _build(rule, _tree(READS[rule]), settings)
+    return _build(rule, _tree(rule), settings)
 
 
 # Read, but not part of what a rule makes. The study's own budget and place (study.n_trials,

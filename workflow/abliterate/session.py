@@ -39,7 +39,7 @@ def open_model(settings, path: str | None = None, device=None, quantization: str
     return loading.load_model(
         source,
         device or devices.get_device(),
-        cascade=list(model.dtypes),
+        cascade=model.dtypes,
         quant=quant,
         cpu_half=model.cpu_half,
         # a folder this workflow wrote carries the template in its tokenizer (the merge saved it there)

@@ -42,10 +42,9 @@ def resolve_batch_size(value, lm, max_new_tokens: int, texts: list[str], cuda_gr
     return batching.auto_batch_size(probe, device, key, BATCH_CACHE, start=1, max_size=min(256, cap))
 
 
-def eval_settings(evaluation, lm, texts: list[str]) -> EvalSettings:
-    """Settings for generating answers to ``texts`` (used to size the batch); ``evaluation``: a
-    rule's :class:`abliterate.rule_settings.Evaluation`."""
-    ev = evaluation
+def eval_settings(ev, lm, texts: list[str]) -> EvalSettings:
+    """Settings for generating answers to ``texts`` (used to size the batch); ``ev``: the
+    ``evaluation`` section of a rule's typed settings (:func:`abliterate.rule_settings.typed`)."""
     return EvalSettings(
         max_new_tokens=ev.max_new_tokens,
         batch_size=resolve_batch_size(ev.batch_size, lm, ev.max_new_tokens, texts, ev.cuda_graphs),
