@@ -95,7 +95,7 @@ def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, tr
     """The figures on ``split`` of the base model and of each trial of our run re-applied to it."""
     import yaml
     from abliterate import ablation, io, rule_settings
-    from abliterate.steps.study import build_ablator
+    from abliterate.steps.study import build_editor
     from snakemake.utils import validate
 
     run_config = yaml.safe_load((ours_dir / "config.yaml").read_text(encoding="utf-8"))
@@ -104,7 +104,7 @@ def measure(protocol: compare.Protocol, model: str, ours_dir: Path, run: str, tr
 
     def edits(lm):
         # the run's own ablation settings (row norm, rank, seed, route), as its study applied them
-        ablator = build_ablator(run_config, lm, ours_dir / "results" / run / "directions.safetensors")
+        ablator = build_editor(run_config, lm, ours_dir / "results" / run / "directions.safetensors")
 
         @contextmanager
         def edited(trial):

@@ -6,7 +6,7 @@ Each rule of the workflow loads the model in a new process. This measures, in on
 order: CUDA's start-up (the first allocation), transformers' ``from_pretrained`` onto the CPU followed
 by ``.to(cuda)`` (what abliterate did before), ``from_pretrained`` with ``device_map`` straight onto
 the GPU (what it does now), and :func:`abliterate.loading.load_model` as the rules call it (its log
-line splits weights and probe forward), then an Ablator's construction and one trial on that model.
+line splits weights and probe forward), then an editor's construction and one trial on that model.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "workflow"))
 
 from abliterate import devices, loading
-from abliterate.ablation import AblationParams, Ablator
+from abliterate.ablation import AblationParams
+from abliterate.editors import LoraEditor
 from abliterate.architecture import discover
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
         loading.ModelSource(path=args.model), torch.device("cuda"), cascade=["bfloat16"]))
     layout = discover(loaded.model)
     directions = torch.randn(layout.n_layers + 1, layout.hidden_size, device="cuda")
-    ablator, figures["ablator_init_s"] = timed(lambda: Ablator(loaded.model, layout, directions))
+    ablator, figures["ablator_init_s"] = timed(lambda: LoraEditor(loaded.model, layout, directions))
     _, figures["first_trial_apply_s"] = timed(lambda: ablator.apply(AblationParams.constant(1.0)))
     _, figures["second_trial_apply_s"] = timed(lambda: ablator.apply(AblationParams.constant(0.5)))
     figures = {k: round(v, 3) for k, v in figures.items()}

@@ -43,7 +43,8 @@ from pathlib import Path
 import psutil
 import torch
 from abliterate import devices, io, kl, loading, merging, prompting, ram
-from abliterate.ablation import AblationParams, Ablator, RowNorm
+from abliterate.ablation import AblationParams, RowNorm
+from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.architecture import discover
 from abliterate.generation import generate_ids
 from abliterate.refusal import RefusalDetector
@@ -172,9 +173,9 @@ def bench_ablation(model, device: torch.device, bandwidth: dict, reps: int, row_
     for path, route, row_norm in itertools.product(paths, routes, row_norms):
         layout = discover(model)
         directions = random_directions(layout)
-        ablator = Ablator(model, layout, directions, row_norm=row_norm, force_direct=(route == "direct"),
-                          backup_device=None if device.type != "cpu" else "cpu",
-                          batched=(path != "per_component"))
+        editor = InPlaceEditor if route == "direct" else LoraEditor
+        ablator = editor(model, layout, directions, row_norm=row_norm,
+                         backup_device=None if device.type != "cpu" else "cpu", batched=(path != "per_component"))
         ablator.apply(params)
         edited = list(ablator._factors)
         nbytes = sum(tensor_bytes(c.weight) for c in edited)
@@ -204,7 +205,7 @@ def bench_ablation(model, device: torch.device, bandwidth: dict, reps: int, row_
                     row["apply_reset_s"] * 1e3, bound * 1e3, row["ratio"])
         results.append(row)
         ablator.reset()
-        if ablator.peft_model is not None:
+        if getattr(ablator, "peft_model", None) is not None:
             # drop the LoRA layers (no merge) so the next configuration wraps a clean model
             model = ablator.peft_model.base_model.unload()
     return results
@@ -249,7 +250,7 @@ def bench_eval(model, tokenizer, device: torch.device, reps: int, batch_sizes, m
     label = "base"
     if with_lora:
         layout = discover(model)
-        ablator = Ablator(model, layout, random_directions(layout))
+        ablator = LoraEditor(model, layout, random_directions(layout))
         # a mid-strength trial: the adapter's extra matmuls run, the model still writes text
         ablator.apply(AblationParams.constant(0.5))
         model = ablator.model
@@ -367,9 +368,9 @@ def save_for_merge(name: str, dtype: torch.dtype, work: Path) -> tuple[Path, Pat
     tokenizer.save_pretrained(folder)
     n_params = sum(p.numel() for p in model.parameters())
     layout = discover(model)
-    ablator = Ablator(model, layout, random_directions(layout))
+    ablator = LoraEditor(model, layout, random_directions(layout))
     ablator.apply(AblationParams.constant(1.0))
-    ablator.save_adapter(adapter)
+    ablator.save(adapter)
     del ablator, model
     devices.free_memory()
     return folder, adapter, n_params

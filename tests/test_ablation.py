@@ -1,4 +1,4 @@
-"""Ablator: LoRA and direct routes, row-norm modes against float64 references, reset, shape rule."""
+"""Editors: LoRA and in-place routes, row-norm modes against float64 references, reset, shape rule."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 from abliterate import io
 from abliterate.ablation import (
     AblationParams,
-    Ablator,
     Kernel,
     RowNorm,
     delta_factors,
     direction_for,
     layer_direction,
 )
+from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.architecture import discover
 from abliterate.errors import ConfigError, NumericalError
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -41,14 +41,13 @@ def _directions(seed: int = 1) -> torch.Tensor:
     return torch.randn(tm.LAYERS + 1, tm.HIDDEN, generator=gen)
 
 
-def _ablator(name: str, row_norm=RowNorm.NONE, force_direct=False, **kwargs):
+def _ablator(name: str, row_norm=RowNorm.NONE, in_place=False, **kwargs):
     model = tm.FACTORIES[name]()
-    return Ablator(
+    return (InPlaceEditor if in_place else LoraEditor)(
         model,
         discover(model),
         _directions(),
         row_norm=row_norm,
-        force_direct=force_direct,
         **kwargs,
     )
 
@@ -135,10 +134,10 @@ BATCHED = pytest.mark.parametrize("batched", [False, True], ids=["per_component"
 
 
 @BATCHED
-@pytest.mark.parametrize("force_direct", [False, True], ids=["lora", "direct"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["lora", "direct"])
 @pytest.mark.parametrize("name", MODELS)
-def test_full_weight_removes_direction(name, force_direct, batched):
-    ab = _ablator(name, force_direct=force_direct, batched=batched)
+def test_full_weight_removes_direction(name, in_place, batched):
+    ab = _ablator(name, in_place=in_place, batched=batched)
     before = {c: _base_views(ab, c).clone() for c in ab.layout.components}
     ab.apply(ALL_ONES)
     for c in ab.layout.components:
@@ -155,10 +154,10 @@ def test_full_weight_removes_direction(name, force_direct, batched):
 @pytest.mark.parametrize("name", MODELS)
 def test_lora_and_direct_routes_agree(name, row_norm, batched):
     lora = _ablator(name, row_norm, batched=batched)
-    direct = _ablator(name, row_norm, force_direct=True, batched=batched)
+    direct = _ablator(name, row_norm, in_place=True, batched=batched)
     base_logits = _logits(direct)
     base_weights = [c.weight.detach().clone() for c in direct.layout.components]
-    assert direct.peft_model is None and not direct._lora_layers
+    assert type(direct) is InPlaceEditor and not direct._lora_layers
     assert lora.peft_model is not None
     for params in (VARIED, ALL_ONES):  # two trials in a row: the second replaces the first
         lora.apply(params)
@@ -257,7 +256,7 @@ def test_a_layer_without_direction_only_fails_the_trials_that_edit_it(batched):
     directions = _directions()
     directions[3] = 0  # the output of layer 2
     model = tm.tiny_llama()
-    ab = Ablator(model, discover(model), directions, batched=batched)
+    ab = LoraEditor(model, discover(model), directions, batched=batched)
     ab.apply(AblationParams(None, {"mlp_down": Kernel(1.0, 0.0, 1.0, 1.5)}))  # layers 0 and 1
     assert sorted(c.layer for c in ab._factors) == [0, 1]
     ab.apply(AblationParams(1.0, {"mlp_down": Kernel(1.0, 2.0, 1.0, 0.5)}))  # a global direction
@@ -310,9 +309,9 @@ CASES += [("gpt2", rn, False) for rn in (RowNorm.NONE, RowNorm.PRE)]
 
 
 @BATCHED
-@pytest.mark.parametrize("name,row_norm,force_direct", CASES)
-def test_no_hidden_by_hidden_tensor(name, row_norm, force_direct, batched):
-    ab = _ablator(name, row_norm, force_direct=force_direct, batched=batched)
+@pytest.mark.parametrize("name,row_norm,in_place", CASES)
+def test_no_hidden_by_hidden_tensor(name, row_norm, in_place, batched):
+    ab = _ablator(name, row_norm, in_place=in_place, batched=batched)
     with ShapeRecorder() as rec:
         ab.apply(VARIED)
         ab.apply(ALL_ONES)
@@ -351,7 +350,7 @@ def test_save_adapter_roundtrip(tmp_path, batched):
     ab.apply(VARIED)
     expected = _logits(ab)
     out = tmp_path / "adapter"
-    ab.save_adapter(out)
+    ab.save(out)
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # atomic: no temp folder left
     tensors, meta = io.load_safetensors(out / "direct_edits.safetensors")
@@ -381,9 +380,9 @@ def test_save_adapter_roundtrip(tmp_path, batched):
 
 def test_apply_logs_one_info_line(caplog):
     ab = _ablator("llama")
-    with caplog.at_level(logging.INFO, logger="abliterate.ablation"):
+    with caplog.at_level(logging.INFO, logger="abliterate.editors"):
         ab.apply(VARIED)
-    lines = [r for r in caplog.records if r.name == "abliterate.ablation"]
+    lines = [r for r in caplog.records if r.name == "abliterate.editors"]
     assert len(lines) == 1 and "components" in lines[0].getMessage()
 
 
@@ -394,7 +393,7 @@ def test_peft_model_input_and_caller_model_see_the_edit():
     with torch.inference_mode():
         base = model(tm.input_ids()).logits
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
-    ab = Ablator(wrapped, discover(wrapped), _directions())
+    ab = LoraEditor(wrapped, discover(wrapped), _directions())
     assert ab.peft_model is wrapped and ab.base is model
     ab.apply(ALL_ONES)
     with torch.inference_mode():
@@ -410,9 +409,9 @@ def test_bad_directions_rejected():
     model = tm.tiny_llama()
     layout = discover(model)
     with pytest.raises(ConfigError):
-        Ablator(model, layout, torch.randn(tm.LAYERS, tm.HIDDEN))
+        LoraEditor(model, layout, torch.randn(tm.LAYERS, tm.HIDDEN))
     with pytest.raises(ConfigError):
-        Ablator(model, layout, torch.zeros(tm.LAYERS + 1, tm.HIDDEN, dtype=torch.int64))
+        LoraEditor(model, layout, torch.zeros(tm.LAYERS + 1, tm.HIDDEN, dtype=torch.int64))
 
 
 @pytest.mark.parametrize(
@@ -420,7 +419,7 @@ def test_bad_directions_rejected():
     [("auto", "cpu", True), ("auto", "cuda", False), ("lora", "cpu", False), ("direct", "cuda", True)],
 )
 def test_route_choice(route, device, expected):
-    from abliterate.ablation import direct_route
+    from abliterate.editors import direct_route
 
     model = tm.FACTORIES[MODELS[0]]()
     assert direct_route(route, discover(model), torch.device(device)) is expected
@@ -429,10 +428,19 @@ def test_route_choice(route, device, expected):
 def test_direct_route_on_a_quantized_layout_names_the_key():
     import dataclasses
 
-    from abliterate.ablation import direct_route
+    from abliterate.editors import direct_route
 
     layout = discover(tm.FACTORIES[MODELS[0]]())
     layout = dataclasses.replace(layout, components=[dataclasses.replace(c, quantized=True) for c in layout.components])
     assert direct_route("auto", layout, torch.device("cpu")) is False
     with pytest.raises(ConfigError, match="ablation.route"):
         direct_route("direct", layout, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("route, editor", [("auto", "InPlaceEditor"), ("direct", "InPlaceEditor"), ("lora", "LoraEditor")])
+def test_the_factory_chooses_the_editor_once(route, editor):
+    from abliterate import editors
+
+    model = tm.FACTORIES[MODELS[0]]()
+    chosen = editors.make_editor(model, discover(model), _directions(), route, row_norm="pre", batched=False)
+    assert type(chosen).__name__ == editor and chosen.row_norm == RowNorm.PRE and not chosen._groups

@@ -6,7 +6,8 @@ import pytest
 import tiny_models as tm
 import torch
 from abliterate import batched_ablation
-from abliterate.ablation import AblationParams, Ablator, Kernel, RowNorm, delta_factors
+from abliterate.ablation import AblationParams, Kernel, RowNorm, delta_factors
+from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.architecture import discover
 
 torch.set_num_threads(1)
@@ -62,7 +63,7 @@ def test_full_mode_with_a_zero_weight_inside_the_kernel():
     seen = []
     for batched in (False, True):
         model = tm.tiny_llama()
-        ab = Ablator(model, discover(model), directions, row_norm=RowNorm.FULL, batched=batched)
+        ab = LoraEditor(model, discover(model), directions, row_norm=RowNorm.FULL, batched=batched)
         ab.apply(params)
         seen.append([ab.effective_weight(c) for c in ab.layout.components])
         assert sorted(c.layer for c in ab._factors) == [0, 2]
@@ -108,7 +109,7 @@ def _logits(model):
 def test_stacking_keeps_the_model_and_shares_one_tensor():
     model = tm.tiny_llama()
     before = _logits(model)
-    ab = Ablator(model, discover(model), torch.randn(tm.LAYERS + 1, tm.HIDDEN), batched=True)
+    ab = LoraEditor(model, discover(model), torch.randn(tm.LAYERS + 1, tm.HIDDEN), batched=True)
     assert torch.equal(_logits(ab.model), before)
     assert {g.components[0].kind for g in ab._groups} == {"attn_out", "mlp_down"}
     for group in ab._groups:
@@ -121,14 +122,14 @@ def test_stacking_keeps_the_model_and_shares_one_tensor():
 
 def test_batched_is_the_default_and_can_be_turned_off():
     model = tm.tiny_llama()
-    assert len(Ablator(model, discover(model), torch.randn(tm.LAYERS + 1, tm.HIDDEN))._groups) == 2
+    assert len(LoraEditor(model, discover(model), torch.randn(tm.LAYERS + 1, tm.HIDDEN))._groups) == 2
     model = tm.tiny_llama()
-    assert Ablator(model, discover(model), torch.randn(tm.LAYERS + 1, tm.HIDDEN), batched=False)._groups == []
+    assert LoraEditor(model, discover(model), torch.randn(tm.LAYERS + 1, tm.HIDDEN), batched=False)._groups == []
 
 
-@pytest.mark.parametrize("force_direct", [False, True], ids=["lora", "direct"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["lora", "direct"])
 @pytest.mark.parametrize("row_norm", list(RowNorm))
-def test_partial_kernel_support_and_trial_after_trial(row_norm, force_direct):
+def test_partial_kernel_support_and_trial_after_trial(row_norm, in_place):
     """Only the layers a kernel reaches are edited; a narrower trial after a wider one leaves nothing behind."""
     directions = torch.randn(tm.LAYERS + 1, tm.HIDDEN, generator=torch.Generator().manual_seed(2))
     middle = AblationParams(None, {"mlp_down": Kernel(1.2, 1.0, 0.5, 0.9), "attn_out": Kernel(0.8, 2.0, 0.8, 0.5)})
@@ -136,7 +137,7 @@ def test_partial_kernel_support_and_trial_after_trial(row_norm, force_direct):
     runs = []
     for batched in (False, True):
         model = tm.tiny_qwen3()
-        ab = Ablator(model, discover(model), directions, row_norm=row_norm, force_direct=force_direct,
+        ab = (InPlaceEditor if in_place else LoraEditor)(model, discover(model), directions, row_norm=row_norm,
                      batched=batched)
         seen = []
         for params in (wide, middle):
@@ -162,9 +163,9 @@ CUDA = pytest.param("cuda", marks=[
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("force_direct", [False, True], ids=["lora", "direct"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["lora", "direct"])
 @pytest.mark.parametrize("row_norm", list(RowNorm))
-def test_batched_matches_per_component_in_bfloat16(row_norm, force_direct, device):
+def test_batched_matches_per_component_in_bfloat16(row_norm, in_place, device):
     """On CUDA the split product; on the CPU the weight cast per product."""
     assert batched_ablation.split_products_supported(device, torch.bfloat16) == (device == "cuda")
     directions = torch.randn(tm.LAYERS + 1, tm.HIDDEN, generator=torch.Generator().manual_seed(3))
@@ -172,7 +173,7 @@ def test_batched_matches_per_component_in_bfloat16(row_norm, force_direct, devic
     runs = []
     for batched in (True, False):
         model = tm.tiny_qwen3().to(device, torch.bfloat16)
-        ab = Ablator(model, discover(model), directions, row_norm=row_norm, force_direct=force_direct,
+        ab = (InPlaceEditor if in_place else LoraEditor)(model, discover(model), directions, row_norm=row_norm,
                      batched=batched, backup_device=None)
         assert bool(ab._groups) == batched
         base = [ab.effective_weight(c) for c in ab.layout.components]
@@ -182,7 +183,7 @@ def test_batched_matches_per_component_in_bfloat16(row_norm, force_direct, devic
         assert all(torch.equal(ab.effective_weight(c), b) for c, b in zip(ab.layout.components, base))
     for (got, base), (want, _) in zip(*runs):
         assert want.abs().max() > 0
-        if force_direct:
+        if in_place:
             # W + BA rounded to bfloat16 once (baddbmm_) or after a bfloat16 outer product (addr_): the
             # two may differ by a unit in the last place of either term
             assert ((got - want).abs() <= 2**-7 * (base.abs() + want.abs()) + 1e-6).all()
@@ -198,12 +199,12 @@ def test_no_stacking_without_memory_for_it(monkeypatch, caplog):
     directions = torch.randn(tm.LAYERS + 1, tm.HIDDEN, generator=torch.Generator().manual_seed(6))
     model = tm.tiny_llama()
     with caplog.at_level("WARNING", logger="abliterate.batched_ablation"):
-        ab = Ablator(model, discover(model), directions)
+        ab = LoraEditor(model, discover(model), directions)
     assert ab._groups == []
     assert sum("not stacked" in r.getMessage() for r in caplog.records) == 2
     ab.apply(AblationParams.constant(1.0))
     reference = tm.tiny_llama()
-    ref = Ablator(reference, discover(reference), directions, batched=False)
+    ref = LoraEditor(reference, discover(reference), directions, batched=False)
     ref.apply(AblationParams.constant(1.0))
     torch.testing.assert_close(_logits(ab.model), _logits(ref.model), rtol=0, atol=0)
 
@@ -219,7 +220,7 @@ def test_moving_the_model_after_stacking_is_an_error():
     from abliterate.errors import AbliterateError
 
     model = tm.tiny_llama()
-    ab = Ablator(model, discover(model), torch.randn(tm.LAYERS + 1, tm.HIDDEN))
+    ab = LoraEditor(model, discover(model), torch.randn(tm.LAYERS + 1, tm.HIDDEN))
     model.to(torch.float64)  # a new tensor per parameter, as a move to another device makes
     with pytest.raises(AbliterateError, match="moved or replaced"):
         ab.apply(AblationParams.constant(1.0))

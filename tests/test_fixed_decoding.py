@@ -123,7 +123,8 @@ def test_cuda_graph_replay_matches_eager_decoding(attention, tokenizer):
 def test_a_peft_model_is_generated_through_the_model_under_it(tokenizer):
     # PeftModel.forward takes neither position_ids nor logits_to_keep: calling it directly lost
     # prefix sharing, last-position logits and the fixed-shape path on the LoRA route
-    from abliterate.ablation import AblationParams, Ablator
+    from abliterate.ablation import AblationParams
+    from abliterate.editors import LoraEditor
     from abliterate.architecture import discover
 
     model = _model("qwen3", "sdpa")
@@ -131,7 +132,7 @@ def test_a_peft_model_is_generated_through_the_model_under_it(tokenizer):
     base = generate_ids(model, tokenizer, texts, 8, 4)
     layout = discover(model)
     directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=1)
-    ablator = Ablator(model, layout, directions, force_direct=False)
+    ablator = LoraEditor(model, layout, directions)
     ablator.apply(AblationParams.constant(0.8))
     assert ablator.peft_model is not None and not hf_compat.accepts_position_ids(ablator.model)
     assert generation.cuda_graph_reason(generation.unwrap(ablator.model)) == "not on a CUDA device"

@@ -8,7 +8,7 @@ import pytest
 import tiny_models as tm
 import torch
 from abliterate import prompting, study
-from abliterate.ablation import Ablator
+from abliterate.editors import InPlaceEditor
 from abliterate.architecture import discover
 from abliterate.directions import compute_directions
 from abliterate.evaluation import EvalSettings, Evaluator, measure
@@ -157,7 +157,7 @@ def _run_study(tmp_path) -> list[tuple]:
         collect_residuals(model, tokenizer, harmful, 3, progress=False),
         collect_residuals(model, tokenizer, harmless, 3, progress=False),
     )["directions"]
-    ablator = Ablator(model, discover(model), directions, force_direct=True)
+    ablator = InPlaceEditor(model, discover(model), directions)
     evaluator = Evaluator(
         ablator.model,
         tokenizer,

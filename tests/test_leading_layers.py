@@ -8,7 +8,8 @@ import pytest
 import tiny_models as tm
 import torch
 from abliterate import generation, hf_compat, prompting
-from abliterate.ablation import AblationParams, Ablator, Kernel
+from abliterate.ablation import AblationParams, Kernel
+from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.architecture import discover
 from abliterate.evaluation import EvalSettings, Evaluator, measure
 from abliterate.kl import first_token_logprobs, kl_divergence
@@ -60,14 +61,14 @@ def test_replay_from_any_layer_matches_the_full_prefill(factory, system_prompt, 
         assert generation.generate_ids(model, tokenizer, texts[:4], 8, 4, prefill_fn=prefill) == expected
 
 
-@pytest.mark.parametrize("force_direct", [True, False], ids=["direct", "lora"])
-def test_trial_scores_are_the_same_with_and_without_recorded_prefills(force_direct, tokenizer):
+@pytest.mark.parametrize("in_place", [True, False], ids=["direct", "lora"])
+def test_trial_scores_are_the_same_with_and_without_recorded_prefills(in_place, tokenizer):
     texts = _texts(tokenizer)
     harmful, harmless = texts[:5], texts[4:]
     detector = RefusalDetector(["a"])
     model = tm.tiny_llama()
     base = measure(model, tokenizer, EvalSettings(8, 3, detector), harmful, harmless)
-    ablator = Ablator(model, discover(model), _directions(), force_direct=force_direct)
+    ablator = (InPlaceEditor if in_place else LoraEditor)(model, discover(model), _directions())
     plain = Evaluator(ablator.model, tokenizer, harmful, harmless, base.logprobs, 8, 3, detector)
     reusing = Evaluator(ablator.model, tokenizer, harmful, harmless, base.logprobs, 8, 3, detector,
                         reuse_layers=True)

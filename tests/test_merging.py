@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import tiny_models as tm
 import torch
-from abliterate import ablation, architecture, loading, merging
+from abliterate import ablation, architecture, editors, loading, merging
 from abliterate.errors import AbliterateError, ConfigError
 from abliterate.steps import evaluate
 from tiny_tokenizer import tiny_tokenizer
@@ -30,12 +30,12 @@ def test_merged_model_reproduces_the_ablated_model(tmp_path, factory):
     layout = architecture.discover(model)
     torch.manual_seed(1)
     directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=-1)
-    ablator = ablation.Ablator(model, layout, directions)
+    ablator = editors.LoraEditor(model, layout, directions)
     ablator.apply(PARAMS)
     ids = tm.input_ids()
     with torch.inference_mode():
         expected = ablator.model(ids).logits
-    ablator.save_adapter(tmp_path / "adapter")
+    ablator.save(tmp_path / "adapter")
 
     info = merging.merge(loading.ModelSource(path=str(base_dir)), str(tmp_path / "adapter"), str(tmp_path / "merged"),
                          max_ram_gib=4, metadata={"test": True}, card="# card\n")
@@ -69,10 +69,10 @@ def test_merged_tokenizer_keeps_the_configured_chat_template(tmp_path):
     model.save_pretrained(base_dir)
     tok = tiny_tokenizer(None)
     tok.save_pretrained(base_dir)
-    ablator = ablation.Ablator(model, architecture.discover(model),
+    ablator = editors.LoraEditor(model, architecture.discover(model),
                                torch.nn.functional.normalize(torch.randn(tm.LAYERS + 1, tm.HIDDEN), dim=-1))
     ablator.apply(PARAMS)
-    ablator.save_adapter(tmp_path / "adapter")
+    ablator.save(tmp_path / "adapter")
     template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
     merging.merge(loading.ModelSource(path=str(base_dir)), str(tmp_path / "adapter"), str(tmp_path / "merged"),
                   max_ram_gib=4, metadata={}, card="", chat_template=template)
@@ -97,10 +97,10 @@ def test_merge_dtype_casts_the_merged_float32_weights_once(tmp_path):
     model = tm.tiny_llama()
     model.save_pretrained(base_dir)
     tiny_tokenizer().save_pretrained(base_dir)
-    ablator = ablation.Ablator(model, architecture.discover(model),
+    ablator = editors.LoraEditor(model, architecture.discover(model),
                                torch.nn.functional.normalize(torch.randn(tm.LAYERS + 1, tm.HIDDEN), dim=-1))
     ablator.apply(PARAMS)
-    ablator.save_adapter(tmp_path / "adapter")
+    ablator.save(tmp_path / "adapter")
     source = loading.ModelSource(path=str(base_dir))
     full = merging.merge(source, str(tmp_path / "adapter"), str(tmp_path / "f32"), max_ram_gib=4, metadata={}, card="")
     half = merging.merge(source, str(tmp_path / "adapter"), str(tmp_path / "bf16"), max_ram_gib=4, metadata={},

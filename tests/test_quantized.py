@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from abliterate import ablation, architecture, generation, kl, loading, merging, prompting, refusal
+from abliterate import ablation, architecture, editors, generation, kl, loading, merging, prompting, refusal
 from conftest import needs_cuda
 from tiny_tokenizer import tiny_model_dir
 
@@ -27,7 +27,7 @@ def test_quantized_cycle_and_cpu_merge(tmp_path, mode, caplog):
     assert all(c.quantized and c.lora for c in layout.components)
     torch.manual_seed(0)
     directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=-1)
-    ablator = ablation.Ablator(lm.model, layout, directions)
+    ablator = editors.LoraEditor(lm.model, layout, directions)
     texts = prompting.chat_texts(lm.tokenizer, ["Say hello.", "Name a colour.", "Count to three."])
     before = kl.first_token_logprobs(ablator.model, lm.tokenizer, texts, 3)
 
@@ -36,7 +36,7 @@ def test_quantized_cycle_and_cpu_merge(tmp_path, mode, caplog):
     assert kl.kl_divergence(before, after) > 0
     answers = generation.generate(ablator.model, lm.tokenizer, texts, 8, 3, refusal.RefusalDetector())
     assert len(answers) == 3
-    ablator.save_adapter(tmp_path / "adapter")
+    ablator.save(tmp_path / "adapter")
     ablator.reset()
     torch.testing.assert_close(kl.first_token_logprobs(ablator.model, lm.tokenizer, texts, 3), before)
 
@@ -70,7 +70,7 @@ def test_cuda_graph_decoding_in_bitsandbytes(tmp_path, mode, caplog, monkeypatch
     layout = architecture.discover(lm.model)
     torch.manual_seed(0)
     directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=-1)
-    ablator = ablation.Ablator(lm.model, layout, directions)
+    ablator = editors.LoraEditor(lm.model, layout, directions)
     texts = prompting.chat_texts(lm.tokenizer, ["Say hello.", "Name a colour.", "Count to three.", "Why?"])
     fixed = generation._generate_fixed
     for params in (None, ablation.AblationParams.constant(0.7, direction_index=1.5)):

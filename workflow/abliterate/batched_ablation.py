@@ -1,6 +1,6 @@
 """One trial's edit of all same-shaped components at once: stacked weights, batched factor maths.
 
-Why. On a GPU, :class:`abliterate.ablation.Ablator` edits component after component: a trial is
+Why. On a GPU, the per-component loop of :mod:`abliterate.editors` edits component after component: a trial is
 dozens of rank-1 edits whose arithmetic is a bandwidth-bound read of the weights, but whose small
 kernels, host syncs and Python steps cost many times that (benchmarks/README.md, "Figures from the
 code"). Here the weights of one component kind — one matrix per layer, all
@@ -244,8 +244,8 @@ class WeightGroup:
         for i in (0, len(self.components) - 1):
             if self.components[i].weight.data_ptr() != self.stored[i].data_ptr():
                 raise AbliterateError(
-                    f"{self.components[i].name}: the model's weights were moved or replaced after the Ablator "
-                    "stacked them; build a new Ablator for the moved model"
+                    f"{self.components[i].name}: the model's weights were moved or replaced after the editor "
+                    "stacked them; build a new editor for the moved model"
                 )
 
     def restore(self) -> None:

@@ -6,12 +6,12 @@ import logging
 
 import pandas as pd
 
-from .. import ablation, devices, io, selection, session
+from .. import ablation, devices, editors, io, selection, session
 from ..evaluation import Evaluator, measure
 from ..generation import RefusalLimitReached
 from ..rule_settings import typed
 from .common import eval_settings
-from .study import build_ablator
+from .study import build_editor
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def params_of(row: pd.Series) -> dict:
     return params
 
 
-def confirm(config, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmful: str, harmless: str,
+def confirm(config, lm, editor: editors.Editor, df: pd.DataFrame, harmful: str, harmless: str,
             kl_n: int) -> tuple[pd.Series | None, dict | None]:
     """Measure the front trials within the refusal target on the train prompts and choose among
     those that stay within it on eval and train together (:func:`abliterate.selection.select_confirmed`). Returns the chosen row (None:
@@ -47,14 +47,14 @@ def confirm(config, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmful: st
     settings = eval_settings(config.evaluation, lm, harmful_texts)
     # the unedited model's answers on the train prompts: the baseline rule measures eval and held-out only
     base_lp = measure(lm.model, lm.tokenizer, settings, harmless=harmless_texts).logprobs
-    evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base_lp,
+    evaluator = Evaluator(editor.model, lm.tokenizer, harmful_texts, harmless_texts, base_lp,
                           settings.max_new_tokens, settings.batch_size, settings.detector,
                           cuda_graphs=settings.cuda_graphs)
     log.info("confirming the %d front trials within the refusal target on %d harmful and %d harmless train "
              "prompts", len(candidates), len(harmful_texts), len(harmless_texts))
     rows, best_kl, chosen, reason = [], None, None, ""
     for _, row in tqdm(list(candidates.iterrows()), desc="confirm", unit="trial"):
-        ablator.apply(ablation.AblationParams.from_flat(params_of(row)))
+        editor.apply(ablation.AblationParams.from_flat(params_of(row)))
         try:
             train_kl = evaluator.kl()
             cap = selection.confirmation_cap(row, kl_n, train_kl, len(harmless_texts), len(harmful_texts), best_kl,
@@ -64,7 +64,7 @@ def confirm(config, lm, ablator: ablation.Ablator, df: pd.DataFrame, harmful: st
             except RefusalLimitReached as stop:
                 refusals, stopped = stop.refusals, True
         finally:
-            ablator.reset()
+            editor.reset()
         got = {**row.to_dict(), "kl_n": kl_n, "confirm_refusals": refusals, "confirm_n": len(harmful_texts),
                "confirm_kl": train_kl, "confirm_kl_n": len(harmless_texts), "confirm_stopped": stopped}
         rows.append(got)
@@ -100,16 +100,14 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
         row, reason = selection.named_trial(df, named)
         log.info("selected %s; no policy, no confirmation", reason)
     lm = session.open_model(config)
-    ablator = None
+    editor = None
     confirmation = None
     if config.export.confirm and named is None:
         # the study's route: on the CPU that edits in place, faster than LoRA's extra matmuls; reset
         # restores the weights bit for bit before the LoRA wrapping below
-        ablator = build_ablator(config, lm, directions_path)
+        editor = build_editor(config, lm, directions_path)
         kl_n = len(session.read_split(harmless, "eval"))  # the harmless prompts behind the eval KL
-        chosen, confirmation = confirm(config, lm, ablator, df, harmful, harmless, kl_n)
-        if ablator.peft_model is None:
-            ablator = None  # in-place edits, already reset: the adapter needs LoRA (below)
+        chosen, confirmation = confirm(config, lm, editor, df, harmful, harmless, kl_n)
         if confirmation is not None:
             confirmation["eval_choice"] = int(row["number"])
             if chosen is None:
@@ -120,16 +118,17 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
                              int(chosen["number"]))
                 row, reason = chosen, confirmation["reason"]
                 log.info("selected after confirmation: %s", reason)
-    if ablator is None:
-        # LoRA: the adapter folder is what the merge rule and users load
-        ablator = build_ablator(config, lm, directions_path, route="lora")
+    if not isinstance(editor, editors.LoraEditor):
+        # the adapter folder, what the merge rule and users load, is a PEFT adapter: in-place edits
+        # (already reset) cannot write one
+        editor = build_editor(config, lm, directions_path, route="lora")
     front = selection.pareto_front(df)
     io.write_csv(front, out_pareto)
     selection.plot_pareto(df, int(row["number"]), out_plot)
     params = params_of(row)
-    ablator.apply(ablation.AblationParams.from_flat(params))
+    editor.apply(ablation.AblationParams.from_flat(params))
     meta = {**lm.metadata(), "config_hash": config_hash, "trial": int(row["number"])}
-    ablator.save_adapter(out_adapter)
+    editor.save(out_adapter)
     selected = {
         "number": int(row["number"]),
         "params": params,
@@ -139,6 +138,6 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
         **meta,
     }
     io.write_json(selected, out_selected)
-    del ablator, lm
+    del editor, lm
     devices.free_memory()
     return selected

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import ablation, architecture, devices, io, session, study
+from .. import ablation, architecture, devices, editors, io, session, study
 from ..evaluation import Evaluator
 from ..rule_settings import typed
 from .common import eval_settings
@@ -29,53 +29,49 @@ def search_space(space, kinds: list[str]) -> dict:
 class Objective:
     """Apply → score → reset, one trial at a time, on one loaded model."""
 
-    def __init__(self, ablator: ablation.Ablator, evaluator: Evaluator):
-        self.ablator = ablator
+    def __init__(self, editor: editors.Editor, evaluator: Evaluator):
+        self.editor = editor
         self.evaluator = evaluator
 
     def __call__(self, params: dict, number: int, refusal_cap=None) -> dict:
         """``refusal_cap``: see :func:`abliterate.study.refusal_cap` (the study's stop_dominated)."""
         start = time.perf_counter()
-        self.ablator.apply(ablation.AblationParams.from_flat(params))
+        self.editor.apply(ablation.AblationParams.from_flat(params))
         try:
-            scores = self.evaluator.score(first_edited=self.ablator.first_edited_layer,
+            scores = self.evaluator.score(first_edited=self.editor.first_edited_layer,
                                           refusal_cap=refusal_cap)
         finally:
-            self.ablator.reset()
+            self.editor.reset()
         seconds = scores.pop("seconds")
         return {**scores, "seconds_apply_reset": time.perf_counter() - start - seconds,
                 "seconds_evaluate": seconds}
 
 
-def build_ablator(config, lm, directions_path: str, route: str | None = None) -> ablation.Ablator:
-    """The config's ablation of ``lm`` with the directions rule's table; ``route`` overrides
+def build_editor(config, lm, directions_path: str, route: str | None = None) -> editors.Editor:
+    """The config's editor of ``lm`` with the directions rule's table; ``route`` overrides
     ``ablation.route`` (export needs LoRA adapters to write)."""
-    layout = architecture.discover(lm.model)
     tensors, _ = io.load_safetensors(directions_path)
-    device = next(lm.model.parameters()).device
-    return ablation.Ablator(
-        lm.model, layout, tensors["directions"],
-        row_norm=ablation.RowNorm(config.ablation.row_norm),
-        full_rank=config.ablation.full_rank, seed=config.seed,
-        force_direct=ablation.direct_route(route or config.ablation.route, layout, device),
+    return editors.make_editor(
+        lm.model, architecture.discover(lm.model), tensors["directions"], route or config.ablation.route,
+        row_norm=ablation.RowNorm(config.ablation.row_norm), full_rank=config.ablation.full_rank, seed=config.seed,
     )
 
 
 def build_objective(config, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
                     reuse_layers: bool = False):
     """``reuse_layers`` records the prefills every trial repeats (worth it for a study, not for one edit)."""
-    ablator = build_ablator(config, lm, directions_path)
-    layout = ablator.layout
+    editor = build_editor(config, lm, directions_path)
+    layout = editor.layout
     device = next(lm.model.parameters()).device
     _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "eval")
     settings = eval_settings(config.evaluation, lm, harmful_texts)
     base, _ = io.load_safetensors(baseline_path, device=device)
     _, harmless_texts = session.chats(config, lm.tokenizer, harmless, "eval")
-    evaluator = Evaluator(ablator.model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"],
+    evaluator = Evaluator(editor.model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"],
                           settings.max_new_tokens, settings.batch_size, settings.detector,
                           reuse_layers=reuse_layers, cuda_graphs=settings.cuda_graphs)
-    objective = Objective(ablator, evaluator)
-    return objective, layout, ablator
+    objective = Objective(editor, evaluator)
+    return objective, layout, editor
 
 
 def run(config: dict, worker: int, harmful: str, harmless: str, directions_path: str, baseline_path: str,
