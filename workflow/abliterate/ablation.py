@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import devices, io
+from . import devices, hf_compat, io
 from .architecture import KINDS, Component, unwrap
 from .errors import ConfigError, NumericalError, UnsupportedArchitectureError
 
@@ -234,9 +234,7 @@ def views(c: Component, weight: torch.Tensor) -> list[torch.Tensor]:
 def source_weight(c: Component) -> torch.Tensor:
     """The weight the projection is computed from; quantized layers are dequantised first."""
     if c.quantized:
-        from peft.utils.integrations import dequantize_module_weight
-
-        return dequantize_module_weight(c.module).detach()
+        return hf_compat.dequantized_weight(c.module).detach()
     return c.weight.detach()
 
 

@@ -20,13 +20,12 @@ or tied weights) and, with ``batched=False``, as the reference the tests compare
 Adapter dtype: ``get_peft_model`` runs with ``autocast_adapter_dtype=True`` (PEFT's default), so for
 float16/bfloat16 bases the LoRA factors stay float32 (PEFT casts the layer input to the adapter dtype
 and the result back), and the factors are stored without a second rounding. Quantized bitsandbytes
-layers' ``rᵀW`` and row norms come from ``peft.utils.integrations.dequantize_module_weight``; that
+layers' ``rᵀW`` and row norms come from PEFT's dequantisation (:func:`abliterate.hf_compat.dequantized_weight`); that
 path needs CUDA and is not covered by the CPU tests.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import time
@@ -36,7 +35,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from . import batched_ablation, devices, io
+from . import batched_ablation, devices, hf_compat, io
 from .ablation import (
     ADAPTER,
     DIRECT_EDITS_FILE,
@@ -409,32 +408,12 @@ class LoraEditor(InPlaceEditor):
             init_lora_weights=True,  # B = 0: the adapter starts as the identity
         )
 
-    def _peft_would_retarget(self, config) -> set[str]:
-        """Target names PEFT would silently rewrite for this model type.
-
-        On transformers v5, PEFT maps v4 MoE projection names (e.g. any ``*.down_proj`` of a Qwen-MoE
-        model, including dense layers and shared experts) to ``target_parameters`` of every fused expert
-        tensor. Probing a copy of the config tells which of our exact targets would be lost that way.
-        """
-        try:
-            from peft.utils.transformers_weight_conversion import (
-                convert_peft_config_for_transformers,
-                get_model_conversion_mapping,
-            )
-        except ImportError:  # older PEFT: no conversion, nothing rewritten
-            return set()
-        probe = copy.deepcopy(config)
-        convert_peft_config_for_transformers(
-            probe, model=self.base, conversions=get_model_conversion_mapping(self.base)
-        )
-        return set(config.target_modules) - set(probe.target_modules or [])
-
     def _wrap(self, model: nn.Module) -> None:
         from peft import PeftModel, get_peft_model
         from peft.tuners.lora import LoraLayer
 
         config = self._lora_config()
-        retargeted = self._peft_would_retarget(config)
+        retargeted = hf_compat.peft_retargeted(config, self.base)
         if retargeted:
             log.info("%d modules go the direct route because PEFT would re-target them: %s", len(retargeted),
                      sorted(retargeted)[:4])
@@ -443,7 +422,7 @@ class LoraEditor(InPlaceEditor):
             if not self.lora_components:
                 return
             config = self._lora_config()
-            if self._peft_would_retarget(config):
+            if hf_compat.peft_retargeted(config, self.base):
                 raise UnsupportedArchitectureError(f"{self.layout.model_class}: PEFT re-targets the LoRA modules")
         if isinstance(model, PeftModel):
             self._adapter = "abliterate"

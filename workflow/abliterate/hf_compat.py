@@ -1,5 +1,6 @@
-"""Everything that relies on transformers internals: KV-cache layers, the decoder's layer list, and
-forward arguments that differ between models and versions.
+"""Everything that relies on transformers or PEFT internals: KV-cache layers, the decoder's layer list,
+forward arguments that differ between models and versions, PEFT's re-targeting of LoRA modules and its
+dequantisation of bitsandbytes weights.
 
 These are not public API and change without deprecation, so they live in this one module, checked
 against the oldest supported release (:data:`OLDEST_TRANSFORMERS`, tested in .ci/run) and the newest.
@@ -10,6 +11,7 @@ keeping the old name as a deprecated alias until 5.40: :data:`CACHE` is the inst
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 
@@ -231,3 +233,29 @@ def decoder_slice(decoder, start: int, stop: int | None = None, final_norm: bool
         yield decoder
     finally:
         decoder.layers, decoder.norm = layers, norm
+
+
+def peft_retargeted(config, model) -> set[str]:
+    """LoRA target names PEFT would silently rewrite for this model type.
+
+    On transformers v5, PEFT maps v4 MoE projection names (e.g. any ``*.down_proj`` of a Qwen-MoE
+    model, including dense layers and shared experts) to ``target_parameters`` of every fused expert
+    tensor. Probing a copy of the config tells which of our exact targets would be lost that way.
+    """
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # older PEFT: no conversion, nothing rewritten
+        return set()
+    probe = copy.deepcopy(config)
+    convert_peft_config_for_transformers(probe, model=model, conversions=get_model_conversion_mapping(model))
+    return set(config.target_modules) - set(probe.target_modules or [])
+
+
+def dequantized_weight(module) -> torch.Tensor:
+    """A bitsandbytes layer's weight as a float tensor (PEFT's helper, which knows each format)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(module)
