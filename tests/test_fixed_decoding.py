@@ -80,11 +80,15 @@ def test_evaluator_with_recorded_prefills_scores_the_same(tokenizer, monkeypatch
     harmless = prompting.chat_texts(tokenizer, PROMPTS[4:], system_prompt="Be brief.")
     base = first_token_logprobs(model, tokenizer, harmless, 4)
     evaluator = Evaluator(model, tokenizer, harmful, harmless, base, 10, 4, reuse_layers=True)
+    with monkeypatch.context() as m:  # the evaluator chooses its decoder once, when it is built
+        _fixed(m)
+        fixed = Evaluator(model, tokenizer, harmful, harmless, base, 10, 4, reuse_layers=True)
+    assert isinstance(evaluator.decoder, generation.ContinuousDecoder)
+    assert isinstance(fixed.decoder, generation.FixedShapeDecoder)
     with torch.no_grad():
         model.model.layers[2].mlp.down_proj.weight.mul_(0.5)
     expected = evaluator.score(first_edited=2), evaluator.responses()
-    _fixed(monkeypatch)
-    got = evaluator.score(first_edited=2), evaluator.responses()
+    got = fixed.score(first_edited=2), fixed.responses()
     assert got[1] == expected[1]
     assert got[0]["refusals"] == expected[0]["refusals"] and got[0]["kl"] == pytest.approx(expected[0]["kl"])
 
@@ -150,7 +154,7 @@ def test_a_failed_capture_falls_back_but_out_of_memory_propagates(tokenizer, mon
     model = _model("llama", "sdpa")
     texts = prompting.chat_texts(tokenizer, PROMPTS, system_prompt=None)
     expected = generate_ids(model, tokenizer, texts, 6, 4)
-    real_init = fixed_decoding.FixedShapeDecoder.__init__
+    real_init = fixed_decoding.FixedShapeBatch.__init__
     failure = {}
 
     def init(self, *args):
@@ -159,19 +163,15 @@ def test_a_failed_capture_falls_back_but_out_of_memory_propagates(tokenizer, mon
             raise failure["error"]
         real_init(self, *rest, graph)
 
-    monkeypatch.setattr(fixed_decoding.FixedShapeDecoder, "__init__", init)
-
-    def run():
-        order = prompting.length_order(tokenizer, texts)
-        responses = generation._Responses(tokenizer, len(texts), 6, None, generation.eos_token_ids(model, tokenizer),
-                                          lambda n: None, None)
-        return generation._generate_fixed(model, tokenizer, texts, order, 4, responses, graph=True)
+    monkeypatch.setattr(fixed_decoding.FixedShapeBatch, "__init__", init)
+    decoder = generation.FixedShapeDecoder(model, tokenizer, 4, graph=True)
 
     failure["error"] = torch.cuda.OutOfMemoryError("CUDA out of memory")
     with pytest.raises(torch.cuda.OutOfMemoryError):  # the batch-size probe must see it
-        run()
-    assert model not in generation._GRAPH_FAILED
+        decoder.generate(texts, 6)
+    assert model not in generation._GRAPH_FAILED and decoder.graph
     failure["error"] = RuntimeError("operation not permitted when stream is capturing")
-    assert run() == expected
-    assert model in generation._GRAPH_FAILED
+    assert decoder.generate(texts, 6) == expected
+    assert model in generation._GRAPH_FAILED and not decoder.graph  # its later calls run eagerly
+    assert decoder.generate(texts, 6) == expected
     assert generation.cuda_graph_reason(model) == "an earlier capture failed"

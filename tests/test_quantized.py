@@ -57,7 +57,6 @@ def test_cuda_graph_decoding_in_bitsandbytes(tmp_path, mode, caplog, monkeypatch
     ones are forced here: on an H200 their capture failed and the fallback wrote the same tokens (if a
     bitsandbytes release makes it work, the printed line says so and cuda_graph_reason can allow them)."""
     pytest.importorskip("bitsandbytes", reason="pip install -e '.[quant]'")
-    import functools
     import logging
 
     caplog.set_level(logging.INFO)
@@ -72,16 +71,14 @@ def test_cuda_graph_decoding_in_bitsandbytes(tmp_path, mode, caplog, monkeypatch
     directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=-1)
     ablator = editors.LoraEditor(lm.model, layout, directions)
     texts = prompting.chat_texts(lm.tokenizer, ["Say hello.", "Name a colour.", "Count to three.", "Why?"])
-    fixed = generation._generate_fixed
     for params in (None, ablation.AblationParams.constant(0.7, direction_index=1.5)):
         if params is not None:
             ablator.apply(params)
         caplog.clear()
         graphed = generation.generate_ids(ablator.model, lm.tokenizer, texts, 10, 4)
         failed = [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()]
-        with monkeypatch.context() as m:  # the same fixed-shape steps, run eagerly
-            m.setattr(generation, "_generate_fixed", functools.partial(fixed, graph=False))
-            eager = generation.generate_ids(ablator.model, lm.tokenizer, texts, 10, 4)
+        decoder = generation.FixedShapeDecoder(architecture.unwrap(ablator.model), lm.tokenizer, 4, graph=False)
+        eager = decoder.generate(texts, 10)  # the same fixed-shape steps, run eagerly
         print(mode, "edited" if params else "base", "capture failed:" if failed else "graph replayed", failed)
         assert graphed == eager
         if mode == "bnb_4bit":

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .architecture import unwrap
-from .generation import RefusalLimitReached, first_batch, generate
+from .generation import RefusalLimitReached, first_batch, generate, make_decoder
 from .kl import first_token_logprobs, kl_divergence, prompt_batches
 from .leading_layers import LeadingLayers
 from .refusal import RefusalDetector
@@ -53,7 +53,7 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.detector = detector if detector is not None else RefusalDetector()
-        self.cuda_graphs = cuda_graphs
+        self.decoder = make_decoder(self.model, tokenizer, batch_size, cuda_graphs)  # chosen once, for every score
         self._responses: list[str] | None = None
         self._leading = self._record_leading_layers() if reuse_layers else None
 
@@ -96,17 +96,9 @@ class Evaluator:
         """Refusals on the harmful prompts. With ``max_refusals``, generation stops once that many
         are counted: raises :class:`~abliterate.generation.RefusalLimitReached` then."""
         self._responses = None  # a stopped generation keeps none: responses() then runs in full
-        self._responses = generate(
-            self.model,
-            self.tokenizer,
-            self.harmful_texts,
-            self.max_new_tokens,
-            self.batch_size,
-            detector=self.detector,
-            prefill_fn=self._prefill_fn(first_edited),
-            max_refusals=max_refusals,
-            cuda_graphs=self.cuda_graphs,
-        )
+        ids = self.decoder.generate(self.harmful_texts, self.max_new_tokens, self.detector, max_refusals,
+                                    self._prefill_fn(first_edited))
+        self._responses = self.tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
         return sum(self.detector.is_refusal(r) for r in self._responses)
 
     def score(

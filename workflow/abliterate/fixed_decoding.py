@@ -1,9 +1,12 @@
-"""Greedy decode steps at fixed shapes, replayed as a CUDA graph.
+"""Greedy decode steps at fixed shapes, replayed as a CUDA graph: those of
+:class:`~abliterate.generation.FixedShapeDecoder`, chosen on a CUDA device where the model allows it.
 
 On a GPU, decoding a small model one token at a time is bound by Python and kernel launches, not by
 the GPU: a step of a small model costs far more time than its arithmetic and weight reads
-(benchmarks/README.md, "Figures from the code"; benchmarks/results/micro-cuda-bf16-qwen3-0.6b-*.json).
-A CUDA graph records one step's kernels once and replays them with a single launch.
+(benchmarks/README.md, section "On a GPU"). A CUDA graph records one step's kernels once and
+replays them with a single launch. This module stays only if it beats transformers' own static
+cache (``generate(cache_implementation="static")``) in the step ``static06`` of
+benchmarks/gpu_run.sh, which has not been run yet.
 
 A graph replays fixed kernels on fixed addresses, so everything a step touches has a fixed shape and
 place: the KV cache is allocated for the whole response up front and written at a slot index; the
@@ -19,19 +22,15 @@ generations, and a graph kept longer could read a tensor the model no longer use
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from . import hf_compat
-
-log = logging.getLogger(__name__)
 
 # attention implementations whose mask argument this module knows how to build
 _MASKS = ("sdpa", "eager")
 
 
-class FixedShapeDecoder:
+class FixedShapeBatch:
     """Greedy decoding of one prefilled batch, one token per :meth:`step`, at fixed shapes.
 
     ``cache``: the prefill's KV cache (plain layers with ``keys``/``values``); ``mask``: its

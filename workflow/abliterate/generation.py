@@ -1,14 +1,10 @@
 """Greedy generation that stops each response as soon as its refusal verdict is known.
 
-A hand-written loop over the KV cache rather than ``model.generate``: each row leaves the batch the
-moment it is finished (EOS, token budget, or a refusal marker seen by the detector), and its rows of
-the input, attention mask, positions and KV cache are dropped, so later steps compute only live
-sequences. Without early stops the tokens are those of ``model.generate(do_sample=False)``.
-
-Prompts are sorted by token length (longest first) and run at most ``batch_size`` at a time; a
-row that finishes makes room for waiting prompts, which are prefilled and join the running batch
-(continuous batching), so refusals that stop after a few tokens leave no idle rows behind. Results
-come back in the original order.
+:func:`make_decoder` picks the decoder once per model: :class:`FixedShapeDecoder`, whose steps
+replay CUDA graphs (:mod:`abliterate.fixed_decoding`), on a CUDA device where
+:func:`cuda_graph_reason` allows it; :class:`ContinuousDecoder` on CPUs, MPS, and wherever graphs are
+impossible or turned off. How they compare: benchmarks/README.md, section "On a GPU". Prompts run
+longest first, at most ``batch_size`` at a time; results come back in the original order.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import hf_compat
 from .architecture import text_config, unwrap
-from .fixed_decoding import _MASKS, FixedShapeDecoder
+from .fixed_decoding import _MASKS, FixedShapeBatch
 from .prompting import encode, length_order
 
 log = logging.getLogger(__name__)
@@ -33,7 +29,7 @@ log = logging.getLogger(__name__)
 
 class RefusalLimitReached(Exception):
     """Generation was abandoned because ``refusals`` responses had been judged refusals (the
-    ``max_refusals`` of :func:`generate_ids`); the other responses were not all finished."""
+    ``max_refusals`` of :meth:`Decoder.generate`); the other responses were not all finished."""
 
     def __init__(self, refusals: int):
         super().__init__(f"stopped after {refusals} refusals")
@@ -42,6 +38,14 @@ class RefusalLimitReached(Exception):
 
 class Verdict(Protocol):
     def verdict(self, partial_text: str) -> bool | None: ...
+
+
+class Decoder(Protocol):
+    """Greedy decoding of prompt batches (:func:`make_decoder` picks one); see :meth:`BatchDecoder.generate`."""
+
+    def generate(self, texts: Sequence[str], max_new_tokens: int, detector: Verdict | None = None,
+                 max_refusals: int | None = None, prefill_fn: Callable | None = None,
+                 progress: bool = False) -> list[list[int]]: ...
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -286,131 +290,158 @@ class _Responses:
         return finished
 
 
-@torch.inference_mode()
-def _generate_continuous(
-    model,
-    tokenizer,
-    texts: Sequence[str],
-    order: Sequence[int],
-    batch_size: int,
-    responses: _Responses,
-    prefill_fn: Callable | None = None,
-) -> list[list[int]]:
-    """Greedy ids of ``texts`` with at most ``batch_size`` rows live at once, in input order.
+class BatchDecoder:
+    """A :class:`Decoder` with at most ``batch_size`` rows live at once; a subclass's ``_run(texts,
+    order, responses, prefill_fn)`` decodes the prompts in ``order``, recording tokens in ``responses``."""
 
-    Continuous batching: when rows finish (a refusal marker after a few tokens, EOS), waiting prompts
-    (taken in ``order``) are prefilled and join the running batch, so it stays full instead of
-    running on with a handful of rows. When the cache cannot take new rows, a batch runs to its end
-    before the next one starts. ``prefill_fn`` replaces :func:`prefill` (same arguments and result).
+    def __init__(self, model, tokenizer, batch_size: int):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    @torch.inference_mode()
+    def generate(self, texts: Sequence[str], max_new_tokens: int, detector: Verdict | None = None,
+                 max_refusals: int | None = None, prefill_fn: Callable | None = None,
+                 progress: bool = False) -> list[list[int]]:
+        """Greedy continuation token ids of each text (EOS included when produced), in input order.
+
+        ``max_refusals``: give up, raising :class:`RefusalLimitReached`, as soon as that many
+        responses have been stopped by the ``detector`` (a caller that only needs to know whether
+        the count reaches it saves the rest of the generation). ``prefill_fn`` replaces
+        :func:`prefill` (same arguments and result). Prompts run longest first.
+        """
+        if max_new_tokens < 1 or not texts:
+            return [[] for _ in texts]
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if max_refusals is not None:
+            if detector is None:
+                raise ValueError("max_refusals needs a detector to judge refusals")
+            if max_refusals <= 0:
+                raise RefusalLimitReached(0)
+        eos = eos_token_ids(self.model, self.tokenizer)
+        order = length_order(self.tokenizer, texts)
+        start = time.perf_counter()
+        with tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress) as bar:
+            responses = _Responses(self.tokenizer, len(texts), max_new_tokens, detector, eos, bar.update, max_refusals)
+            results = self._run(texts, order, responses, prefill_fn or prefill)
+        seconds = time.perf_counter() - start
+        n_tokens = sum(len(r) for r in results)
+        log.debug("generated %d tokens for %d prompts in %.2f s (%.1f tokens/s)",
+                  n_tokens, len(texts), seconds, n_tokens / max(seconds, 1e-9))
+        return results
+
+
+class ContinuousDecoder(BatchDecoder):
+    """Continuous batching, a hand-written loop over the KV cache rather than ``model.generate``: a
+    row leaves the batch the moment it is finished (EOS, token budget, or a refusal marker seen by
+    the detector), its rows of the input, attention mask, positions and KV cache are dropped, and
+    waiting prompts are prefilled and join the running batch, so it stays full and later steps
+    compute only live sequences. When the cache cannot take new rows, a batch runs to its end before
+    the next one starts. Without early stops the tokens are those of ``model.generate(do_sample=False)``.
     """
-    prefill_fn = prefill_fn or prefill
-    device = hf_compat.input_device(model)
-    kwargs = hf_compat.forward_kwargs(model)
-    use_pos = hf_compat.accepts_position_ids(model)
-    queue = list(order)
-    alive: list[int] = []  # batch row -> index into texts
-    cache = mask = pos = next_tok = None
-    appendable = False
-    n_prefills = 0
-    while True:
-        # next_tok holds each live row's newest token, not yet recorded
-        if alive:
-            finished = responses.record(alive, next_tok.cpu().tolist())
-            if finished:
-                keep = [j for j, r in enumerate(alive) if r not in finished]
-                alive = [alive[j] for j in keep]
-                if alive:
-                    index = torch.tensor(keep, device=device)
-                    # moves the index to each layer's device itself
-                    hf_compat.select_rows(cache, index)
-                    next_tok = next_tok[index.to(next_tok.device)]
-                    mask, pos = mask[index], pos[index]
-            if alive:
-                pos = pos + 1
-                mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-                step_kwargs = dict(kwargs, position_ids=pos) if use_pos else kwargs
-                out = model(
-                    input_ids=next_tok[:, None].to(device),
-                    attention_mask=mask,
-                    **hf_compat.cache_arg(cache),
-                    use_cache=True,
-                    **step_kwargs,
-                )
-                cache = hf_compat.output_cache(out)
-                next_tok = out.logits[:, -1].argmax(-1)
-                del out
-        free = batch_size - len(alive)
-        refill = appendable and free >= min(refill_threshold(batch_size), len(queue))
-        if queue and (not alive or refill):
-            rows, queue = queue[:free], queue[free:]
-            out, new_mask, new_pos = prefill_fn(model, encode(tokenizer, [texts[i] for i in rows], device))
-            n_prefills += 1
-            new_tok = out.logits[:, -1].argmax(-1)
-            if alive:
-                mask = hf_compat.append_rows(cache, hf_compat.output_cache(out), mask, new_mask)
-                pos = torch.cat([pos, new_pos[:, -1:]])
-                next_tok = torch.cat([next_tok, new_tok.to(next_tok.device)])
-            else:
-                cache, mask, pos, next_tok = hf_compat.output_cache(out), new_mask, new_pos[:, -1:], new_tok
-                appendable = hf_compat.can_append_rows(cache)
-            alive += rows
-            del out
-        if not alive:
-            break
-    log.debug("%d prompts in %d prefills of at most %d rows", len(texts), n_prefills, batch_size)
-    return responses.generated
 
-
-@torch.inference_mode()
-def _generate_fixed(
-    model,
-    tokenizer,
-    texts: Sequence[str],
-    order: Sequence[int],
-    batch_size: int,
-    responses: _Responses,
-    prefill_fn: Callable | None = None,
-    graph: bool | None = None,
-) -> list[list[int]]:
-    """Greedy ids of ``texts``, a batch at a time, each decoded at fixed shapes
-    (:class:`~abliterate.fixed_decoding.FixedShapeDecoder`), as a CUDA graph when ``graph`` (default:
-    on a CUDA device).
-
-    A batch runs until all its rows are finished; no rows join it on the way.
-    """
-    prefill_fn = prefill_fn or prefill
-    device = hf_compat.input_device(model)
-    graph = device.type == "cuda" if graph is None else graph
-    for start in range(0, len(order), batch_size):
-        rows = list(order[start : start + batch_size])
-        out, mask, pos = prefill_fn(model, encode(tokenizer, [texts[i] for i in rows], device))
-        first = out.logits[:, -1].argmax(-1)
-        # a row records the prefill's token, then at most max_new_tokens - 1 decoded ones
-        steps = responses.max_new_tokens - 1
-        try:
-            decoder = FixedShapeDecoder(model, hf_compat.output_cache(out), mask, pos[:, -1:], first, steps, graph)
-        except torch.cuda.OutOfMemoryError:
-            raise  # the batch is too large (the batch-size probe counts on seeing this), not the graph
-        except RuntimeError as error:
-            if not graph:
-                raise
-            # e.g. a kernel that syncs with the host; the rest of this call runs without a graph
-            log.warning("CUDA graph capture failed (%s); decoding without graphs for this model", error)
-            _GRAPH_FAILED.add(model)
-            graph = False
-            decoder = FixedShapeDecoder(model, hf_compat.output_cache(out), mask, pos[:, -1:], first, steps, graph)
-        del out
-        live = list(range(len(rows)))
-        tokens = first
+    def _run(self, texts, order, responses, prefill_fn):
+        model, tokenizer, batch_size = self.model, self.tokenizer, self.batch_size
+        device = hf_compat.input_device(model)
+        kwargs = hf_compat.forward_kwargs(model)
+        use_pos = hf_compat.accepts_position_ids(model)
+        queue = list(order)
+        alive: list[int] = []  # batch row -> index into texts
+        cache = mask = pos = next_tok = None
+        appendable = False
+        n_prefills = 0
         while True:
-            values = tokens.cpu().tolist()
-            finished = responses.record([rows[j] for j in live], [values[j] for j in live])
-            live = [j for j in live if rows[j] not in finished]
-            if not live:
+            # next_tok holds each live row's newest token, not yet recorded
+            if alive:
+                finished = responses.record(alive, next_tok.cpu().tolist())
+                if finished:
+                    keep = [j for j, r in enumerate(alive) if r not in finished]
+                    alive = [alive[j] for j in keep]
+                    if alive:
+                        index = torch.tensor(keep, device=device)
+                        # moves the index to each layer's device itself
+                        hf_compat.select_rows(cache, index)
+                        next_tok = next_tok[index.to(next_tok.device)]
+                        mask, pos = mask[index], pos[index]
+                if alive:
+                    pos = pos + 1
+                    mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+                    step_kwargs = dict(kwargs, position_ids=pos) if use_pos else kwargs
+                    out = model(
+                        input_ids=next_tok[:, None].to(device),
+                        attention_mask=mask,
+                        **hf_compat.cache_arg(cache),
+                        use_cache=True,
+                        **step_kwargs,
+                    )
+                    cache = hf_compat.output_cache(out)
+                    next_tok = out.logits[:, -1].argmax(-1)
+                    del out
+            free = batch_size - len(alive)
+            refill = appendable and free >= min(refill_threshold(batch_size), len(queue))
+            if queue and (not alive or refill):
+                rows, queue = queue[:free], queue[free:]
+                out, new_mask, new_pos = prefill_fn(model, encode(tokenizer, [texts[i] for i in rows], device))
+                n_prefills += 1
+                new_tok = out.logits[:, -1].argmax(-1)
+                if alive:
+                    mask = hf_compat.append_rows(cache, hf_compat.output_cache(out), mask, new_mask)
+                    pos = torch.cat([pos, new_pos[:, -1:]])
+                    next_tok = torch.cat([next_tok, new_tok.to(next_tok.device)])
+                else:
+                    cache, mask, pos, next_tok = hf_compat.output_cache(out), new_mask, new_pos[:, -1:], new_tok
+                    appendable = hf_compat.can_append_rows(cache)
+                alive += rows
+                del out
+            if not alive:
                 break
-            tokens = decoder.step()
-        del decoder
-    return responses.generated
+        log.debug("%d prompts in %d prefills of at most %d rows", len(texts), n_prefills, batch_size)
+        return responses.generated
+
+
+class FixedShapeDecoder(BatchDecoder):
+    """A batch at a time, each decoded at fixed shapes (:class:`~abliterate.fixed_decoding.FixedShapeBatch`),
+    as a CUDA graph when ``graph`` (default: on a CUDA device). A batch runs until all its rows are
+    finished; no rows join it on the way. After a failed capture (other than out of memory) this
+    decoder runs its steps eagerly, the same tokens, and :func:`cuda_graph_reason` keeps decoders
+    made later for the model off graphs.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int, graph: bool | None = None):
+        super().__init__(model, tokenizer, batch_size)
+        self.graph = hf_compat.input_device(model).type == "cuda" if graph is None else graph
+
+    def _run(self, texts, order, responses, prefill_fn):
+        device = hf_compat.input_device(self.model)
+        for start in range(0, len(order), self.batch_size):
+            rows = list(order[start : start + self.batch_size])
+            out, mask, pos = prefill_fn(self.model, encode(self.tokenizer, [texts[i] for i in rows], device))
+            first = out.logits[:, -1].argmax(-1)
+            # a row records the prefill's token, then at most max_new_tokens - 1 decoded ones
+            batch = self._batch(hf_compat.output_cache(out), mask, pos[:, -1:], first, responses.max_new_tokens - 1)
+            del out
+            live = list(range(len(rows)))
+            tokens = first
+            while True:
+                values = tokens.cpu().tolist()
+                finished = responses.record([rows[j] for j in live], [values[j] for j in live])
+                live = [j for j in live if rows[j] not in finished]
+                if not live:
+                    break
+                tokens = batch.step()
+            del batch
+        return responses.generated
+
+    def _batch(self, *state) -> FixedShapeBatch:
+        try:
+            return FixedShapeBatch(self.model, *state, self.graph)
+        except RuntimeError as error:
+            if not self.graph or isinstance(error, torch.cuda.OutOfMemoryError):
+                raise  # out of memory: the batch is too large (the batch-size probe counts on seeing it)
+            # e.g. a kernel that syncs with the host
+            log.warning("CUDA graph capture failed (%s); decoding without graphs for this model", error)
+            _GRAPH_FAILED.add(self.model)
+            self.graph = False
+            return FixedShapeBatch(self.model, *state, self.graph)
 
 
 # Models whose graph capture failed once; also decisions already logged (one line per model).
@@ -440,6 +471,25 @@ def cuda_graph_reason(model) -> str | None:
     return None
 
 
+def make_decoder(model, tokenizer, batch_size: int, cuda_graphs: bool = True) -> Decoder:
+    """The decoder for ``model``, chosen once: fixed shapes replayed as CUDA graphs where
+    :func:`cuda_graph_reason` finds nothing against them and ``cuda_graphs``
+    (``evaluation.cuda_graphs``) is on, otherwise continuous batching."""
+    # a PeftModel's forward hides position_ids and logits_to_keep: call the model under it (its
+    # layers carry the adapter)
+    model = unwrap(model)
+    reason = cuda_graph_reason(model) if cuda_graphs else "turned off (evaluation.cuda_graphs)"
+    if model not in _GRAPH_LOGGED and (reason is None or hf_compat.input_device(model).type == "cuda"):
+        _GRAPH_LOGGED.add(model)
+        if reason is None:
+            log.info("decoding with CUDA graphs at fixed shapes")
+        else:
+            log.info("decoding without CUDA graphs: %s", reason)
+    if reason is None:
+        return FixedShapeDecoder(model, tokenizer, batch_size)
+    return ContinuousDecoder(model, tokenizer, batch_size)
+
+
 def first_batch(model, tokenizer, texts: Sequence[str], batch_size: int) -> dict:
     """The encoded batch :func:`generate_ids` prefills first (the ``batch_size`` longest prompts)."""
     rows = length_order(tokenizer, texts)[:batch_size]
@@ -458,51 +508,10 @@ def generate_ids(
     max_refusals: int | None = None,
     cuda_graphs: bool = True,
 ) -> list[list[int]]:
-    """Greedy continuation token ids of each text (EOS included when produced), in input order.
-
-    ``max_refusals``: give up, raising :class:`RefusalLimitReached`, as soon as that many responses
-    have been stopped by the ``detector`` (a caller that only needs to know whether the count
-    reaches it saves the rest of the generation). ``cuda_graphs``: on a CUDA device, decode each
-    batch at fixed shapes replayed as a CUDA graph (:mod:`abliterate.fixed_decoding`) where the
-    model allows it; otherwise, and on other devices, decode with continuous batching."""
-    # a PeftModel's forward hides position_ids and logits_to_keep: call the model under it (its
-    # layers carry the adapter)
-    model = unwrap(model)
-    results: list[list[int]] = [[] for _ in texts]
-    if max_new_tokens < 1 or not texts:
-        return results
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if max_refusals is not None:
-        if detector is None:
-            raise ValueError("max_refusals needs a detector to judge refusals")
-        if max_refusals <= 0:
-            raise RefusalLimitReached(0)
-    eos = eos_token_ids(model, tokenizer)
-    order = length_order(tokenizer, texts)
-    reason = cuda_graph_reason(model) if cuda_graphs else "turned off (evaluation.cuda_graphs)"
-    on_cuda = hf_compat.input_device(model).type == "cuda"
-    if model not in _GRAPH_LOGGED and (reason is None or on_cuda):
-        _GRAPH_LOGGED.add(model)
-        if reason is None:
-            log.info("decoding with CUDA graphs at fixed shapes")
-        else:
-            log.info("decoding without CUDA graphs: %s", reason)
-    start = time.perf_counter()
-    with tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress) as bar:
-        responses = _Responses(tokenizer, len(texts), max_new_tokens, detector, eos, bar.update, max_refusals)
-        run = _generate_continuous if reason is not None else _generate_fixed
-        results = run(model, tokenizer, texts, order, batch_size, responses, prefill_fn)
-    seconds = time.perf_counter() - start
-    n_tokens = sum(len(r) for r in results)
-    log.debug(
-        "generated %d tokens for %d prompts in %.2f s (%.1f tokens/s)",
-        n_tokens,
-        len(texts),
-        seconds,
-        n_tokens / max(seconds, 1e-9),
-    )
-    return results
+    """Greedy continuation token ids of each text (EOS included when produced), in input order,
+    from the decoder :func:`make_decoder` chooses: see :meth:`BatchDecoder.generate`."""
+    decoder = make_decoder(model, tokenizer, batch_size, cuda_graphs)
+    return decoder.generate(texts, max_new_tokens, detector, max_refusals, prefill_fn, progress)
 
 
 def generate(
