@@ -401,16 +401,19 @@ class ContinuousDecoder(BatchDecoder):
 class FixedShapeDecoder(BatchDecoder):
     """A batch at a time, each decoded at fixed shapes (:class:`~abliterate.fixed_decoding.FixedShapeBatch`),
     as a CUDA graph when ``graph`` (default: on a CUDA device). A batch runs until all its rows are
-    finished; no rows join it on the way. After a failed capture (other than out of memory) this
-    decoder runs its steps eagerly, the same tokens, and :func:`cuda_graph_reason` keeps decoders
-    made later for the model off graphs.
+    finished; no rows join it on the way. After a failed capture (other than out of memory) the
+    rest of that call runs its steps eagerly, the same tokens; later calls, and decoders made later
+    for the model (:func:`cuda_graph_reason`), decode with continuous batching instead.
     """
 
     def __init__(self, model, tokenizer, batch_size: int, graph: bool | None = None):
         super().__init__(model, tokenizer, batch_size)
         self.graph = hf_compat.input_device(model).type == "cuda" if graph is None else graph
+        self.capture_failed = False
 
     def _run(self, texts, order, responses, prefill_fn):
+        if self.capture_failed:  # fixed shapes without the graph gain nothing over continuous batching
+            return ContinuousDecoder._run(self, texts, order, responses, prefill_fn)
         device = hf_compat.input_device(self.model)
         for start in range(0, len(order), self.batch_size):
             rows = list(order[start : start + self.batch_size])
@@ -440,7 +443,7 @@ class FixedShapeDecoder(BatchDecoder):
             # e.g. a kernel that syncs with the host
             log.warning("CUDA graph capture failed (%s); decoding without graphs for this model", error)
             _GRAPH_FAILED.add(self.model)
-            self.graph = False
+            self.graph, self.capture_failed = False, True
             return FixedShapeBatch(self.model, *state, self.graph)
 
 
