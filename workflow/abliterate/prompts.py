@@ -192,7 +192,3 @@ def fetch(spec: dict, seed: int, name: str) -> tuple[pd.DataFrame, str]:
     df = clean(raw, spec.get("column", "text"), spec.get("group"), name)
     return split(df, spec.get("splits", {}), spec.get("max", {}), seed, name), description
 
-
-def select(df: pd.DataFrame, split_name: str) -> list[str]:
-    """The prompts of one split, in their stored order."""
-    return df.loc[df["split"] == split_name, "prompt"].tolist()

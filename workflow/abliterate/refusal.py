@@ -129,11 +129,6 @@ class RefusalDetector:
         )
         self._pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
 
-    def find_marker(self, text: str) -> str | None:
-        """The first marker found in the answer part of ``text``, or None."""
-        match = self._pattern.search(normalise(strip_reasoning(text)))
-        return match.group(0) if match else None
-
     def is_refusal(self, text: str) -> bool:
         """Final judgement on a complete (or early-stopped) response; an empty answer is a refusal."""
         answer = normalise(strip_reasoning(text))

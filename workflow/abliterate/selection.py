@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -301,23 +301,6 @@ def select_confirmed(
         f"(eval {int(row['refusals'])}/{int(row['n'])}, train {int(row['confirm_refusals'])}/"
         f"{int(row['confirm_n'])}, KL {row['pooled_kl']:.4g})"
     )
-
-
-def hypervolume_2d(points: Iterable[Iterable[float]], ref: Iterable[float]) -> float:
-    """Area dominated by ``points`` and bounded by ``ref``, both objectives minimised (e.g.
-    refusal rate and KL). Points not strictly better than ``ref`` in both objectives add
-    nothing."""
-    pts = np.asarray(list(points), dtype=float).reshape(-1, 2)
-    rx, ry = (float(v) for v in ref)
-    if np.isnan(pts).any() or math.isnan(rx) or math.isnan(ry):
-        raise ValueError("hypervolume_2d: points and ref must not be NaN")
-    pts = pts[(pts[:, 0] < rx) & (pts[:, 1] < ry)]
-    area, floor = 0.0, ry
-    for x, y in pts[np.lexsort((pts[:, 1], pts[:, 0]))]:
-        if y < floor:  # otherwise dominated by a point with smaller x already counted
-            area += (rx - x) * (floor - y)
-            floor = y
-    return float(area)
 
 
 def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.PathLike):

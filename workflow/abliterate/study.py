@@ -39,7 +39,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -76,11 +75,6 @@ DOMINATED_BY = "dominated_by"
 
 
 # --------------------------------------------------------------------------- storage
-
-
-def default_storage_url(run: str, results_dir: str | os.PathLike = "results") -> str:
-    """``sqlite:///results/<run>/study.sqlite`` (relative to the working directory)."""
-    return f"sqlite:///{Path(results_dir) / run / 'study.sqlite'}"
 
 
 def study_name(prefix: str, config_fragment: Any) -> str:
