@@ -166,15 +166,7 @@ def split(df: pd.DataFrame, fractions: dict[str, float], caps: dict[str, int], s
     out = out[out["split"].notna()].reset_index(drop=True)
     counts = out["split"].value_counts().to_dict()
     log.info("prompt set %s: %d prompts -> %s", name, n, ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS))
-    check_disjoint(out, name)
     return out
-
-
-def check_disjoint(df: pd.DataFrame, name: str) -> None:
-    dup = df[df.duplicated("prompt", keep=False)]
-    if not dup.empty:
-        example = dup.iloc[0]["prompt"]
-        raise PromptError(f"prompt set {name!r}: prompt {example[:80]!r} appears in splits {sorted(set(dup['split']))}")
 
 
 def check_no_cross_overlap(sets: dict[str, pd.DataFrame]) -> None:
