@@ -176,25 +176,18 @@ def is_refusal(text: str) -> bool:
     return any(m in head for m in REFUSAL_MARKERS)
 
 
-def first_sentence(text: str) -> str:
-    return re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0].strip()
-
-
 def refusal_targets(censored_response: str) -> list[str]:
     """The dataset's own refusal (first sentence) if it starts with a marker; else none."""
-    sentence = first_sentence(censored_response or "")
+    sentence = re.split(r"(?<=[.!?])\s+", (censored_response or "").strip(), maxsplit=1)[0].strip()
     if sentence.lower().replace("\u2019", "'").startswith(REFUSAL_STARTS) and len(sentence) <= 200:
         return [sentence]
     return []
 
 
-def _messages(system: str | None, user: str) -> list[dict]:
-    messages = [] if system is None else [{"role": "system", "content": system}]
-    return messages + [{"role": "user", "content": user}]
-
-
 def _render(tokenizer, system: str | None, user: str) -> str:
-    return tokenizer.apply_chat_template(_messages(system, user), tokenize=False, add_generation_prompt=True)
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": user})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _end_of_turn(tokenizer) -> str:

@@ -343,13 +343,9 @@ def _sampler(seed: int, worker: str, n_trials_so_far: int, kwargs: Mapping[str, 
     return optuna.samplers.TPESampler(seed=derived, **kwargs)
 
 
-def _retry_params(trial: FrozenTrial) -> dict[str, Any]:
-    # A trial popped from the queue and killed before its suggestions holds them only here.
-    return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
-
-
 def _requeue(study: optuna.Study, trial: FrozenTrial) -> None:
-    params = _retry_params(trial)
+    # A trial popped from the queue and killed before its suggestions holds them only in fixed_params.
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
     if not params:
         return  # killed before sampling: nothing to retry, a new trial is as good
     origin = trial.user_attrs.get("retry_of", trial.number)
