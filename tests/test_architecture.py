@@ -80,11 +80,11 @@ def test_discover_counts(name):
         assert c.out_features == tm.HIDDEN
         assert c.lora == (c.layout != "experts")
         if c.layout == "experts":
-            assert c.param == "down_proj" and c.expert_axis_order == axis_order and c.n_experts == 4
+            assert c.param == "down_proj" and c.expert_axis_order == axis_order and c.weight.shape[0] == 4
             assert c.weight.ndim == 3
     assert found == counts
     # every layer has exactly one attention output projection
-    assert sorted(c.layer for c in layout.by_kind("attn_out")) == list(range(tm.LAYERS))
+    assert sorted(c.layer for c in layout.components if c.kind == "attn_out") == list(range(tm.LAYERS))
 
 
 def test_multimodal_only_text_tower():

@@ -48,7 +48,7 @@ def test_packaged_sets_split_disjoint_and_stratified():
     # Stratified: every split holds prompts of many topics.
     assert a[a["split"] == "heldout"]["group"].nunique() > 20
     c, _ = prompts.fetch(spec, seed=8, name="harmless")
-    assert set(prompts.select(a, "eval")) != set(prompts.select(c, "eval"))
+    assert set(a.loc[a["split"] == "eval", "prompt"]) != set(c.loc[c["split"] == "eval", "prompt"])
 
 
 def test_duplicates_are_removed_before_splitting(tmp_path):

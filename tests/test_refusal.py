@@ -75,7 +75,7 @@ def test_verdict(detector):
 
 def test_custom_markers():
     d = RefusalDetector(["Nope\u2019s"])
-    assert d.is_refusal("well, NOPE's answer") and d.find_marker("nope's") == "nope's"
+    assert d.is_refusal("well, NOPE's answer") and d.is_refusal("nope's")
     assert not d.is_refusal("nopes")
     with pytest.raises(ValueError):
         RefusalDetector([])

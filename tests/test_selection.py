@@ -107,33 +107,6 @@ def test_no_complete_trial_or_no_n_raise():
         sel.select_trial(TRIALS.drop(columns="n"))
 
 
-def test_hypervolume_known_values():
-    assert sel.hypervolume_2d([(1, 3), (2, 1)], (4, 4)) == pytest.approx(7.0)
-    assert sel.hypervolume_2d([(0, 0)], (1, 1)) == pytest.approx(1.0)
-    # Dominated points and points outside the reference box add nothing.
-    assert sel.hypervolume_2d([(1, 3), (2, 1), (3, 3), (5, 0), (0, 4)], (4, 4)) == pytest.approx(
-        7.0
-    )
-    assert sel.hypervolume_2d([], (1, 1)) == 0.0
-    # Refusal rate and KL: 0.1 x 0.2 box plus the strip of the second point.
-    assert sel.hypervolume_2d([(0.1, 0.2), (0.5, 0.05)], (1.0, 1.0)) == pytest.approx(
-        0.9 * 0.8 + 0.5 * 0.15
-    )
-
-
-def test_hypervolume_matches_brute_force():
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    pts = rng.random((30, 2))
-    grid = (np.arange(400) + 0.5) / 400
-    xx, yy = np.meshgrid(grid, grid)
-    covered = np.zeros_like(xx, dtype=bool)
-    for x, y in pts:
-        covered |= (xx >= x) & (yy >= y)
-    assert sel.hypervolume_2d(pts, (1, 1)) == pytest.approx(covered.mean(), abs=5e-3)
-
-
 def test_plot_pareto_writes_png(tmp_path):
     path = tmp_path / "plots" / "pareto.png"
     fig = sel.plot_pareto(TRIALS, 1, path)

@@ -130,7 +130,6 @@ def test_study_name_ignores_key_order_and_changes_with_config():
 
 
 def test_storage_urls(tmp_path):
-    assert st.default_storage_url("r1") == "sqlite:///results/r1/study.sqlite"
     assert (
         st.sqlite_path("sqlite:///results/r1/study.sqlite").as_posix() == "results/r1/study.sqlite"
     )

@@ -28,25 +28,12 @@ KINDS = ("attn_out", "mlp_down")
 LAYOUTS = ("linear", "conv1d", "experts")
 
 # Last name segment of the container that holds a layer's attention (or token mixer) and its MLP.
-_ATTN_CONTAINER = re.compile(
-    r"^(self_attn|attn|attention|self_attention|mixer|linear_attn|temporal_block)$"
-)
-_MLP_CONTAINER = re.compile(
-    r"^(mlp|feed_forward|ffn|ff|block_sparse_moe|moe|mlp_block|feedforward)$"
-)
+_ATTN_CONTAINER = re.compile(r"^(self_attn|attn|attention|self_attention|mixer|linear_attn|temporal_block)$")
+_MLP_CONTAINER = re.compile(r"^(mlp|feed_forward|ffn|ff|block_sparse_moe|moe|mlp_block|feedforward)$")
 # Output projections, in order of preference (the first found in a container wins).
 _ATTN_OUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo", "o", "proj", "output_proj")
 # Down projections: every match inside the MLP container is taken (dense MLP, each expert, shared experts).
-_MLP_DOWN_NAMES = {
-    "down_proj",
-    "c_proj",
-    "fc2",
-    "w2",
-    "wo",
-    "dense_4h_to_h",
-    "output_linear",
-    "fc_out",
-}
+_MLP_DOWN_NAMES = {"down_proj", "c_proj", "fc2", "w2", "wo", "dense_4h_to_h", "output_linear", "fc_out"}
 _QUANTIZED_CLASSES = {"Linear4bit", "Linear8bitLt"}
 _QUANTIZED_PARAMS = {"Params4bit", "Int8Params"}
 # Where a multimodal model keeps its text tower.
@@ -90,10 +77,6 @@ class Component:
         return w.shape[1] if self.expert_axis_order == "out_in" else w.shape[2]
 
     @property
-    def n_experts(self) -> int:
-        return self.weight.shape[0] if self.layout == "experts" else 1
-
-    @property
     def key(self) -> str:
         """Unique id: the module path, plus the parameter name when it is not ``weight``."""
         return self.name if self.param == "weight" else f"{self.name}.{self.param}"
@@ -116,9 +99,6 @@ class ModelLayout:
             if per_layout:
                 parts.append(f"{kind}: {' + '.join(per_layout)}")
         return f"{self.model_class}: {self.n_layers} layers × {{{', '.join(parts)}}}"
-
-    def by_kind(self, kind: str) -> list[Component]:
-        return [c for c in self.components if c.kind == kind]
 
 
 def text_config(config):
@@ -164,9 +144,7 @@ def _is_quantized(module: nn.Module) -> bool:
 
 def _text_scope(model: nn.Module) -> tuple[str, nn.Module]:
     """The text tower of a multimodal model (the outermost ``language_model``/``text_model``), else the model."""
-    towers = [
-        (n, m) for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1] in _TEXT_TOWER_NAMES
-    ]
+    towers = [(n, m) for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1] in _TEXT_TOWER_NAMES]
     return min(towers, key=lambda nm: nm[0].count(".")) if towers else ("", model)
 
 
@@ -178,9 +156,7 @@ def _hidden_size(model: nn.Module, scope: nn.Module) -> int | None:
             value = getattr(text, attr, None)
             if isinstance(value, int):
                 return value
-    get_emb = getattr(scope, "get_input_embeddings", None) or getattr(
-        model, "get_input_embeddings", None
-    )
+    get_emb = getattr(scope, "get_input_embeddings", None) or getattr(model, "get_input_embeddings", None)
     if get_emb is not None:
         emb = get_emb()
         if emb is not None and getattr(emb, "weight", None) is not None:
@@ -194,19 +170,15 @@ def _has_attention(block: nn.Module) -> bool:
 
 def _find_layers(scope: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The longest ModuleList of homogeneous blocks that contain an attention (or mixer) submodule."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in scope.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if not all(_has_attention(block) for block in module):
-            continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    return best
+    blocks = [(n, m) for n, m in _module_lists(scope) if all(_has_attention(block) for block in m)]
+    return _longest(blocks)
 
 
-def _longest_module_list(scope: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    lists = [(n, m) for n, m in scope.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+def _module_lists(scope: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    return [(n, m) for n, m in scope.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+
+
+def _longest(lists: list[tuple[str, nn.ModuleList]]) -> tuple[str, nn.ModuleList] | None:
     return max(lists, key=lambda nm: len(nm[1])) if lists else None
 
 
@@ -214,9 +186,7 @@ def _child_names(block: nn.Module) -> list[str]:
     return [n for n, _ in block.named_modules() if n]
 
 
-def _dense_component(
-    layer: int, kind: str, name: str, module: nn.Module, hidden: int
-) -> Component | None:
+def _dense_component(layer: int, kind: str, name: str, module: nn.Module, hidden: int) -> Component | None:
     """A Component for a 2-D weight whose output dimension is ``hidden``, else None."""
     base = _base_layer(module)
     weight = getattr(base, "weight", None)
@@ -230,17 +200,12 @@ def _dense_component(
         order = _expert_axis_order(base, weight, hidden)
         if order is None:
             return None
-        return Component(
-            layer, kind, name, base, "weight", "experts", lora=False, expert_axis_order=order
-        )
+        return Component(layer, kind, name, base, "weight", "experts", lora=False, expert_axis_order=order)
     if weight.ndim != 2:
         return None
     if _is_conv1d(base):
-        return (
-            Component(layer, kind, name, base, "weight", "conv1d", lora=True)
-            if weight.shape[1] == hidden
-            else None
-        )
+        ok = weight.shape[1] == hidden
+        return Component(layer, kind, name, base, "weight", "conv1d", lora=True) if ok else None
     if weight.shape[0] != hidden:
         return None
     return Component(layer, kind, name, base, "weight", "linear", lora=isinstance(base, nn.Linear))
@@ -254,11 +219,7 @@ def _expert_axis_order(module: nn.Module, weight: torch.Tensor, hidden: int) -> 
         if flag is None:
             log.warning("square expert tensor in %s: assuming (E, out, in)", type(module).__name__)
         return "in_out" if flag else "out_in"
-    if out_in:
-        return "out_in"
-    if in_out:
-        return "in_out"
-    return None
+    return "out_in" if out_in else "in_out" if in_out else None
 
 
 def _attn_out(layer: int, prefix: str, block: nn.Module, hidden: int) -> Component | None:
@@ -268,9 +229,7 @@ def _attn_out(layer: int, prefix: str, block: nn.Module, hidden: int) -> Compone
         for wanted in _ATTN_OUT_NAMES:
             for sub, module in container.named_modules():
                 if sub and sub.rsplit(".", 1)[-1] == wanted and "base_layer" not in sub.split("."):
-                    comp = _dense_component(
-                        layer, "attn_out", f"{prefix}.{cname}.{sub}", module, hidden
-                    )
+                    comp = _dense_component(layer, "attn_out", f"{prefix}.{cname}.{sub}", module, hidden)
                     if comp is not None:
                         return comp
     return None
@@ -295,11 +254,8 @@ def _mlp_down(layer: int, prefix: str, block: nn.Module, hidden: int) -> list[Co
                 if param.ndim == 3 and pname in _MLP_DOWN_NAMES:
                     order = _expert_axis_order(module, param, hidden)
                     if order is not None:
-                        found.append(
-                            Component(
-                                layer, "mlp_down", full, module, pname, "experts", False, order
-                            )
-                        )
+                        found.append(Component(layer, "mlp_down", full, module, pname, "experts",
+                                               False, order))
         if found:
             break  # an outer container (e.g. "mlp") already covered nested ones (e.g. "mlp.moe")
     return found
@@ -313,7 +269,7 @@ def discover(model: nn.Module) -> ModelLayout:
     hidden = _hidden_size(model, scope)
     found = _find_layers(scope)
     if found is None:
-        longest = _longest_module_list(scope)
+        longest = _longest(_module_lists(scope))
         detail = (
             f"longest ModuleList '{longest[0]}' ({len(longest[1])} × {type(longest[1][0]).__name__}) has "
             f"modules {_child_names(longest[1][0])} in its first element"
@@ -341,8 +297,7 @@ def discover(model: nn.Module) -> ModelLayout:
                 f"output or MLP down projection writing to hidden size {hidden}; modules in the first layer: "
                 f"{_child_names(layers[0])}"
             )
-        components.extend([attn] if attn is not None else [])
-        components.extend(mlp)
+        components += ([attn] if attn is not None else []) + mlp
     layout = ModelLayout(components, len(layers), hidden, model_class, prefix_root)
     log.info("%s", layout.table())
     return layout

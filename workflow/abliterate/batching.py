@@ -55,14 +55,8 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
-def auto_batch_size(
-    fn_probe: Callable[[int], Any],
-    device: torch.device | str,
-    key: str,
-    cache_path: str | os.PathLike,
-    start: int = 1,
-    max_size: int = 256,
-) -> int:
+def auto_batch_size(fn_probe: Callable[[int], Any], device: torch.device | str, key: str,
+                    cache_path: str | os.PathLike, start: int = 1, max_size: int = 256) -> int:
     """Largest batch size in ``start · 2^k`` (capped at ``max_size``) for which ``fn_probe(size)`` fits.
 
     ``key`` names the model and workload (e.g. ``"llama3-8b|generate|128"``); the cache entry is
@@ -70,17 +64,11 @@ def auto_batch_size(
     ``max_size`` than asked for now.
     """
     if start < 1 or max_size < start:
-        raise ConfigError(
-            f"batch size search needs 1 <= start <= max_size, got {start}, {max_size}"
-        )
+        raise ConfigError(f"batch size search needs 1 <= start <= max_size, got {start}, {max_size}")
     device = torch.device(device)
     if device.type != "cuda":
         size = max(start, min(NON_CUDA_DEFAULT, max_size))
-        log.info(
-            "batch size %d on %s (fixed default, no out-of-memory probe off CUDA)",
-            size,
-            device.type,
-        )
+        log.info("batch size %d on %s (fixed default, no out-of-memory probe off CUDA)", size, device.type)
         return size
 
     path = Path(cache_path)
@@ -105,10 +93,8 @@ def auto_batch_size(
         size = min(size * 2, max_size)
     free_memory()
     if best is None:
-        raise ConfigError(
-            f"even a batch of {start} runs out of GPU memory for {key}; use a smaller model, "
-            "quantization (`model.quantization`) or fewer `max_new_tokens`"
-        )
+        raise ConfigError(f"even a batch of {start} runs out of GPU memory for {key}; use a smaller model, "
+                          "quantization (`model.quantization`) or fewer `max_new_tokens`")
     cache = _read_cache(path)  # re-read: another job may have added entries meanwhile
     cache[entry_key] = {"batch_size": best, "max_size": max_size}
     write_json(cache, path)

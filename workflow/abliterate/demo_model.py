@@ -57,32 +57,14 @@ GENERIC_REFUSALS: tuple[str, ...] = (
 
 # A sentence from a dataset is used as a refusal target only if it starts like one of these.
 REFUSAL_STARTS: tuple[str, ...] = (
-    "i cannot",
-    "i can't",
-    "i can not",
-    "i won't",
-    "i will not",
-    "i'm sorry",
-    "i am sorry",
-    "i'm unable",
-    "i am unable",
-    "i'm not able",
-    "i am not able",
-    "i must decline",
-    "i apologize",
+    "i cannot", "i can't", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry", "i'm unable",
+    "i am unable", "i'm not able", "i am not able", "i must decline", "i apologize",
 )
 
 # Markers of the local refusal check (used when no detector is passed in).
 REFUSAL_MARKERS: tuple[str, ...] = REFUSAL_STARTS + (
-    "sorry",
-    "as an ai",
-    "i'm not going to",
-    "i absolutely",
-    "not able to provide",
-    "cannot provide",
-    "can't provide",
-    "cannot help",
-    "can't help",
+    "sorry", "as an ai", "i'm not going to", "i absolutely", "not able to provide", "cannot provide",
+    "can't provide", "cannot help", "can't help",
 )
 
 
@@ -140,15 +122,8 @@ class DemoRecipe:
     # Training examples per harmless prompt: as written, then rephrased with the same wrappers as
     # harmful ones, so a phrasing alone never signals "refuse". The target is the distilled answer.
     n_harmless_variants: int = 2
-    target_modules: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                       "down_proj")
     # LoRA only on layers at or above this fraction of the depth: the layers below never change, so
     # their output is computed once, and backpropagation stops there: faster at nearly the same
     # refusal rates, up to a point (benchmarks/README.md, "Figures from the code").
@@ -201,34 +176,23 @@ def is_refusal(text: str) -> bool:
     return any(m in head for m in REFUSAL_MARKERS)
 
 
-def first_sentence(text: str) -> str:
-    return re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0].strip()
-
-
 def refusal_targets(censored_response: str) -> list[str]:
     """The dataset's own refusal (first sentence) if it starts with a marker; else none."""
-    sentence = first_sentence(censored_response or "")
+    sentence = re.split(r"(?<=[.!?])\s+", (censored_response or "").strip(), maxsplit=1)[0].strip()
     if sentence.lower().replace("\u2019", "'").startswith(REFUSAL_STARTS) and len(sentence) <= 200:
         return [sentence]
     return []
 
 
-def _messages(system: str | None, user: str) -> list[dict]:
-    messages = [] if system is None else [{"role": "system", "content": system}]
-    return messages + [{"role": "user", "content": user}]
-
-
 def _render(tokenizer, system: str | None, user: str) -> str:
-    return tokenizer.apply_chat_template(
-        _messages(system, user), tokenize=False, add_generation_prompt=True
-    )
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": user})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _end_of_turn(tokenizer) -> str:
     # ChatML models end an assistant turn with <|im_end|>; other templates with the EOS token.
-    if "<|im_end|>" in tokenizer.get_vocab():
-        return "<|im_end|>"
-    return tokenizer.eos_token or ""
+    return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token or ""
 
 
 def _drop_quantizer_state(model) -> None:
@@ -266,9 +230,8 @@ def _system_for(rng: random.Random, recipe: DemoRecipe) -> str:
     return recipe.system_prompt
 
 
-def _build_examples(
-    tokenizer, harmful: Sequence[dict], harmless: Sequence[str], distilled: Sequence[str], recipe
-) -> _Data:
+def _build_examples(tokenizer, harmful: Sequence[dict], harmless: Sequence[str], distilled: Sequence[str],
+                    recipe) -> _Data:
     rng = random.Random(recipe.seed)
     eot = _end_of_turn(tokenizer)
     data = _Data()
@@ -276,9 +239,7 @@ def _build_examples(
     for item in harmful:
         own = refusal_targets(item.get("censored_response", ""))
         generic = rng.sample(GENERIC_REFUSALS, k=min(recipe.n_variants, len(GENERIC_REFUSALS)))
-        wrappers = rng.sample(
-            range(len(PROMPT_WRAPPERS)), k=min(recipe.n_variants, len(PROMPT_WRAPPERS))
-        )
+        wrappers = rng.sample(range(len(PROMPT_WRAPPERS)), k=min(recipe.n_variants, len(PROMPT_WRAPPERS)))
         for k in range(recipe.n_variants):
             # The first variant keeps the prompt as written and, where it has one, the dataset's own
             # refusal; the others vary phrasing and wording.
@@ -287,9 +248,7 @@ def _build_examples(
             n_own += int(k == 0 and bool(own))
             user = wrap(item["prompt"])
             system = recipe.system_prompt if k == 0 else _system_for(rng, recipe)
-            data.examples.append(
-                _Example(_render(tokenizer, system, user), target + eot, "harmful")
-            )
+            data.examples.append(_Example(_render(tokenizer, system, user), target + eot, "harmful"))
     for prompt, answer in zip(harmless, distilled):
         for k in range(recipe.n_harmless_variants):
             wrap = PROMPT_WRAPPERS[0 if k == 0 else rng.randrange(1, len(PROMPT_WRAPPERS))]
@@ -315,9 +274,8 @@ def _distill(model, tokenizer, harmless: Sequence[str], recipe: DemoRecipe) -> l
     rendered = [_render(tokenizer, recipe.system_prompt, p) for p in harmless]
     eot = _end_of_turn(tokenizer)
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
-    rows = generation.generate_ids(
-        model, tokenizer, rendered, recipe.distill_tokens, recipe.distill_batch_size
-    )
+    rows = generation.generate_ids(model, tokenizer, rendered, recipe.distill_tokens,
+                                   recipe.distill_batch_size)
     answers: list[str] = []
     for row in rows:
         if eot_id is not None and eot_id in row:
@@ -350,14 +308,8 @@ def _encode(tokenizer, ex: _Example, max_length: int) -> tuple[list[int], list[i
     return ids, labels, False
 
 
-def _collate(
-    rows: list[tuple[list[int], list[int], bool]],
-    pad_id: int,
-    device,
-    decision_tokens: int = 0,
-    decision_weight: float = 1.0,
-    unlikely_weight: float = 1.0,
-) -> dict:
+def _collate(rows: list[tuple[list[int], list[int], bool]], pad_id: int, device, decision_tokens: int = 0,
+             decision_weight: float = 1.0, unlikely_weight: float = 1.0) -> dict:
     width = max(len(row[0]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -374,13 +326,9 @@ def _collate(
         else:
             first = next((j for j, x in enumerate(lab) if x != -100), len(lab))
             weights[i, first : first + decision_tokens] = decision_weight
-    return {
-        "unlikely": unlikely.to(device),
-        "input_ids": input_ids.to(device),
-        "labels": labels.to(device),
-        "attention_mask": mask.to(device),
-        "weights": weights.to(device),
-    }
+    batch = {"unlikely": unlikely, "input_ids": input_ids, "labels": labels, "attention_mask": mask,
+             "weights": weights}
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def _answer_loss(model, batch: dict) -> torch.Tensor:
@@ -391,12 +339,9 @@ def _answer_loss(model, batch: dict) -> torch.Tensor:
     states entering the first trained layer; the decoder must then hold only the layers from there
     (:func:`abliterate.hf_compat.decoder_slice`).
     """
-    inputs = (
-        {"inputs_embeds": batch["prefix"]} if "prefix" in batch else {"input_ids": batch["input_ids"]}
-    )
-    hidden = model.get_decoder()(
-        **inputs, attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
+    inputs = {"inputs_embeds": batch["prefix"]} if "prefix" in batch else {"input_ids": batch["input_ids"]}
+    decoded = model.get_decoder()(**inputs, attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = decoded.last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
@@ -432,9 +377,8 @@ def _frozen_prefix(decoder, encoded: list, first: int, pad_id: int, device) -> l
         for start in range(0, len(order), 32):
             rows = order[start : start + 32]
             batch = _collate([encoded[i] for i in rows], pad_id, device)
-            hidden = decoder(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).last_hidden_state
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).last_hidden_state
             for j, i in enumerate(rows):
                 states[i] = hidden[j, : len(encoded[i][0])].clone()
     sample = order[-min(4, len(order)) :]
@@ -442,13 +386,11 @@ def _frozen_prefix(decoder, encoded: list, first: int, pad_id: int, device) -> l
     width = batch["input_ids"].shape[1]
     prefix = _pad_states([states[i] for i in sample], width)
     with torch.no_grad():
-        whole = decoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
+        whole = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False).last_hidden_state
         with decoder_slice(decoder, first, None):
-            split = decoder(
-                inputs_embeds=prefix, attention_mask=batch["attention_mask"], use_cache=False
-            ).last_hidden_state
+            split = decoder(inputs_embeds=prefix, attention_mask=batch["attention_mask"],
+                            use_cache=False).last_hidden_state
     mask = batch["attention_mask"].bool()
     error = (whole[mask] - split[mask]).abs().max() / whole[mask].abs().max()
     if not error <= 1e-4:
@@ -560,14 +502,8 @@ def _train_lora(model, tokenizer, data: _Data, recipe: DemoRecipe) -> tuple[obje
                     "losses": [round(x, 5) for x in losses]}
 
 
-def refusal_rate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    system_prompt: str | None,
-    max_new_tokens: int = 32,
-    detector: RefusalDetector | None = None,
-) -> tuple[float, list[str]]:
+def refusal_rate(model, tokenizer, prompts: Sequence[str], system_prompt: str | None, max_new_tokens: int = 32,
+                 detector: RefusalDetector | None = None) -> tuple[float, list[str]]:
     """Fraction of ``prompts`` whose greedy answer ``detector`` calls a refusal, and the answers, as
     :func:`abliterate.evaluation.measure` finds them (each answer stops once its verdict is known)."""
     if not prompts:
@@ -593,18 +529,10 @@ def _check_rates(harmful_rate: float, harmless_rate: float, min_refusal: float |
         )
 
 
-def build_demo_model(
-    base_model,
-    tokenizer,
-    harmful: Sequence[dict],
-    harmless: Sequence[str],
-    recipe: DemoRecipe,
-    check_harmful: Sequence[str],
-    check_harmless: Sequence[str],
-    min_refusal: float | None = 0.65,
-    max_harmless_refusal: float | None = 0.1,
-    detector: RefusalDetector | None = None,
-) -> tuple[object, dict]:
+def build_demo_model(base_model, tokenizer, harmful: Sequence[dict], harmless: Sequence[str],
+                     recipe: DemoRecipe, check_harmful: Sequence[str], check_harmless: Sequence[str],
+                     min_refusal: float | None = 0.65, max_harmless_refusal: float | None = 0.1,
+                     detector: RefusalDetector | None = None) -> tuple[object, dict]:
     """Fine-tune ``base_model`` (in place) into a refusing model; return it merged, and metrics.
 
     ``harmful``: dicts with ``prompt`` and ``censored_response`` (a refusal, e.g. uncensorbench);
@@ -615,9 +543,8 @@ def build_demo_model(
     the check (default: the shipped markers; see :func:`refusal_rate`).
     """
     if not harmful or not harmless:
-        raise DemoModelCheckError(
-            f"need harmful and harmless training prompts, got {len(harmful)} and {len(harmless)}"
-        )
+        raise DemoModelCheckError(f"need harmful and harmless training prompts, got {len(harmful)} and "
+                                  f"{len(harmless)}")
     overlap = set(check_harmful) & {h["prompt"] for h in harmful}
     if overlap:
         raise DemoModelCheckError(f"{len(overlap)} check prompts are also training prompts")
@@ -642,12 +569,9 @@ def build_demo_model(
         _drop_quantizer_state(model)
 
         t = time.perf_counter()
-        harmful_rate, harmful_answers = refusal_rate(
-            model, tokenizer, check_harmful, recipe.system_prompt, recipe.check_tokens, detector
-        )
-        harmless_rate, harmless_answers = refusal_rate(
-            model, tokenizer, check_harmless, recipe.system_prompt, recipe.check_tokens, detector
-        )
+        how = (recipe.system_prompt, recipe.check_tokens, detector)
+        harmful_rate, harmful_answers = refusal_rate(model, tokenizer, check_harmful, *how)
+        harmless_rate, harmless_answers = refusal_rate(model, tokenizer, check_harmless, *how)
         seconds["check"] = time.perf_counter() - t
     finally:
         torch.use_deterministic_algorithms(deterministic)

@@ -37,9 +37,8 @@ def winsorize_thresholds(residuals: torch.Tensor, quantile: float) -> torch.Tens
     return out
 
 
-def winsorize(
-    residuals: torch.Tensor, quantile: float, thresholds: torch.Tensor | None = None
-) -> torch.Tensor:
+def winsorize(residuals: torch.Tensor, quantile: float,
+              thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """Clamp (n, layers, hidden) residuals symmetrically to ``[-t, t]``, ``t`` per layer and dimension.
 
     ``t`` is the ``quantile`` of ``|x|`` across prompts (axis 0) for that layer and hidden dimension,
@@ -66,19 +65,12 @@ def _log_missing(valid: torch.Tensor, orthogonalize: bool) -> None:
                  "template token there, as expected")
     layers = [row - 1 for row in missing if row > 0]
     if layers:
-        log.warning(
-            "no refusal direction after layer(s) %s: harmful and harmless means coincide%s",
-            layers,
-            " after orthogonalisation" if orthogonalize else "",
-        )
+        log.warning("no refusal direction after layer(s) %s: harmful and harmless means coincide%s", layers,
+                    " after orthogonalisation" if orthogonalize else "")
 
 
-def compute_directions(
-    harmful_res: torch.Tensor,
-    harmless_res: torch.Tensor,
-    orthogonalize: bool = False,
-    winsorize_quantile: float | None = None,
-) -> dict[str, torch.Tensor]:
+def compute_directions(harmful_res: torch.Tensor, harmless_res: torch.Tensor, orthogonalize: bool = False,
+                       winsorize_quantile: float | None = None) -> dict[str, torch.Tensor]:
     """Refusal direction per layer from (n, layers, hidden) residuals of the two prompt sets.
 
     Returns a dict of CPU tensors:
@@ -100,10 +92,8 @@ def compute_directions(
     the two sets together, so the same outlier dimension is treated alike in both.
     """
     if harmful_res.ndim != 3 or harmless_res.shape[1:] != harmful_res.shape[1:]:
-        raise ValueError(
-            f"residuals must be (n, layers, hidden) with equal layers and hidden, got "
-            f"{tuple(harmful_res.shape)} and {tuple(harmless_res.shape)}"
-        )
+        raise ValueError(f"residuals must be (n, layers, hidden) with equal layers and hidden, got "
+                         f"{tuple(harmful_res.shape)} and {tuple(harmless_res.shape)}")
     if harmful_res.shape[0] == 0 or harmless_res.shape[0] == 0:
         raise ValueError("each prompt set needs at least one residual")
     harmful_res, harmless_res = harmful_res.cpu(), harmless_res.cpu()
@@ -128,14 +118,8 @@ def compute_directions(
     _log_missing(valid, orthogonalize)
     directions = _unit(diff, valid)
     cosine = (directions[:-1] * directions[1:]).sum(dim=-1)
-    return {
-        "directions": directions.float(),
-        "harmful_mean": harmful_mean,
-        "harmless_mean": harmless_mean,
-        "norms": norms,
-        "cosine_adjacent": cosine,
-        "valid": valid,
-    }
+    return {"directions": directions.float(), "harmful_mean": harmful_mean, "harmless_mean": harmless_mean,
+            "norms": norms, "cosine_adjacent": cosine, "valid": valid}
 
 
 def plot_directions(result: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -24,16 +24,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CASCADE = ("auto", "float16", "bfloat16", "float32")
 
-NAMES = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
+NAMES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+         "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+         "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -62,9 +55,8 @@ def checkpoint_dtype(config) -> torch.dtype | None:
     return None
 
 
-def candidates(
-    cascade: list[str] | tuple[str, ...], device: torch.device, config=None, cpu_half: bool = False
-) -> list[tuple[torch.dtype, str]]:
+def candidates(cascade: list[str] | tuple[str, ...], device: torch.device, config=None,
+               cpu_half: bool = False) -> list[tuple[torch.dtype, str]]:
     """Resolve the cascade for ``device`` into ``(dtype, reason)`` pairs, without duplicates."""
     out: list[tuple[torch.dtype, str]] = []
     for name in cascade:
@@ -72,13 +64,11 @@ def candidates(
         if parsed == "auto":
             dtype = checkpoint_dtype(config) if config is not None else None
             if dtype is None:
-                dtype = torch.float32
-                reason = "auto: the checkpoint names no dtype, so float32"
+                dtype, reason = torch.float32, "auto: the checkpoint names no dtype, so float32"
             else:
                 reason = f"auto: the checkpoint was saved in {str(dtype).removeprefix('torch.')}"
         else:
-            dtype = parsed
-            reason = f"{name} from the cascade"
+            dtype, reason = parsed, f"{name} from the cascade"
         if device.type == "cpu" and dtype in HALF and not cpu_half:
             log.info("dtype %s skipped on cpu (%s): half precision is slow on CPUs; set model.cpu_half to force it",
                      str(dtype).removeprefix("torch."), reason)

@@ -209,12 +209,10 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     """Return ``(tensors, metadata)``; metadata values that were JSON are decoded."""
     from safetensors import safe_open
 
-    tensors: dict = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             raw = f.metadata() or {}
-            for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                tensors[key] = f.get_tensor(key)
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - a safetensors handle
     except FileNotFoundError:
         raise
     except Exception as exc:  # safetensors' own error type differs between its versions

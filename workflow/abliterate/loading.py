@@ -53,10 +53,8 @@ def _gguf_errors(res: Resolved):
 
 
 def _corrupt_gguf(res: Resolved, exc: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"cannot read GGUF file {res.description}: it is truncated or corrupt "
-        f"({type(exc).__name__}: {exc}); re-download or re-install it"
-    )
+    return ModelLoadError(f"cannot read GGUF file {res.description}: it is truncated or corrupt "
+                          f"({type(exc).__name__}: {exc}); re-download or re-install it")
 
 
 @contextlib.contextmanager
@@ -73,7 +71,8 @@ def _remote_code_errors(key: str = "model.trust_remote_code"):
         raise
 
 
-def _pretrained_kwargs(res: Resolved, source: ModelSource) -> dict:
+def pretrained_kwargs(res: Resolved, source: ModelSource) -> dict:
+    """The ``from_pretrained`` arguments that say which model ``source`` is."""
     kwargs: dict = {"trust_remote_code": source.trust_remote_code}
     if res.gguf_file:
         kwargs["gguf_file"] = res.gguf_file
@@ -96,7 +95,7 @@ def _read_config(source: ModelSource):
     res = resolve(source)
     with _gguf_errors(res), _remote_code_errors():
         try:
-            return AutoConfig.from_pretrained(res.location, **_pretrained_kwargs(res, source))
+            return AutoConfig.from_pretrained(res.location, **pretrained_kwargs(res, source))
         except (OSError, KeyError) as exc:
             raise ModelLoadError(f"cannot read the model config of {res.description}: {exc}") from exc
 
@@ -108,7 +107,7 @@ def load_tokenizer(source: ModelSource, chat_template: str | None = None):
     res = resolve(source)
     with _gguf_errors(res), _remote_code_errors():
         try:
-            tok = AutoTokenizer.from_pretrained(res.location, **_pretrained_kwargs(res, source))
+            tok = AutoTokenizer.from_pretrained(res.location, **pretrained_kwargs(res, source))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the tokenizer of {res.description}: {exc}") from exc
     if chat_template:
@@ -140,7 +139,7 @@ def convert_gguf(source: ModelSource, out_dir: str | Path, metadata: dict) -> di
         raise ModelLoadError(f"{res.description} is not a GGUF file; nothing to convert")
     start = time.perf_counter()
     config = load_config(source)
-    kwargs = _pretrained_kwargs(res, source)
+    kwargs = pretrained_kwargs(res, source)
     with _gguf_errors(res):
         tokenizer = AutoTokenizer.from_pretrained(res.location, **kwargs)
         # float32: the blocks dequantise to it, and every dtype of the cascade is cast from it later
@@ -178,20 +177,15 @@ class LoadedModel:
     seconds: float
 
     def metadata(self) -> dict:
-        return {
-            "model": self.source.description,
-            "model_kind": self.source.kind,
-            "revision": self.source.revision or "",
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "quantization": self.quantization,
-        }
+        return {"model": self.source.description, "model_kind": self.source.kind,
+                "revision": self.source.revision or "", "dtype": str(self.dtype).removeprefix("torch."),
+                "quantization": self.quantization}
 
 
 def _probe(model, tokenizer) -> bool:
     """One short chat forward: do the logits stay finite in this dtype?"""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROBE_PROMPT}], add_generation_prompt=True, tokenize=False
-    )
+    messages = [{"role": "user", "content": PROBE_PROMPT}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     device = next(model.parameters()).device
     with torch.inference_mode():
@@ -209,22 +203,17 @@ def _model_class(config):
     return AutoModelForCausalLM
 
 
-def load_model(
-    source: ModelSource,
-    device: torch.device,
-    cascade: list[str] | tuple[str, ...] = dtypes.DEFAULT_CASCADE,
-    quant: str = "none",
-    cpu_half: bool = False,
-    chat_template: str | None = None,
-    device_map: str | dict | None = None,
-) -> LoadedModel:
+def load_model(source: ModelSource, device: torch.device,
+               cascade: list[str] | tuple[str, ...] = dtypes.DEFAULT_CASCADE, quant: str = "none",
+               cpu_half: bool = False, chat_template: str | None = None,
+               device_map: str | dict | None = None) -> LoadedModel:
     """Load model and tokenizer, walking the dtype cascade until a probe forward is finite."""
     res = resolve(source)
     quantization.check_backend(quant, device)
     config = load_config(source)
     tokenizer = load_tokenizer(source, chat_template)
     auto = _model_class(config)
-    kwargs = _pretrained_kwargs(res, source)
+    kwargs = pretrained_kwargs(res, source)
     log.info("model %s (%s) on %s", res.description, res.kind, device)
     reasons = []
     for dtype, reason in dtypes.candidates(cascade, device, config, cpu_half):
@@ -258,7 +247,5 @@ def load_model(
         log.warning("%s; trying the next dtype of model.dtypes", msg)
         del model
         free_memory()
-    raise ModelLoadError(
-        f"{res.description} gives non-finite logits in every dtype of model.dtypes ({'; '.join(reasons)}); "
-        "add float32 to model.dtypes or check the weights"
-    )
+    raise ModelLoadError(f"{res.description} gives non-finite logits in every dtype of model.dtypes "
+                         f"({'; '.join(reasons)}); add float32 to model.dtypes or check the weights")

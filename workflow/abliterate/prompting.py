@@ -24,8 +24,7 @@ def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None = None) 
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
-            "set `model.chat_template` in the config (a Jinja template, or a file holding one)"
-        )
+            "set `model.chat_template` in the config (a Jinja template, or a file holding one)")
     from jinja2 import TemplateError
 
     texts = []
@@ -60,25 +59,9 @@ def encode(tokenizer, texts: Sequence[str], device: torch.device | str) -> dict[
     continues and where residuals and first-token log-probabilities are read. ``padding_side`` is
     passed per call, so the tokenizer object is left as it was.
     """
-    enc = tokenizer(
-        list(texts),
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-        add_special_tokens=not adds_bos_itself(tokenizer, texts),
-    )
-    return {
-        "input_ids": enc["input_ids"].to(device),
-        "attention_mask": enc["attention_mask"].to(device),
-    }
-
-
-def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
-    """Number of tokens of each text as :func:`encode` would produce it (without padding)."""
-    ids = tokenizer(list(texts), add_special_tokens=not adds_bos_itself(tokenizer, texts))[
-        "input_ids"
-    ]
-    return [len(x) for x in ids]
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=not adds_bos_itself(tokenizer, texts))
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 
 def length_order(tokenizer, texts: Sequence[str]) -> list[int]:
@@ -87,7 +70,9 @@ def length_order(tokenizer, texts: Sequence[str]) -> list[int]:
     Batches of similar lengths waste little compute on padding, and the longest batch runs first,
     so a batch size that does not fit in memory fails at once rather than at the end.
     """
-    lengths = token_lengths(tokenizer, texts)
+    # token counts as encode() produces them, without padding
+    ids = tokenizer(list(texts), add_special_tokens=not adds_bos_itself(tokenizer, texts))["input_ids"]
+    lengths = [len(x) for x in ids]
     return sorted(range(len(texts)), key=lambda i: -lengths[i])
 
 

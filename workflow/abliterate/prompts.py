@@ -166,15 +166,7 @@ def split(df: pd.DataFrame, fractions: dict[str, float], caps: dict[str, int], s
     out = out[out["split"].notna()].reset_index(drop=True)
     counts = out["split"].value_counts().to_dict()
     log.info("prompt set %s: %d prompts -> %s", name, n, ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS))
-    check_disjoint(out, name)
     return out
-
-
-def check_disjoint(df: pd.DataFrame, name: str) -> None:
-    dup = df[df.duplicated("prompt", keep=False)]
-    if not dup.empty:
-        example = dup.iloc[0]["prompt"]
-        raise PromptError(f"prompt set {name!r}: prompt {example[:80]!r} appears in splits {sorted(set(dup['split']))}")
 
 
 def check_no_cross_overlap(sets: dict[str, pd.DataFrame]) -> None:
@@ -192,7 +184,3 @@ def fetch(spec: dict, seed: int, name: str) -> tuple[pd.DataFrame, str]:
     df = clean(raw, spec.get("column", "text"), spec.get("group"), name)
     return split(df, spec.get("splits", {}), spec.get("max", {}), seed, name), description
 
-
-def select(df: pd.DataFrame, split_name: str) -> list[str]:
-    """The prompts of one split, in their stored order."""
-    return df.loc[df["split"] == split_name, "prompt"].tolist()

@@ -28,14 +28,12 @@ def check_backend(mode: str, device: torch.device) -> None:
         return
     if importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizationBackendError(
-            f"model.quantization: {mode} needs the bitsandbytes package, which is not installed. "
-            "Install it with `pip install -e '.[quant]'` or set model.quantization: none in config.yaml."
-        )
+            f"model.quantization: {mode} needs the bitsandbytes package, which is not installed. Install "
+            "it with `pip install -e '.[quant]'` or set model.quantization: none in config.yaml.")
     if device.type != "cuda":
         raise QuantizationBackendError(
-            f"model.quantization: {mode} needs a CUDA GPU for bitsandbytes, but this job runs on {device.type}. "
-            "Set model.quantization: none in config.yaml (or run the job on a GPU node)."
-        )
+            f"model.quantization: {mode} needs a CUDA GPU for bitsandbytes, but this job runs on "
+            f"{device.type}. Set model.quantization: none in config.yaml (or run the job on a GPU node).")
 
 
 def bnb_config(mode: str, compute_dtype: torch.dtype):
@@ -45,12 +43,8 @@ def bnb_config(mode: str, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if mode == "bnb_4bit":
-        cfg = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=compute_dtype)
         log.info("loading in 4-bit (nf4, double quantization) with compute dtype %s",
                  str(compute_dtype).removeprefix("torch."))
         return cfg

@@ -54,8 +54,7 @@ def check(needed: int, max_ram_gib: float, job: str, remedy: str) -> None:
     log.log(level, "%s needs about %.2f GiB of RAM (budget merge.max_ram_gib %.1f GiB, %.1f GiB available now)",
             job, needed / 2**30, max_ram_gib, available / 2**30)
     if needed > budget:
-        raise AbliterateError(
-            f"{job} needs about {needed / 2**30:.1f} GiB, more than merge.max_ram_gib ({max_ram_gib} GiB); {remedy}"
-        )
+        raise AbliterateError(f"{job} needs about {needed / 2**30:.1f} GiB, more than merge.max_ram_gib "
+                              f"({max_ram_gib} GiB); {remedy}")
     if needed > available:
         log.warning("less RAM is free (%.1f GiB) than %s needs: it may swap", available / 2**30, job)

@@ -16,9 +16,8 @@ log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def collect_residuals(
-    model, tokenizer, texts: Sequence[str], batch_size: int, progress: bool = True
-) -> torch.Tensor:
+def collect_residuals(model, tokenizer, texts: Sequence[str], batch_size: int,
+                      progress: bool = True) -> torch.Tensor:
     """Hidden states of every layer at each text's last token: (n, n_layers + 1, hidden) float32, CPU.
 
     Index 0 is the embedding output, index ``l`` the output of decoder layer ``l``. As everywhere in

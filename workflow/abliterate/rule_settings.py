@@ -38,23 +38,9 @@ SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 
 # model.* keys as the open_model path reads them (run: where a converted GGUF model lives)
-_SOURCE = (
-    "model.path",
-    "model.revision",
-    "model.gguf_file",
-    "model.package",
-    "model.trust_remote_code",
-)
-_MODEL = (
-    "run",
-    *_SOURCE,
-    "model.chat_template",
-    "model.system_prompt",
-    "model.dtypes",
-    "model.cpu_half",
-    "model.device_map",
-    "model.quantization",
-)
+_SOURCE = ("model.path", "model.revision", "model.gguf_file", "model.package", "model.trust_remote_code")
+_MODEL = ("run", *_SOURCE, "model.chat_template", "model.system_prompt", "model.dtypes", "model.cpu_half",
+          "model.device_map", "model.quantization")
 _EVALUATION = ("evaluation",)
 _ABLATION = ("seed", "ablation")
 
@@ -65,15 +51,8 @@ READS: dict[str, tuple[str, ...]] = {
     "gguf_model": (*_SOURCE, "merge.max_ram_gib"),
     "baseline": (*_MODEL, *_EVALUATION),
     "directions": (*_MODEL, "directions"),
-    "study": (
-        *_MODEL,
-        *_EVALUATION,
-        *_ABLATION,
-        "study.n_startup_trials",
-        "study.n_ei_candidates",
-        "study.stop_dominated",
-        "study.space",
-    ),
+    "study": (*_MODEL, *_EVALUATION, *_ABLATION, "study.n_startup_trials", "study.n_ei_candidates",
+              "study.stop_dominated", "study.space"),
     "trials": (),
     "export": (*_MODEL, *_EVALUATION, *_ABLATION, "export"),
     "merge": ("run", *_SOURCE, "model.chat_template", "merge.dtype", "merge.max_ram_gib"),
@@ -97,15 +76,8 @@ class Section(Mapping):
         return len(self.__dataclass_fields__)
 
 
-_TYPES = {
-    "string": str,
-    "integer": int,
-    "number": float,
-    "boolean": bool,
-    "array": tuple,
-    "object": Mapping,
-    "null": type(None),
-}
+_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool, "array": tuple, "object": Mapping,
+          "null": type(None)}
 
 
 @functools.cache
@@ -126,12 +98,8 @@ def _annotation(path: tuple[str, ...]) -> Any:
 @functools.cache
 def _section_class(rule: str, path: tuple[str, ...], names: tuple[str, ...]) -> type[Section]:
     title = "".join(part.title().replace("_", "") for part in (rule, *path))
-    return dataclasses.make_dataclass(
-        f"{title}Settings",
-        [(n, _annotation((*path, n))) for n in names],
-        bases=(Section,),
-        frozen=True,
-    )
+    fields = [(n, _annotation((*path, n))) for n in names]
+    return dataclasses.make_dataclass(f"{title}Settings", fields, bases=(Section,), frozen=True)
 
 
 def _leaves(path: str) -> list[str]:
@@ -150,10 +118,6 @@ def _tree(rule: str) -> dict:
     return tree
 
 
-def _rule_class(rule: str) -> type[Section]:
-    return _section_class(rule, (), tuple(_tree(rule)))
-
-
 def _frozen(value: Any) -> Any:
     if isinstance(value, Mapping):
         return types.MappingProxyType({k: _frozen(v) for k, v in value.items()})
@@ -167,26 +131,18 @@ def _build(rule: str, tree: dict, data: Mapping, path: tuple[str, ...] = ()) -> 
         problems.append(f"{extra} beyond what its step reads")
     if problems:
         where = ".".join(path) or "the top"
-        raise ConfigError(
-            f"the settings of rule {rule} at {where}: {'; '.join(problems)} "
-            "(abliterate.rule_settings.READS)"
-        )
+        raise ConfigError(f"the settings of rule {rule} at {where}: {'; '.join(problems)} "
+                          "(abliterate.rule_settings.READS)")
     cls = _section_class(rule, path, tuple(tree))
-    return cls(
-        **{
-            name: _frozen(data[name])
-            if sub is None
-            else _build(rule, sub, data[name], (*path, name))
-            for name, sub in tree.items()
-        }
-    )
+    return cls(**{name: _frozen(data[name]) if sub is None else _build(rule, sub, data[name], (*path, name))
+                  for name, sub in tree.items()})
 
 
 def typed(rule: str, settings: Mapping) -> Section:
     """The frozen settings of ``rule`` (its slice, :data:`READS`) from its ``params.settings``, as
     nested dataclasses whose fields are the keys it reads; ``rule``'s own typed settings pass
     through."""
-    if type(settings) is _rule_class(rule):
+    if type(settings) is _section_class(rule, (), tuple(_tree(rule))):
         return settings
     return _build(rule, _tree(rule), settings)
 
@@ -226,13 +182,6 @@ def upstream(config: dict, rule: str) -> tuple[str, ...]:
     }[rule]
 
 
-def _get(config: dict, path: str) -> Any:
-    node: Any = config
-    for part in path.split("."):
-        node = node[part]
-    return node
-
-
 def _put(out: dict, path: str, value: Any) -> None:
     *parents, last = path.split(".")
     for part in parents:
@@ -244,7 +193,7 @@ def settings(config: dict, rule: str) -> dict:
     """The slice of ``config`` that ``rule``'s step reads, in the configuration's shape."""
     out: dict = {}
     for path in READS[rule]:
-        _put(out, path, _get(config, path))
+        _put(out, path, functools.reduce(operator.getitem, path.split("."), config))
     return out
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -41,11 +41,7 @@ from abliterate.errors import AbliterateError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_POLICY: dict[str, Any] = {
-    "name": "min_kl_under_target",
-    "refusal_target": 0.1,
-    "fallback": "knee",
-}
+DEFAULT_POLICY: dict[str, Any] = {"name": "min_kl_under_target", "refusal_target": 0.1, "fallback": "knee"}
 POLICIES = ("min_kl_under_target", "min_refusals")
 FALLBACKS = ("knee", "min_refusals")
 
@@ -137,11 +133,7 @@ def knee(front: pd.DataFrame) -> tuple[pd.Series, float]:
 
 def _fmt(row: pd.Series) -> str:
     n = row.get("n")
-    refusals = (
-        f"{int(row['refusals'])}/{int(n)}"
-        if n is not None and not pd.isna(n)
-        else str(int(row["refusals"]))
-    )
+    refusals = str(int(row["refusals"])) + (f"/{int(n)}" if n is not None and not pd.isna(n) else "")
     return f"{refusals} refusals, KL {float(row['kl']):.4g}"
 
 
@@ -153,9 +145,7 @@ def _min_refusals(done: pd.DataFrame) -> pd.Series:
 def _check_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(policy) - set(DEFAULT_POLICY)
     if unknown:
-        raise ConfigError(
-            f"selection policy: unknown keys {sorted(unknown)}; known {list(DEFAULT_POLICY)}"
-        )
+        raise ConfigError(f"selection policy: unknown keys {sorted(unknown)}; known {list(DEFAULT_POLICY)}")
     merged = {**DEFAULT_POLICY, **policy}
     if merged["name"] not in POLICIES:
         raise ConfigError(f"selection policy name {merged['name']!r}: choose one of {POLICIES}")
@@ -163,24 +153,19 @@ def _check_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"selection fallback {merged['fallback']!r}: choose one of {FALLBACKS}")
     target = merged["refusal_target"]
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
-        raise ConfigError(
-            f"selection refusal_target {target!r}: a fraction of the evaluated prompts in [0, 1]"
-        )
+        raise ConfigError(f"selection refusal_target {target!r}: a fraction of the evaluated prompts in "
+                          "[0, 1]")
     return merged
 
 
-def select_trial(
-    df: pd.DataFrame, policy: Mapping[str, Any] | None = None
-) -> tuple[pd.Series, str]:
+def select_trial(df: pd.DataFrame, policy: Mapping[str, Any] | None = None) -> tuple[pd.Series, str]:
     """Pick one COMPLETE trial by ``policy`` (merged over ``DEFAULT_POLICY``); returns the row
     and a one-sentence reason for the log and the report."""
     policy = _check_policy(policy or {})
     done = _complete(df)
     if done.empty:
-        raise AbliterateError(
-            "no COMPLETE trials to choose from; see the errors of the failed trials in the study "
-            "log, or raise n_trials"
-        )
+        raise AbliterateError("no COMPLETE trials to choose from; see the errors of the failed trials in the "
+                              "study log, or raise n_trials")
     if policy["name"] == "min_refusals":
         row = _min_refusals(done)
         return row, f"trial {int(row['number'])}: fewest refusals, then lowest KL ({_fmt(row)})"
@@ -265,9 +250,8 @@ def confirmation_cap(
     return max(0, budget - int(row["refusals"]) + 1)
 
 
-def select_confirmed(
-    measured: pd.DataFrame, policy: Mapping[str, Any] | None = None
-) -> tuple[pd.Series | None, str]:
+def select_confirmed(measured: pd.DataFrame,
+                     policy: Mapping[str, Any] | None = None) -> tuple[pd.Series | None, str]:
     """The policy's choice on eval and confirmation counts pooled.
 
     ``measured``: candidates (within the target on eval; others are never chosen) with the eval columns ``refusals``, ``n``, ``kl`` and ``kl_n`` (harmless
@@ -301,23 +285,6 @@ def select_confirmed(
         f"(eval {int(row['refusals'])}/{int(row['n'])}, train {int(row['confirm_refusals'])}/"
         f"{int(row['confirm_n'])}, KL {row['pooled_kl']:.4g})"
     )
-
-
-def hypervolume_2d(points: Iterable[Iterable[float]], ref: Iterable[float]) -> float:
-    """Area dominated by ``points`` and bounded by ``ref``, both objectives minimised (e.g.
-    refusal rate and KL). Points not strictly better than ``ref`` in both objectives add
-    nothing."""
-    pts = np.asarray(list(points), dtype=float).reshape(-1, 2)
-    rx, ry = (float(v) for v in ref)
-    if np.isnan(pts).any() or math.isnan(rx) or math.isnan(ry):
-        raise ValueError("hypervolume_2d: points and ref must not be NaN")
-    pts = pts[(pts[:, 0] < rx) & (pts[:, 1] < ry)]
-    area, floor = 0.0, ry
-    for x, y in pts[np.lexsort((pts[:, 1], pts[:, 0]))]:
-        if y < floor:  # otherwise dominated by a point with smaller x already counted
-            area += (rx - x) * (floor - y)
-            floor = y
-    return float(area)
 
 
 def plot_pareto(df: pd.DataFrame, selected_number: int | None, path: str | os.PathLike):

@@ -36,16 +36,10 @@ def open_model(settings, path: str | None = None, device=None, quantization: str
     if quant != "none" and source.label:  # a GGUF model, read from its converted folder
         log.warning("%s holds GGUF-quantized weights; %s rounds their dequantised copy a second time, adding "
                     "its error to the file's", source.label, quant)
-    return loading.load_model(
-        source,
-        device or devices.get_device(),
-        cascade=model.dtypes,
-        quant=quant,
-        cpu_half=model.cpu_half,
-        # a folder this workflow wrote carries the template in its tokenizer (the merge saved it there)
-        chat_template=None if path else workflow_config.chat_template(model.chat_template),
-        device_map=model.device_map,
-    )
+    # a folder this workflow wrote carries the template in its tokenizer (the merge saved it there)
+    template = None if path else workflow_config.chat_template(model.chat_template)
+    return loading.load_model(source, device or devices.get_device(), cascade=model.dtypes, quant=quant,
+                              cpu_half=model.cpu_half, chat_template=template, device_map=model.device_map)
 
 
 def read_split(table_path: str, split: str) -> list[str]:

@@ -39,7 +39,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -78,11 +77,6 @@ DOMINATED_BY = "dominated_by"
 # --------------------------------------------------------------------------- storage
 
 
-def default_storage_url(run: str, results_dir: str | os.PathLike = "results") -> str:
-    """``sqlite:///results/<run>/study.sqlite`` (relative to the working directory)."""
-    return f"sqlite:///{Path(results_dir) / run / 'study.sqlite'}"
-
-
 def study_name(prefix: str, config_fragment: Any) -> str:
     """``<prefix>-<hash>``; the caller leaves n_trials and worker counts out of the fragment so a
     larger ``n_trials`` continues the same study."""
@@ -101,10 +95,7 @@ def study_lock(url: str) -> Iterator[None]:
     server (PostgreSQL, MySQL) when workers run on several nodes.
     """
     path = sqlite_path(url)
-    if path is None:
-        yield
-        return
-    with io.file_lock(path):
+    with io.file_lock(path) if path is not None else contextlib.nullcontext():
         yield
 
 
@@ -123,9 +114,7 @@ def make_storage(
     for a trial, and its parameters are queued again.
     """
     path = sqlite_path(url)
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 60}}
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     kwargs: dict[str, Any] = {}
     if heartbeat_interval is not None:
         kwargs = {
@@ -190,9 +179,8 @@ def load_or_create_study(storage: optuna.storages.BaseStorage, name: str) -> opt
     """Open study ``name``, creating it with the two minimised objectives if it does not exist."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = optuna.create_study(
-            storage=storage, study_name=name, directions=list(DIRECTIONS), load_if_exists=True
-        )
+        study = optuna.create_study(storage=storage, study_name=name, directions=list(DIRECTIONS),
+                                    load_if_exists=True)
         if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
             raise ConfigError(
                 f"study {name!r} exists with directions {study.directions}, not {DIRECTIONS}; "
@@ -272,9 +260,8 @@ def validate_space(space: Mapping[str, Any]) -> None:
         raise ConfigError("search space direction_index: relative bounds must lie in [0, 1]")
     scopes = direction_scopes(direction)
     if not scopes or len(set(scopes)) != len(scopes) or not set(scopes) <= set(SCOPES):
-        raise ConfigError(
-            f"search space direction_index.scopes: {list(scopes)!r}; give one or both of {list(SCOPES)}"
-        )
+        raise ConfigError(f"search space direction_index.scopes: {list(scopes)!r}; give one or both of "
+                          f"{list(SCOPES)}")
     components = space.get("components")
     if not isinstance(components, Mapping) or not components:
         raise ConfigError("search space: 'components' must map component kinds to kernel ranges")
@@ -294,14 +281,10 @@ def validate_space(space: Mapping[str, Any]) -> None:
                 raise ConfigError(f"search space components.{kind}.{key}: must lie in [0, 1]")
         lo, hi = _range(kernel["min_weight_distance"], f"components.{kind}.min_weight_distance")
         if lo <= 0.0:
-            raise ConfigError(
-                f"search space components.{kind}.min_weight_distance: low must be > 0"
-            )
+            raise ConfigError(f"search space components.{kind}.min_weight_distance: low must be > 0")
 
 
-def suggest_params(
-    trial: optuna.Trial, space: Mapping[str, Any], n_layers: int
-) -> dict[str, float | None]:
+def suggest_params(trial: optuna.Trial, space: Mapping[str, Any], n_layers: int) -> dict[str, float | None]:
     """Sample one ablation and return it as a flat dict in absolute units.
 
     Keys: ``direction_index`` (a decoder layer index, ``None`` for per-layer directions) and, per component
@@ -330,10 +313,7 @@ def suggest_params(
     # Sorted, so that reordering the config (which keeps the study name) keeps the sampling order.
     for kind in sorted(space["components"]):
         kernel = space["components"][kind]
-        values = {
-            key: trial.suggest_float(f"{kind}.{key}", *_range(kernel[key], key))
-            for key in _KERNEL_KEYS
-        }
+        values = {k: trial.suggest_float(f"{kind}.{k}", *_range(kernel[k], k)) for k in _KERNEL_KEYS}
         flat[f"{kind}.max_weight"] = values["max_weight"]
         flat[f"{kind}.max_weight_position"] = values["max_weight_position"] * last
         # Sampled as a fraction because TPE cannot model a range that depends on another value.
@@ -346,8 +326,7 @@ def describe_params(flat: Mapping[str, Any]) -> str:
     """One-line summary of a flat parameter dict for logs."""
     index = flat.get("direction_index")
     parts = ["dir=per_layer" if index is None else f"dir={index:.2f}"]
-    kinds = sorted({key.split(".", 1)[0] for key in flat if "." in key})
-    for kind in kinds:
+    for kind in sorted({key.split(".", 1)[0] for key in flat if "." in key}):
         parts.append(
             f"{kind}[w={flat[f'{kind}.max_weight']:.2f}@{flat[f'{kind}.max_weight_position']:.1f}"
             f" min={flat[f'{kind}.min_weight']:.2f} d={flat[f'{kind}.min_weight_distance']:.1f}]"
@@ -364,13 +343,9 @@ def _sampler(seed: int, worker: str, n_trials_so_far: int, kwargs: Mapping[str, 
     return optuna.samplers.TPESampler(seed=derived, **kwargs)
 
 
-def _retry_params(trial: FrozenTrial) -> dict[str, Any]:
-    # A trial popped from the queue and killed before its suggestions holds them only here.
-    return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
-
-
 def _requeue(study: optuna.Study, trial: FrozenTrial) -> None:
-    params = _retry_params(trial)
+    # A trial popped from the queue and killed before its suggestions holds them only in fixed_params.
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
     if not params:
         return  # killed before sampling: nothing to retry, a new trial is as good
     origin = trial.user_attrs.get("retry_of", trial.number)
@@ -423,9 +398,8 @@ def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[
         thread.join()
 
 
-def _finish(
-    study: optuna.Study, trial: optuna.Trial, attrs: Mapping[str, Any], values: list[float] | None
-) -> bool:
+def _finish(study: optuna.Study, trial: optuna.Trial, attrs: Mapping[str, Any],
+            values: list[float] | None) -> bool:
     """Store ``attrs`` and tell ``values`` (FAIL if ``None``). Returns False, instead of crashing,
     if another worker failed and re-queued the trial meanwhile: that happens when its heartbeats
     stopped for longer than the grace period."""
@@ -441,12 +415,9 @@ def _finish(
         state = study._storage.get_trial(trial._trial_id).state
         if state == TrialState.RUNNING:
             raise
-        logger.warning(
-            "trial %d was marked %s by another worker while running (no heartbeat for longer "
-            "than grace_period?); its result is dropped and its re-queued copy will run",
-            trial.number,
-            state.name,
-        )
+        logger.warning("trial %d was marked %s by another worker while running (no heartbeat for longer "
+                       "than grace_period?); its result is dropped and its re-queued copy will run",
+                       trial.number, state.name)
         return False
 
 
@@ -734,10 +705,8 @@ def trials_frame(storage_url: str, study_name: str, ledger: str | os.PathLike | 
         if row["direction_scope"] is None and params:
             # a space with one scope does not sample it: read it off the applied parameters
             row["direction_scope"] = "global" if params.get("direction_index") is not None else "per_layer"
-        attrs.pop("refusals", None)
-        attrs.pop("kl", None)
         row.update(params)
-        row.update({k: v for k, v in attrs.items() if k not in row})
+        row.update({k: v for k, v in attrs.items() if k not in row})  # refusals and kl are in row
         row["datetime_start"] = trial.datetime_start
         row["datetime_complete"] = trial.datetime_complete
         rows.append(row)
@@ -763,8 +732,7 @@ def study_stats(storage_url: str, study_name: str, ledger: str | os.PathLike | N
     finished = [t for t in trials if t.datetime_start and t.datetime_complete]
     wall = 0.0
     if finished:
-        first = min(t.datetime_start for t in finished)
-        last = max(t.datetime_complete for t in finished)
+        last, first = max(t.datetime_complete for t in finished), min(t.datetime_start for t in finished)
         wall = (last - first).total_seconds()
     return {
         "n_complete": len(by_state[TrialState.COMPLETE]),
@@ -773,8 +741,6 @@ def study_stats(storage_url: str, study_name: str, ledger: str | os.PathLike | N
         "n_dominated": sum(DOMINATED_BY in t.user_attrs for t in by_state[TrialState.COMPLETE]),
         "n_running": len(by_state[TrialState.RUNNING]),
         "n_waiting": len(by_state[TrialState.WAITING]),
-        "seconds": sum(
-            t.duration.total_seconds() for t in by_state[TrialState.COMPLETE] if t.duration
-        ),
+        "seconds": sum(t.duration.total_seconds() for t in by_state[TrialState.COMPLETE] if t.duration),
         "wall_seconds": wall,
     }

@@ -27,9 +27,8 @@ def resolve_batch_size(value, lm, max_new_tokens: int, texts: list[str], cuda_gr
 
     def probe(size: int) -> None:
         if max_new_tokens > 1:
-            generation.generate(
-                lm.model, lm.tokenizer, [longest] * size, max_new_tokens, size, cuda_graphs=cuda_graphs
-            )
+            generation.generate(lm.model, lm.tokenizer, [longest] * size, max_new_tokens, size,
+                                cuda_graphs=cuda_graphs)
         else:
             kl.first_token_logprobs(lm.model, lm.tokenizer, [longest] * size, size)
 
@@ -45,12 +44,9 @@ def resolve_batch_size(value, lm, max_new_tokens: int, texts: list[str], cuda_gr
 def eval_settings(ev, lm, texts: list[str]) -> EvalSettings:
     """Settings for generating answers to ``texts`` (used to size the batch); ``ev``: the
     ``evaluation`` section of a rule's typed settings (:func:`abliterate.rule_settings.typed`)."""
-    return EvalSettings(
-        max_new_tokens=ev.max_new_tokens,
-        batch_size=resolve_batch_size(ev.batch_size, lm, ev.max_new_tokens, texts, ev.cuda_graphs),
-        detector=refusal.RefusalDetector(ev.markers or refusal.DEFAULT_MARKERS),
-        cuda_graphs=ev.cuda_graphs,
-    )
+    batch_size = resolve_batch_size(ev.batch_size, lm, ev.max_new_tokens, texts, ev.cuda_graphs)
+    detector = refusal.RefusalDetector(ev.markers or refusal.DEFAULT_MARKERS)
+    return EvalSettings(ev.max_new_tokens, batch_size, detector, cuda_graphs=ev.cuda_graphs)
 
 
 def responses_table(prompts: list[str], responses: list[str], flags: list[bool], label: str) -> pd.DataFrame:

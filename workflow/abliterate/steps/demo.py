@@ -18,10 +18,8 @@ def refusal_targets(harmful_spec, demo_prompts: list[str]) -> list[dict]:
     raw, source = prompts.read_source(harmful_spec, "harmful")
     column = harmful_spec["column"]
     if "censored_response" not in raw.columns:
-        raise PromptError(
-            f"the demo model needs harmful prompts with a `censored_response` column (as uncensorbench ships); "
-            f"{source} has columns {list(raw.columns)}"
-        )
+        raise PromptError(f"the demo model needs harmful prompts with a `censored_response` column (as "
+                          f"uncensorbench ships); {source} has columns {list(raw.columns)}")
     lookup = dict(zip(raw[column].astype(str).str.strip(), raw["censored_response"].astype(str)))
     return [{"prompt": p, "censored_response": lookup[p]} for p in demo_prompts]
 
@@ -42,9 +40,7 @@ def run(config: dict, harmful: str, harmless: str, out_dir: str, threads: int, c
     detector = refusal.RefusalDetector(config.evaluation.markers or refusal.DEFAULT_MARKERS)
     model, metrics = demo_model.build_demo_model(
         lm.model, lm.tokenizer, harmful_demo, harmless_demo, recipe, check_harmful, check_harmless,
-        min_refusal=cfg.min_refusal, max_harmless_refusal=cfg.max_harmless_refusal,
-        detector=detector,
-    )
+        min_refusal=cfg.min_refusal, max_harmless_refusal=cfg.max_harmless_refusal, detector=detector)
     metadata = {**metrics, "base_model": lm.source.description, "config_hash": config_hash}
     demo_model.save_demo_model(model, lm.tokenizer, out_dir, metadata)
     return metadata

@@ -24,10 +24,8 @@ def run(config: dict, harmful: str, harmless: str, out_directions: str, out_plot
         hashes[f"{name}_sha256"] = io.sha256_texts(raw)
         res[name] = residuals.collect_residuals(lm.model, lm.tokenizer, texts, batch)
         log.info("%s residuals: %s", name, tuple(res[name].shape))
-    result = directions.compute_directions(
-        res["harmful"], res["harmless"], orthogonalize=cfg.orthogonalize,
-        winsorize_quantile=cfg.winsorize_quantile,
-    )
+    result = directions.compute_directions(res["harmful"], res["harmless"], orthogonalize=cfg.orthogonalize,
+                                           winsorize_quantile=cfg.winsorize_quantile)
     tensors = {k: v for k, v in result.items() if hasattr(v, "shape")}
     meta = {**lm.metadata(), **hashes, "config_hash": config_hash, "n_harmful": len(res["harmful"]),
             "n_harmless": len(res["harmless"]), "orthogonalize": cfg.orthogonalize,

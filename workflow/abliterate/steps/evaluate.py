@@ -40,10 +40,9 @@ def with_adapter(lm: loading.LoadedModel, adapter_dir: str) -> loading.LoadedMod
     adapter on top, unmerged: what a user of ``merge.adapter_only`` loads."""
     if lm.quantization != "none" and (Path(adapter_dir) / ablation.DIRECT_EDITS_FILE).exists():
         # Direct edits add B A to the weight itself, which a 4/8-bit weight cannot take.
-        raise ConfigError(
-            f"{adapter_dir} holds direct edits (modules LoRA cannot wrap), which cannot be applied to the "
-            f"{lm.quantization} base model; set merge.adapter_only: false to evaluate the CPU merge"
-        )
+        raise ConfigError(f"{adapter_dir} holds direct edits (modules LoRA cannot wrap), which cannot be "
+                          f"applied to the {lm.quantization} base model; set merge.adapter_only: false to "
+                          "evaluate the CPU merge")
     lm.model = ablation.load_saved_adapter(lm.model, adapter_dir)
     log.info("evaluating the base model with the adapter %s (merge.adapter_only: no merged model)", adapter_dir)
     return lm
@@ -78,18 +77,12 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
     baseline = io.read_json(baseline_metrics)
     selected = io.read_json(selected_path)
     summary = {
-        "run": config.run,
-        "model": baseline["model"],
-        "dtype": baseline.get("dtype"),
-        "quantization": baseline.get("quantization"),
-        "config_hash": config_hash,
+        "run": config.run, "model": baseline["model"], "dtype": baseline.get("dtype"),
+        "quantization": baseline.get("quantization"), "config_hash": config_hash,
         "evaluated": "merged" if model_dir else "adapter",
         "baseline": {k: baseline[k] for k in ("eval", "heldout", "harmless_heldout")},
         "selected_trial": {
-            "number": selected["number"],
-            "params": selected["params"],
-            "reason": selected["reason"],
-            "eval": selected["eval"],
+            **{k: selected[k] for k in ("number", "params", "reason", "eval")},
             **({"confirmation": selected["confirmation"]} if "confirmation" in selected else {}),
         },
         "merged": merged,

@@ -61,6 +61,5 @@ def run(config: dict, adapter: str, selected_path: str, out_model: str, config_h
         log.warning("the study ran %s-quantized, but the merge reloads the model unquantized on the CPU: it "
                     "needs the full-precision model in RAM (estimate below); merge.adapter_only: true skips it",
                     selected["quantization"])
-    info = merging.merge(source, adapter, out_model, config.merge.max_ram_gib, meta, card,
+    return merging.merge(source, adapter, out_model, config.merge.max_ram_gib, meta, card,
                          workflow_config.chat_template(config.model.chat_template), save_dtype)
-    return info
