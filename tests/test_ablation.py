@@ -15,7 +15,6 @@ from abliterate.ablation import (
     RowNorm,
     delta_factors,
     direction_for,
-    layer_direction,
 )
 from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.architecture import discover
@@ -98,10 +97,6 @@ def test_direction_index_is_a_layer_whose_output_gives_the_direction():
     quarter = direction_for(d, 1.25)
     torch.testing.assert_close(quarter, torch.tensor([0, 3.75, 0.25, 0]) / math.hypot(3.75, 0.25))
     assert direction_for(d, 1.25).dtype == torch.float32
-    # per-layer and global directions mean the same thing by a layer index
-    assert torch.equal(layer_direction(d, 0, None), direction_for(d, 0))
-    assert torch.equal(layer_direction(d, 2, None), direction_for(d, 2))
-    assert torch.equal(layer_direction(d, 1, 0.5), mid)
     with pytest.raises(ConfigError, match=r"\[0, 2\]"):
         direction_for(d, 2.5)
     with pytest.raises(ConfigError):
@@ -141,7 +136,7 @@ def test_full_weight_removes_direction(name, in_place, batched):
     before = {c: _base_views(ab, c).clone() for c in ab.layout.components}
     ab.apply(ALL_ONES)
     for c in ab.layout.components:
-        r = layer_direction(ab.directions, c.layer, None)
+        r = direction_for(ab.directions, c.layer)
         w_new = ab.effective_weight(c)
         assert w_new.shape == before[c].shape
         proj_before = torch.linalg.vector_norm(torch.matmul(r, before[c]))
@@ -444,3 +439,14 @@ def test_the_factory_chooses_the_editor_once(route, editor):
     model = tm.FACTORIES[MODELS[0]]()
     chosen = editors.make_editor(model, discover(model), _directions(), route, row_norm="pre", batched=False)
     assert type(chosen).__name__ == editor and chosen.row_norm == RowNorm.PRE and not chosen._groups
+
+
+def test_per_layer_and_global_directions_mean_the_same_by_a_layer_index():
+    ab = _ablator(MODELS[0])
+    cpu = torch.device("cpu")
+    per_layer = ab._trial_directions(cpu, None, [], {})
+    for layer in range(ab.layout.n_layers):
+        torch.testing.assert_close(per_layer[layer], direction_for(ab.directions, layer), rtol=0, atol=1e-7)
+        assert torch.equal(ab._trial_directions(cpu, float(layer), [], {})[0], direction_for(ab.directions, layer))
+    global_mid = ab._trial_directions(cpu, 0.5, [], {})
+    assert all(torch.equal(row, direction_for(ab.directions, 0.5)) for row in global_mid)

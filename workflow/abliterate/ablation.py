@@ -163,13 +163,6 @@ def direction_for(directions: torch.Tensor, layer: float) -> torch.Tensor:
     return v / norm
 
 
-def layer_direction(
-    directions: torch.Tensor, layer: int, direction_index: float | None
-) -> torch.Tensor:
-    """The direction ablated at decoder layer ``layer``: its own output's, or the global one."""
-    return direction_for(directions, layer if direction_index is None else direction_index)
-
-
 def _row_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row norms n (out,) and a divisor equal to n where n > 0 and 1 for all-zero rows."""
     n = torch.linalg.vector_norm(w, dim=1)

@@ -332,10 +332,6 @@ class InPlaceEditor:
     def model(self) -> nn.Module:
         return self.base
 
-    @property
-    def params(self) -> AblationParams | None:
-        return self._params
-
     # -- saving -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the current edit as a folder: ``direct_edits.safetensors`` with the (B, A) factors of
