@@ -39,6 +39,7 @@ import copy
 import datetime as dt
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -755,13 +756,28 @@ def trials_table(trials: list[dict], n_default: int | None):
     )
 
 
+def hypervolume_2d(points, ref) -> float:
+    """Area dominated by ``points`` and bounded by ``ref``, both objectives minimised (refusal rate
+    and KL). Points not strictly better than ``ref`` in both objectives add nothing."""
+    pts = [(float(x), float(y)) for x, y in points]
+    rx, ry = (float(v) for v in ref)
+    if any(math.isnan(v) for p in [*pts, (rx, ry)] for v in p):
+        raise ValueError("hypervolume_2d: points and ref must not be NaN")
+    area, floor = 0.0, ry
+    for x, y in sorted(p for p in pts if p[0] < rx and p[1] < ry):
+        if y < floor:  # otherwise dominated by a point with smaller x already counted
+            area += (rx - x) * (floor - y)
+            floor = y
+    return area
+
+
 def front_and_hypervolume(trials: list[dict], n_default: int | None) -> tuple[list[dict], float]:
     from abliterate import selection
 
     df = trials_table(trials, n_default)
     front = selection.pareto_front(df)
     pts = [(r["refusals"] / r["n"], r["kl"]) for _, r in front.iterrows()]
-    hv = selection.hypervolume_2d(pts, REF_POINT)
+    hv = hypervolume_2d(pts, REF_POINT)
     front_list = [
         {
             "number": int(r["number"]),

@@ -212,7 +212,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from abliterate import selection
 
     protocol = compare.PROTOCOLS[args.protocol]
     model = args.model or protocol.model
@@ -245,7 +244,7 @@ def main(argv=None) -> int:
         e, h = t["eval"], t[split]
         print(f"{t['number']:>5}  {e['refusals']:>3}/{e['n']} {e['kl']:.3f}  {h['refusals']:>3}/{h['n']} {h['kl']:.3f}")
     hv = {
-        split: selection.hypervolume_2d(
+        split: compare.hypervolume_2d(
             [(t[split]["refusals"] / t[split]["n"], t[split]["kl"]) for t in trials], compare.REF_POINT
         )
         for split in ("eval", split)

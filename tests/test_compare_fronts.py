@@ -63,3 +63,34 @@ def test_fronts_on_different_splits_are_refused(compare_fronts, tmp_path):
     heretic.write_text(json.dumps(front))
     with pytest.raises(SystemExit, match="different splits"):
         compare_fronts.main(["--pair", str(ours), str(heretic)])
+
+
+@pytest.fixture()
+def compare(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "workflow"))
+    return importlib.import_module("compare")
+
+
+def test_hypervolume_known_values(compare):
+    hv = compare.hypervolume_2d
+    assert hv([(1, 3), (2, 1)], (4, 4)) == pytest.approx(7.0)
+    assert hv([(0, 0)], (1, 1)) == pytest.approx(1.0)
+    # dominated points and points outside the reference box add nothing
+    assert hv([(1, 3), (2, 1), (3, 3), (5, 0), (0, 4)], (4, 4)) == pytest.approx(7.0)
+    assert hv([], (1, 1)) == 0.0
+    assert hv([(0.1, 0.2), (0.5, 0.05)], (1.0, 1.0)) == pytest.approx(0.9 * 0.8 + 0.5 * 0.15)
+    with pytest.raises(ValueError, match="NaN"):
+        hv([(float("nan"), 0.1)], (1, 1))
+
+
+def test_hypervolume_matches_brute_force(compare):
+    import numpy as np
+
+    pts = np.random.default_rng(0).random((30, 2))
+    grid = (np.arange(400) + 0.5) / 400
+    xx, yy = np.meshgrid(grid, grid)
+    covered = np.zeros_like(xx, dtype=bool)
+    for x, y in pts:
+        covered |= (xx >= x) & (yy >= y)
+    assert compare.hypervolume_2d(pts, (1, 1)) == pytest.approx(covered.mean(), abs=5e-3)
