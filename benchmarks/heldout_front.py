@@ -211,8 +211,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="result JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
     protocol = compare.PROTOCOLS[args.protocol]
     model = args.model or protocol.model
     split = args.split
