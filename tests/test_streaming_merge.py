@@ -138,3 +138,21 @@ def test_full_disk_error_without_a_tmpfs(tmp_path, monkeypatch):
         merging.merge(source, str(tmp_path / "adapter"), str(tmp_path / "out"), max_ram_gib=4, metadata={}, card="")
     assert not (tmp_path / "out").exists()
     assert not io.remove_stale_temporaries(tmp_path / "out")
+
+
+def test_hub_source_reads_the_cache_snapshot_at_its_revision(tmp_path, monkeypatch):
+    """A hub id streams from the cache's snapshot at the pinned revision (snapshot_download); the hub is
+    unreachable here, so the download is replaced by the folder it would return."""
+    source = _study(tmp_path, tm.tiny_llama)
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        return str(tmp_path / "base")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    res = loading.Resolved("owner/tiny", None, "abc123", "hub", "owner/tiny@abc123")
+    p = streaming_merge.plan(res, loading.load_config(source), tmp_path / "adapter", torch.float32)
+    assert calls == [("owner/tiny", "abc123")] and p.folder == tmp_path / "base" and p.edits

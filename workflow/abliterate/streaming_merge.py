@@ -99,8 +99,11 @@ def checkpoint_files(res: Resolved) -> tuple[Path, dict[str, Entry]]:
     if res.kind == "hub":
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(res.location, revision=res.revision,
-                                        allow_patterns=["*.safetensors", "*.json"]))
+        try:  # the cache's snapshot at the pinned revision (downloaded first unless the hub is switched off)
+            folder = Path(snapshot_download(res.location, revision=res.revision,
+                                            allow_patterns=["*.safetensors", "*.json"]))
+        except Exception as exc:  # the whole-model merge then reports it as loading does
+            raise NotStreamable(f"no snapshot of {res.description} ({type(exc).__name__}: {exc})") from exc
     else:
         folder = Path(res.location)
     if (folder / INDEX).is_file():
