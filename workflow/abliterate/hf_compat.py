@@ -1,5 +1,6 @@
 """Everything that relies on transformers or PEFT internals: KV-cache layers, the decoder's layer list,
-forward arguments that differ between models and versions, PEFT's re-targeting of LoRA modules and its
+forward arguments that differ between models and versions, how ``save_pretrained`` names, orders and
+casts tensors (which the streaming merge mirrors), PEFT's re-targeting of LoRA modules and its
 dequantisation of bitsandbytes weights.
 
 These are not public API and change without deprecation, so they live in this one module, checked
@@ -259,3 +260,56 @@ def dequantized_weight(module) -> torch.Tensor:
     from peft.utils.integrations import dequantize_module_weight
 
     return dequantize_module_weight(module)
+
+
+class Unmirrored(Exception):
+    """``save_pretrained`` would write this model in a way a tensor-by-tensor writer cannot mirror, or
+    the installed transformers lacks the internals that tell (they came with 5.x's weight conversion)."""
+
+
+def _saving_internals():
+    try:
+        from transformers.core_model_loading import build_glob_alternation, dot_natural_key, revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError as exc:
+        raise Unmirrored(f"transformers {transformers.__version__} lacks the weight-conversion internals the "
+                         f"streaming merge mirrors ({exc})") from exc
+    return build_glob_alternation, dot_natural_key, revert_weight_conversion, remove_tied_weights_from_state_dict
+
+
+def saved_tensor_names(model) -> dict[str, str]:
+    """Model parameter name -> the name ``save_pretrained`` gives it when it reverts transformers'
+    renamings, in the order it saves a model ``from_pretrained`` loaded (sorted by ``dot_natural_key``);
+    tied weights left out. :class:`Unmirrored` when saving converts tensors (stacks experts, splits
+    fused ones)."""
+    _, dot_natural_key, revert_weight_conversion, remove_tied_weights_from_state_dict = _saving_internals()
+    state = model.state_dict()
+    for key in model._keys_to_ignore_on_save or []:
+        state.pop(key, None)
+    state = remove_tied_weights_from_state_dict(state, model)
+    by_id = {id(t): k for k, t in state.items()}
+    try:
+        reverted = revert_weight_conversion(model, dict(state))
+    except Exception as exc:  # any failure means: not a plain renaming
+        raise Unmirrored(f"transformers' weight conversion cannot be reverted on the meta device ({exc})") from exc
+    if len(reverted) != len(state) or any(id(t) not in by_id for t in reverted.values()):
+        raise Unmirrored(f"{type(model).__name__}'s checkpoint format is converted on load (tensors are "
+                         "fused or split, e.g. MoE experts), not only renamed")
+    names = {by_id[id(t)]: k for k, t in reverted.items()}
+    return {k: names[k] for k in sorted(names, key=dot_natural_key)}
+
+
+def loaded_dtypes(model, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype ``from_pretrained(dtype=dtype)`` gives each tensor (``_keep_in_fp32_modules`` included)."""
+    build_glob_alternation = _saving_internals()[0]
+    if not hasattr(model, "_get_dtype_plan"):
+        raise Unmirrored(f"transformers {transformers.__version__} has no per-tensor dtype plan")
+    plan = model._get_dtype_plan(dtype)
+    out = {k: t.dtype for k, t in model.state_dict().items()}
+    if plan:
+        alt, by_group, _ = build_glob_alternation(list(plan))
+        for key in out:
+            match = alt.search(key)
+            if match is not None:
+                out[key] = plan[by_group[match.lastgroup]]
+    return out

@@ -58,8 +58,8 @@ def run(config: dict, adapter: str, selected_path: str, out_model: str, config_h
     )
     meta = {"selected": selected, "config_hash": config_hash}
     if selected.get("quantization") not in (None, "none"):
-        log.warning("the study ran %s-quantized, but the merge reloads the model unquantized on the CPU: it "
-                    "needs the full-precision model in RAM (estimate below); merge.adapter_only: true skips it",
+        log.warning("the study ran %s-quantized, but the merge writes the unquantized model on the CPU (tensor by "
+                    "tensor where it can; RAM estimate below); merge.adapter_only: true skips it",
                     selected["quantization"])
     return merging.merge(source, adapter, out_model, config.merge.max_ram_gib, meta, card,
                          workflow_config.chat_template(config.model.chat_template), save_dtype)
