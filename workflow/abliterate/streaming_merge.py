@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -245,7 +246,7 @@ def _write_shard(path: Path, items: list[tuple[str, Entry, torch.dtype, torch.dt
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, entry, _, final in items:
-        size = final.itemsize * _numel(entry.shape)
+        size = final.itemsize * math.prod(entry.shape)
         header[name] = {"dtype": NAMES[final], "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -261,13 +262,6 @@ def _write_shard(path: Path, items: list[tuple[str, Entry, torch.dtype, torch.dt
             for begin in range(0, entry.end - entry.begin, step):
                 chunk = _read(entry, begin, min(begin + step, entry.end - entry.begin))
                 _write_tensor(f, chunk.to(loaded).to(final))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _write_tensor(f, t: torch.Tensor) -> None:
@@ -324,7 +318,7 @@ def ram_bytes(p: Plan) -> int:
     one is a chunk read and cast to the loaded and saved dtypes."""
     work = 0
     for name, entry, loaded, final in p.tensors:
-        n = _numel(entry.shape)
+        n = math.prod(entry.shape)
         if name in p.edits:
             delta = max(4, loaded.itemsize)
             work = max(work, n * (entry.dtype.itemsize + loaded.itemsize + 2 * delta + final.itemsize))
@@ -336,4 +330,4 @@ def ram_bytes(p: Plan) -> int:
 
 def output_bytes(p: Plan) -> int:
     """Size of the merged weights."""
-    return sum(_numel(entry.shape) * final.itemsize for _, entry, _, final in p.tensors)
+    return sum(math.prod(entry.shape) * final.itemsize for _, entry, _, final in p.tensors)
