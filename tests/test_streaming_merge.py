@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import tiny_models as tm
 import torch
-from abliterate import architecture, editors, io, loading, merging, streaming_merge
+from abliterate import architecture, editors, hf_compat, io, loading, merging, streaming_merge
 from abliterate.errors import AbliterateError
 from safetensors import safe_open
 from test_merging import PARAMS
@@ -17,6 +17,9 @@ from tiny_tokenizer import tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 SHARD = 40_000  # bytes: every tiny model is split into several shards with an index
+# transformers 4.x lacks the internals the streaming merge mirrors: there every merge falls back
+streams = pytest.mark.skipif(not hf_compat.mirrors_saving(), reason="this transformers cannot be mirrored; "
+                             "test_without_the_internals_the_merge_falls_back covers it")
 
 
 def _tensors(folder):
@@ -65,6 +68,7 @@ def _assert_same_folder(a, b):
 CASES = [(name, False) for name in tm.FACTORIES] + [("llama", True), ("qwen3", True)]
 
 
+@streams
 @pytest.mark.parametrize(("name", "tied"), CASES, ids=[f"{n}{'-tied' if t else ''}" for n, t in CASES])
 def test_streamed_folder_equals_the_whole_model_merge(tmp_path, monkeypatch, name, tied):
     source = _study(tmp_path, tm.FACTORIES[name], tied=tied)
@@ -81,6 +85,7 @@ def test_streamed_folder_equals_the_whole_model_merge(tmp_path, monkeypatch, nam
         assert "lm_head.weight" not in _tensors(tmp_path / "stream")
 
 
+@streams
 @pytest.mark.parametrize(("dtype", "save_dtype"), [(torch.bfloat16, None), (torch.float16, torch.float32),
                                                    (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("route", ["lora", "direct"])
@@ -92,6 +97,7 @@ def test_streamed_merge_rounds_as_the_whole_model_merge(tmp_path, monkeypatch, d
     _assert_same_folder(tmp_path / "whole", tmp_path / "stream")
 
 
+@streams
 def test_single_file_when_it_fits_and_ram_estimate(tmp_path):
     source = _study(tmp_path, tm.tiny_llama)
     info = merging.merge(source, str(tmp_path / "adapter"), str(tmp_path / "out"), max_ram_gib=4, metadata={},
@@ -126,6 +132,7 @@ def test_full_disk_leaves_no_folder_and_says_so(tmp_path, stream):
         subprocess.run(["umount", str(disk)], check=False)
 
 
+@streams
 def test_full_disk_error_without_a_tmpfs(tmp_path, monkeypatch):
     """The same error where mounting is not allowed: the shard write fails with ENOSPC."""
     source = _study(tmp_path, tm.tiny_llama)
@@ -140,6 +147,7 @@ def test_full_disk_error_without_a_tmpfs(tmp_path, monkeypatch):
     assert not io.remove_stale_temporaries(tmp_path / "out")
 
 
+@streams
 def test_hub_source_reads_the_cache_snapshot_at_its_revision(tmp_path, monkeypatch):
     """A hub id streams from the cache's snapshot at the pinned revision (snapshot_download); the hub is
     unreachable here, so the download is replaced by the folder it would return."""
@@ -156,3 +164,14 @@ def test_hub_source_reads_the_cache_snapshot_at_its_revision(tmp_path, monkeypat
     res = loading.Resolved("owner/tiny", None, "abc123", "hub", "owner/tiny@abc123")
     p = streaming_merge.plan(res, loading.load_config(source), tmp_path / "adapter", torch.float32)
     assert calls == [("owner/tiny", "abc123")] and p.folder == tmp_path / "base" and p.edits
+
+
+def test_without_the_internals_the_merge_falls_back(tmp_path, monkeypatch):
+    def missing():
+        raise hf_compat.Unmirrored("transformers 4.x lacks them")
+
+    monkeypatch.setattr(hf_compat, "_saving_internals", missing)
+    source = _study(tmp_path, tm.FACTORIES["llama"])
+    whole, streamed = _both(tmp_path, source, monkeypatch)
+    assert not whole["streamed"] and not streamed["streamed"]
+    _assert_same_folder(tmp_path / "whole", tmp_path / "stream")

@@ -269,12 +269,25 @@ class Unmirrored(Exception):
 
 def _saving_internals():
     try:
-        from transformers.core_model_loading import build_glob_alternation, dot_natural_key, revert_weight_conversion
+        from transformers.core_model_loading import (
+            build_glob_alternation,
+            dot_natural_key,
+            revert_weight_conversion,
+        )
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
     except ImportError as exc:
         raise Unmirrored(f"transformers {transformers.__version__} lacks the weight-conversion internals the "
                          f"streaming merge mirrors ({exc})") from exc
     return build_glob_alternation, dot_natural_key, revert_weight_conversion, remove_tied_weights_from_state_dict
+
+
+def mirrors_saving() -> bool:
+    """Whether this transformers has the internals :func:`saved_tensor_names` and :func:`loaded_dtypes` read."""
+    try:
+        _saving_internals()
+    except Unmirrored:
+        return False
+    return True
 
 
 def saved_tensor_names(model) -> dict[str, str]:
