@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO / "workflow"))
 
 from abliterate import devices, loading
 from abliterate.ablation import AblationParams
-from abliterate.editors import LoraEditor
 from abliterate.architecture import discover
+from abliterate.editors import LoraEditor
 
 
 def timed(fn):

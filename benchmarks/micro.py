@@ -44,8 +44,8 @@ import psutil
 import torch
 from abliterate import devices, io, kl, loading, merging, prompting, ram
 from abliterate.ablation import AblationParams, RowNorm
-from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.architecture import discover
+from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.generation import generate_ids
 from abliterate.refusal import RefusalDetector
 

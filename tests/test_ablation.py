@@ -16,8 +16,8 @@ from abliterate.ablation import (
     delta_factors,
     direction_for,
 )
-from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.architecture import discover
+from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.errors import ConfigError, NumericalError
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves

@@ -7,8 +7,8 @@ import tiny_models as tm
 import torch
 from abliterate import batched_ablation
 from abliterate.ablation import AblationParams, Kernel, RowNorm, delta_factors
-from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.architecture import discover
+from abliterate.editors import InPlaceEditor, LoraEditor
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

@@ -128,8 +128,8 @@ def test_a_peft_model_is_generated_through_the_model_under_it(tokenizer):
     # PeftModel.forward takes neither position_ids nor logits_to_keep: calling it directly lost
     # prefix sharing, last-position logits and the fixed-shape path on the LoRA route
     from abliterate.ablation import AblationParams
-    from abliterate.editors import LoraEditor
     from abliterate.architecture import discover
+    from abliterate.editors import LoraEditor
 
     model = _model("qwen3", "sdpa")
     texts = prompting.chat_texts(tokenizer, PROMPTS, system_prompt="Be brief.")

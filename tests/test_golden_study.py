@@ -8,9 +8,9 @@ import pytest
 import tiny_models as tm
 import torch
 from abliterate import prompting, study
-from abliterate.editors import InPlaceEditor
 from abliterate.architecture import discover
 from abliterate.directions import compute_directions
+from abliterate.editors import InPlaceEditor
 from abliterate.evaluation import EvalSettings, Evaluator, measure
 from abliterate.refusal import RefusalDetector
 from abliterate.residuals import collect_residuals

@@ -9,8 +9,8 @@ import tiny_models as tm
 import torch
 from abliterate import generation, hf_compat, prompting
 from abliterate.ablation import AblationParams, Kernel
-from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.architecture import discover
+from abliterate.editors import InPlaceEditor, LoraEditor
 from abliterate.evaluation import EvalSettings, Evaluator, measure
 from abliterate.kl import first_token_logprobs, kl_divergence
 from abliterate.leading_layers import LeadingLayers

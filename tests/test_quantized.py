@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from abliterate import ablation, architecture, editors, generation, kl, loading, merging, prompting, refusal
+from abliterate import (
+    ablation,
+    architecture,
+    editors,
+    generation,
+    kl,
+    loading,
+    merging,
+    prompting,
+    refusal,
+)
 from conftest import needs_cuda
 from tiny_tokenizer import tiny_model_dir
 
