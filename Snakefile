@@ -4,9 +4,17 @@
 # Run:  snakemake --cores all --resources gpu=1      (or --profile profiles/slurm on a cluster)
 
 
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+
+# For `--software-deployment-method conda`: envs/*.post-deploy.sh install abliterate from this
+# checkout into each environment Snakemake creates (a path inside the env file would be resolved from
+# Snakemake's copy of it under .snakemake/conda/). The scripts inherit this process's environment.
+os.environ["ABLITERATE_SOURCE"] = workflow.basedir
 
 
 configfile: "config.yaml"
