@@ -16,6 +16,7 @@ import optuna
 import pandas as pd
 import pytest
 import workflow_runner as wr
+from abliterate.steps import evaluate
 from conftest import needs_smollm2, smollm2_gguf
 from tiny_tokenizer import tiny_model_dir
 
@@ -88,6 +89,7 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     assert set(summary["selected_trial"]["eval"]) >= {"refusals", "n", "kl"}
     assert summary["study"]["n_complete"] == 3 and summary["study"]["n_failed"] == 0
     assert summary["timings_s"]["study"] > 0
+    assert summary["versions"] == evaluate.package_versions() and summary["versions"]["torch"]
     for artefact in ("study.sqlite", "directions.safetensors", "adapter/adapter_config.json",
                      "model/config.json", "model/README.md", "pareto.csv", "plots/pareto.png", "plots/directions.png"):
         assert (res / artefact).exists(), artefact

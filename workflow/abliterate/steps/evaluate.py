@@ -5,6 +5,7 @@ output contract documented in the README)."""
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import logging
 import time
 from pathlib import Path
@@ -18,6 +19,21 @@ from ..rule_settings import typed
 from .common import eval_settings, responses_table
 
 log = logging.getLogger(__name__)
+
+# The packages whose versions summary.json records (constraints.txt pins the tested ones).
+VERSIONED = ("torch", "transformers", "peft", "optuna", "snakemake")
+
+
+def package_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
+    """The installed version of each package, from its distribution metadata (nothing is imported;
+    None for one that is not installed)."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 def rule_timings(run: str, prompts_key: str, benchmarks_dir: str = "results/benchmarks") -> dict[str, float]:
     """Wall seconds per rule from Snakemake's benchmark files (rules with several jobs are summed);
@@ -90,6 +106,7 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
         # this job's own time: its benchmark file is written only after it ends
         "timings_s": rule_timings(config.run, Path(harmful).parent.name)  # the prompts folder
         | {"evaluate": round(time.perf_counter() - start, 2)},
+        "versions": package_versions(),
     }
     io.write_json(summary, out_summary)
     del lm
