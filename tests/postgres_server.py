@@ -7,8 +7,8 @@ server runs as the ``postgres`` system user (Debian's packages create it), else 
 its folder is made under the system temporary folder, which that user can reach (pytest's own
 temporary folders are private to root).
 
-Use as a pytest fixture (``postgres_server``, session scope; it skips naming the install
-commands when the binaries or the driver are missing) or by hand:
+Use as a pytest fixture (``postgres_server``, module scope: one server per test module; it skips
+naming the install commands when the binaries or the driver are missing) or by hand:
 ``python tests/postgres_server.py`` starts one and prints its URL until Ctrl-C.
 """
 
@@ -171,7 +171,7 @@ def started() -> PostgresServer:
     return server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def postgres_server():
     """A running server with the workflow's user; skips (naming the install commands) where
     PostgreSQL or psycopg is missing. Always stopped and removed afterwards."""

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import workflow_runner as wr
 import yaml
-from postgres_server import postgres_server  # noqa: F401  (a session fixture)
+from postgres_server import postgres_server  # noqa: F401  (a module fixture: one server here)
 from tiny_tokenizer import tiny_model_dir
 
 pytestmark = pytest.mark.slow
