@@ -567,3 +567,29 @@ def test_tensor_results_are_stored_as_plain_numbers():
                                             "per_prompt": torch.tensor([0.5, 0.0])})
     assert (refusals, kl, attrs["per_prompt"]) == (3, 0.25, [0.5, 0.0])
     assert type(refusals) is int and type(kl) is float
+
+
+def test_a_trial_left_running_without_a_worker_id_is_failed_on_restart(db, monkeypatch):
+    """A worker killed (or cut off from its database server) between asking a trial and recording
+    its id in it leaves a RUNNING trial no heartbeat ever fails; a restart fails it, else it would
+    hold a place in n_trials for good and the study would never complete."""
+    url, name = db
+    study = st.load_or_create_study(st.make_storage(url), name)
+    orphan = study.ask()  # no "worker" attribute: its worker died right after asking
+    monkeypatch.setattr(st, "ORPHAN_SECONDS", 0.0)
+    st.run_worker(url, name, cheap_objective, 4, worker_id=1, sampler_kwargs=FAST, n_layers=N_LAYERS,
+                  progress=False, space=SPACE)
+    trials = _trials(url, name)
+    _assert_distinct_complete(trials, 4)
+    assert [t.state for t in trials if t.number == orphan.number] == [TrialState.FAIL]
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_a_young_trial_without_a_worker_id_is_left_to_its_worker(db):
+    """Within ORPHAN_SECONDS of asking, the trial may belong to a live worker about to record its id."""
+    url, name = db
+    study = st.load_or_create_study(st.make_storage(url), name)
+    young = study.ask()
+    st.run_worker(url, name, cheap_objective, 3, worker_id=1, sampler_kwargs=FAST, n_layers=N_LAYERS,
+                  progress=False, space=SPACE)
+    assert [t.state for t in _trials(url, name) if t.number == young.number] == [TrialState.RUNNING]

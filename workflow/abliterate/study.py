@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -600,7 +601,21 @@ def _open_worker(storage_url: str, study_name: str, ledger, heartbeat_interval, 
         for trial in _count(study, (TrialState.RUNNING,)):
             if trial.user_attrs.get("worker") == worker:
                 _fail_and_requeue(study, trial, f"left RUNNING by a killed job of worker {worker}")
+            elif _orphaned(trial):
+                _fail_and_requeue(study, trial, "left RUNNING by a worker that died before recording its id")
     return book, storage, study
+
+
+# A worker asks a trial, then records its id in it: one killed (or whose database server went down)
+# between the two leaves a RUNNING trial that no worker owns and no heartbeat will ever fail, and it
+# would hold a place in n_trials for good. A live worker records its id milliseconds after asking.
+ORPHAN_SECONDS = 2.0
+
+
+def _orphaned(trial: FrozenTrial) -> bool:
+    started = trial.datetime_start
+    return ("worker" not in trial.user_attrs and started is not None
+            and (datetime.datetime.now() - started).total_seconds() > ORPHAN_SECONDS)
 
 
 def _ask(study: optuna.Study, worker: str, n_trials: int, space: Mapping[str, Any], n_layers: int):
@@ -612,7 +627,10 @@ def _ask(study: optuna.Study, worker: str, n_trials: int, space: Mapping[str, An
     (FAIL, not PRUNED, because samplers ignore failed trials), and its queued parameters, if any,
     are queued again."""
     trial = study.ask()
-    trial.set_user_attr("worker", worker)
+    try:
+        trial.set_user_attr("worker", worker)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return None  # a starting worker took it for orphaned (see _orphaned) and failed it: ask again
     if _is_surplus(study, trial.number, n_trials):
         trial.set_user_attr("surplus", True)
         trial.set_user_attr("error", "surplus: other workers filled n_trials")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import chat_template_check
+from . import chat_template_check, study_storage
 from .errors import ConfigError
 from .model_source import ModelSource, resolve
 from .packages import package_file
@@ -118,7 +118,8 @@ def _check_run_name(run: str) -> None:
 
 
 def _check_storage(url: str | None) -> None:
-    """``study.storage`` parses as a database URL whose driver is installed; its server is not contacted."""
+    """``study.storage`` parses as a database URL whose driver is installed, and a database server
+    answers (``study_storage.check_reachable``): a wrong password fails here, before any GPU job."""
     if url is None:
         return
     from sqlalchemy.engine import make_url
@@ -128,7 +129,7 @@ def _check_storage(url: str | None) -> None:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ConfigError(f"study.storage: {url!r} is not a database URL ({exc}); use e.g. "
-                          "sqlite:///results/<run>/study.sqlite or postgresql+psycopg2://user@host/db, "
+                          "sqlite:///results/<run>/study.sqlite or postgresql+psycopg://user:password@host/db, "
                           "or null for the default SQLite file") from exc
     shown = parsed.render_as_string(hide_password=True)
     try:
@@ -140,10 +141,12 @@ def _check_storage(url: str | None) -> None:
         dialect.import_dbapi()
     except ImportError as exc:
         raise ConfigError(f"study.storage: the driver of {shown!r} is not installed ({exc}); install it "
-                          f"(for PostgreSQL: pip install psycopg2-binary) or use another URL") from exc
+                          f"(for PostgreSQL: pip install -e '.[postgres]' and a postgresql+psycopg:// URL) or use "
+                          "another URL") from exc
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise ConfigError(f"study.storage: {shown!r} is an in-memory database, which every job would start "
                           "empty; name a file (sqlite:///path/study.sqlite)")
+    study_storage.check_reachable(url)
 
 
 def _check_prompt_files(config: dict) -> None:

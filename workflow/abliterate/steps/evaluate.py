@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import ablation, devices, io, loading, session, study
+from .. import ablation, devices, io, loading, session, study, study_storage
 from ..errors import ConfigError
 from ..evaluation import measure
 from ..rule_settings import typed
@@ -70,7 +70,8 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
     """Evaluate ``model_dir`` (the merged model) or, when it is None, the base model with ``adapter_dir``."""
     start = time.perf_counter()
     config = typed("evaluate", config)
-    stats = study.study_stats(storage, study_name, ledger)  # a lost study fails before the evaluation
+    with study_storage.connection_errors(storage):
+        stats = study.study_stats(storage, study_name, ledger)  # a lost study fails before the evaluation
     lm = session.open_model(config, path=model_dir) if model_dir else with_adapter(session.open_model(config), adapter_dir)
     settings = eval_settings(config.evaluation, lm, session.chats(config, lm.tokenizer, harmful, "heldout")[1])
     device = next(lm.model.parameters()).device

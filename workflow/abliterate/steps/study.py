@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import ablation, architecture, devices, editors, io, session, study
+from .. import ablation, architecture, devices, editors, io, session, study, study_storage
 from ..evaluation import Evaluator
 from ..rule_settings import typed
 from .common import eval_settings
@@ -83,13 +83,14 @@ def run(config: dict, worker: int, harmful: str, harmless: str, directions_path:
     objective, layout, _ = build_objective(config, lm, harmful, harmless, directions_path, baseline_path,
                                            reuse_layers=True)
     kinds = sorted({c.kind for c in layout.components})
-    result = study.run_worker(
-        storage, study_name, objective, n_trials, worker_id=worker, seed=config.seed + worker,
-        sampler_kwargs={"n_startup_trials": config.study.n_startup_trials,
-                        "n_ei_candidates": config.study.n_ei_candidates},
-        n_layers=layout.n_layers, space=search_space(config.study.space, kinds),
-        stop_dominated=config.study.stop_dominated, ledger=ledger,
-    )
+    with study_storage.connection_errors(storage):
+        result = study.run_worker(
+            storage, study_name, objective, n_trials, worker_id=worker, seed=config.seed + worker,
+            sampler_kwargs={"n_startup_trials": config.study.n_startup_trials,
+                            "n_ei_candidates": config.study.n_ei_candidates},
+            n_layers=layout.n_layers, space=search_space(config.study.space, kinds),
+            stop_dominated=config.study.stop_dominated, ledger=ledger,
+        )
     io.write_json({**result, "worker": worker, "study_name": study_name, "config_hash": config_hash,
                    **lm.metadata()}, out_done)
     del objective, lm
@@ -99,6 +100,7 @@ def run(config: dict, worker: int, harmful: str, harmless: str, directions_path:
 
 def write_trials(storage: str, study_name: str, out_table: str, ledger: str | None = None) -> None:
     """Rule `trials`: the study's trials as one CSV table."""
-    df = study.trials_frame(storage, study_name, ledger)
+    with study_storage.connection_errors(storage):
+        df = study.trials_frame(storage, study_name, ledger)
     io.write_csv(df, out_table)
     log.info("wrote %s: %d trials (%d complete)", out_table, len(df), int((df["state"] == "COMPLETE").sum()))
