@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import time
@@ -97,19 +96,6 @@ def _job_text(proc: subprocess.CompletedProcess, workdir: Path) -> str:
     logs = "\n".join(f"--- {p}\n{p.read_text(errors='replace')}"
                      for p in sorted((workdir / "results/logs").rglob("*.log")))
     return err[cut:] + "\n" + logs
-
-
-def _start(workdir: Path, *args: str, output: Path) -> subprocess.Popen:
-    """A run in the background, in its own process group (so a kill takes its jobs too)."""
-    with open(output, "w") as out:
-        return subprocess.Popen(wr.snakemake_cmd(workdir, *args), env=wr.env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: snakemake and its job
-    proc.wait(timeout=60)
 
 
 def _locks(workdir: Path) -> list[Path]:
@@ -207,7 +193,7 @@ def test_second_run_on_a_live_runs_folder_is_refused(tmp_path, stages, model_pat
             other.symlink_to(wd, target_is_directory=True)
         else:
             stack.enter_context(_mounted("--bind", str(wd), target=other))
-        first = _start(wd, f"{RES}/trials.csv", output=tmp_path / "first.log")
+        first = wr.start(wd, f"{RES}/trials.csv", output=tmp_path / "first.log")
         try:
             _wait_for_a_trial(wd, first, tmp_path / "first.log", poll=0.05)
             locks = _locks(wd)
@@ -228,7 +214,7 @@ def test_second_run_on_a_live_runs_folder_is_refused(tmp_path, stages, model_pat
             assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-6000:]
         finally:
             if first.poll() is None:
-                _kill(first)
+                wr.kill(first)
     _assert_study(wd, LIVE_TRIALS)
     failed = [t for t in _trials(wd) if t[1] == "FAIL"]
     assert not failed, failed
@@ -272,13 +258,13 @@ def test_sigkill_inside_a_rule_then_unlock_and_resume(tmp_path, stages, rule):
     poll = 0.001 if rule == "merge" else 0.02
     for attempt in range(5):
         wd, target = _prepared_kill(stages, rule, tmp_path / f"wd{attempt}")
-        proc = _start(wd, target, output=tmp_path / f"killed{attempt}.log")
+        proc = wr.start(wd, target, output=tmp_path / f"killed{attempt}.log")
         try:
             deadline = time.time() + 300
             while not _running(wd, rule) and proc.poll() is None and time.time() < deadline:
                 time.sleep(poll)
         finally:
-            _kill(proc)
+            wr.kill(proc)
         if _landed(wd, rule):
             break
     else:
@@ -358,7 +344,7 @@ def test_disk_full_fails_cleanly_then_resumes(tmp_path, stages, model_path, case
         shutil.rmtree(wd / "results/logs")
 
         if case == "study":
-            proc = _start(wd, *args, output=tmp_path / "failed.log")
+            proc = wr.start(wd, *args, output=tmp_path / "failed.log")
             try:
                 _wait_for_a_trial(wd, proc, tmp_path / "failed.log", poll=0.02)
                 before = _trials(wd)
@@ -366,7 +352,7 @@ def test_disk_full_fails_cleanly_then_resumes(tmp_path, stages, model_path, case
                 returncode = proc.wait(timeout=300)
             finally:
                 if proc.poll() is None:
-                    _kill(proc)
+                    wr.kill(proc)
             failed = subprocess.CompletedProcess(proc.args, returncode, "", (tmp_path / "failed.log").read_text())
         else:
             before = _trials(wd)

@@ -172,7 +172,7 @@ def test_a_failed_capture_falls_back_but_out_of_memory_propagates(tokenizer, mon
     assert model not in generation._GRAPH_FAILED and decoder.graph
     failure["error"] = RuntimeError("operation not permitted when stream is capturing")
     assert decoder.generate(texts, 6) == expected
-    assert model in generation._GRAPH_FAILED and decoder.capture_failed
+    assert model in generation._GRAPH_FAILED and decoder.fallback is not None
     batches = []
     monkeypatch.setattr(fixed_decoding.FixedShapeBatch, "__init__", lambda *a: batches.append(a))
     assert decoder.generate(texts, 6) == expected and not batches  # later calls: continuous batching

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -84,24 +83,11 @@ def _node(template: Path, workdir: Path, model_path: Path, url: str | None, n_tr
     return workdir
 
 
-def _start(workdir: Path, *args: str, output: Path) -> subprocess.Popen:
-    """Snakemake in the background, in its own process group (a kill takes its job too)."""
-    with open(output, "w") as out:
-        return subprocess.Popen(wr.snakemake_cmd(workdir, *args), env=wr.env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-
-
 def _finished(proc: subprocess.Popen, log: Path, timeout: float = 600) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill(proc)
+        wr.kill(proc)
         raise AssertionError(f"still running after {timeout} s:\n{log.read_text()[-3000:]}") from None
 
 
@@ -150,8 +136,8 @@ def test_two_nodes_share_one_study_then_more_trials_continue_it(postgres_server,
     a = _node(template, tmp_path / "a", model_path, url, N_TRIALS)
     b = _node(template, tmp_path / "b", model_path, None, N_TRIALS)  # its storage given by --config
     on_b = ["--config", f'study={{storage: "{url}"}}']
-    procs = [_start(a, WORKER.format(0), output=tmp_path / "a.log"),
-             _start(b, WORKER.format(1), *on_b, output=tmp_path / "b.log")]
+    procs = [wr.start(a, WORKER.format(0), output=tmp_path / "a.log"),
+             wr.start(b, WORKER.format(1), *on_b, output=tmp_path / "b.log")]
     for proc, log in zip(procs, ("a.log", "b.log")):
         assert _finished(proc, tmp_path / log) == 0, (tmp_path / log).read_text()[-4000:]
     first = _assert_study(url, N_TRIALS)
@@ -178,8 +164,8 @@ def test_a_node_killed_mid_trial_resumes_without_losing_or_repeating_trials(post
     url = postgres_server.new_database("killed_node")
     a = _node(template, tmp_path / "a", model_path, url, LIVE_TRIALS)
     b = _node(template, tmp_path / "b", model_path, url, LIVE_TRIALS)
-    pa = _start(a, WORKER.format(0), output=tmp_path / "a.log")
-    pb = _start(b, WORKER.format(1), output=tmp_path / "b.log")
+    pa = wr.start(a, WORKER.format(0), output=tmp_path / "a.log")
+    pb = wr.start(b, WORKER.format(1), output=tmp_path / "b.log")
     try:
         def b_mid_trial() -> bool:
             trials = _quiet(url)
@@ -187,14 +173,14 @@ def test_a_node_killed_mid_trial_resumes_without_losing_or_repeating_trials(post
                     and any(t["worker"] == "1" and t["state"] == "RUNNING" and t["params"] for t in trials))
 
         _wait_for(b_mid_trial, [pa, pb], tmp_path / "b.log", "trial of node b running")
-        _kill(pb)
+        wr.kill(pb)
         killed = [t for t in _trials(url) if t["worker"] == "1" and t["state"] == "RUNNING"]
         before = _complete(url)
         assert _finished(pa, tmp_path / "a.log") == 0, (tmp_path / "a.log").read_text()[-4000:]
     finally:
         for proc in (pa, pb):
             if proc.poll() is None:
-                _kill(proc)
+                wr.kill(proc)
     assert len(killed) == 1 and killed[0]["params"], "the kill missed node b's trial"
     # a stopped with the killed trial still RUNNING: it counts towards n_trials until b is back
     assert len(_complete(url)) == LIVE_TRIALS - 1
@@ -215,7 +201,7 @@ def test_server_stopped_mid_study_fails_clearly_then_rerun_loses_nothing(postgre
                                                                          model_path, tmp_path):
     url = postgres_server.new_database("server_stopped")
     a = _node(template, tmp_path / "a", model_path, url, LIVE_TRIALS)
-    proc = _start(a, WORKER.format(0), output=tmp_path / "a.log")
+    proc = wr.start(a, WORKER.format(0), output=tmp_path / "a.log")
     try:
         _wait_for(lambda: sum(t["state"] == "COMPLETE" for t in _quiet(url)) >= 2, [proc], tmp_path / "a.log",
                   "completed trials")
@@ -223,7 +209,7 @@ def test_server_stopped_mid_study_fails_clearly_then_rerun_loses_nothing(postgre
         returncode = _finished(proc, tmp_path / "a.log", timeout=300)
     finally:
         if proc.poll() is None:
-            _kill(proc)
+            wr.kill(proc)
         if not postgres_server.running():
             postgres_server.start()
     assert returncode != 0

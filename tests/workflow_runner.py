@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +66,17 @@ def run(workdir: Path, *args: str, cores: int = 2, timeout: int = 900, check: bo
         logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results/logs").rglob("*.log")))
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-6000:]}\n{logs}")
     return proc
+
+
+def start(workdir: Path, *args: str, output: Path) -> subprocess.Popen:
+    """Snakemake in the background, in its own process group (so a kill takes its jobs too)."""
+    with open(output, "w") as out:
+        return subprocess.Popen(snakemake_cmd(workdir, *args), env=env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the whole process group: snakemake and its job."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)

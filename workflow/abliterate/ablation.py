@@ -259,16 +259,21 @@ def apply_saved_direct_edits(model: nn.Module, folder: str | Path) -> int:
     entries = meta.get("direct_edits") or []
     with torch.no_grad():
         for entry in entries:
-            component = Component(
-                layer=entry["layer"], kind=entry["kind"], name=entry["name"],
-                module=base.get_submodule(entry["name"]), param=entry["param"], layout=entry["layout"],
-                expert_axis_order=entry.get("expert_axis_order"),
-            )
-            weight = component.module.get_parameter(component.param)
+            weight = base.get_submodule(entry["name"]).get_parameter(entry["param"])
             b = tensors[f"{entry['key']}.lora_B"].to(weight.device)
             a = tensors[f"{entry['key']}.lora_A"].to(weight.device)
-            for e, view in enumerate(views(component, weight)):
-                be, ae = (b[e], a[e]) if component.layout == "experts" else (b, a)
-                view.add_(torch.matmul(be, ae).to(view.dtype))
+            add_saved_edit(weight, entry, b, a)
     log.info("applied %d saved direct edits from %s", len(entries), path)
     return len(entries)
+
+
+def add_saved_edit(weight: torch.Tensor, entry: Mapping[str, Any], b: torch.Tensor, a: torch.Tensor) -> None:
+    """``W += B A`` on each (out, in) view of ``weight``, for one ``direct_edits`` entry of a saved edit
+    (per expert for fused experts): the one place a saved direct edit is added, for the whole-model
+    and the streaming merge alike."""
+    component = Component(layer=entry["layer"], kind=entry["kind"], name=entry["name"], module=None,
+                          param=entry["param"], layout=entry["layout"],
+                          expert_axis_order=entry.get("expert_axis_order"))
+    for e, view in enumerate(views(component, weight)):
+        be, ae = (b[e], a[e]) if component.layout == "experts" else (b, a)
+        view.add_(torch.matmul(be, ae).to(view.dtype))

@@ -409,11 +409,11 @@ class FixedShapeDecoder(BatchDecoder):
     def __init__(self, model, tokenizer, batch_size: int, graph: bool | None = None):
         super().__init__(model, tokenizer, batch_size)
         self.graph = hf_compat.input_device(model).type == "cuda" if graph is None else graph
-        self.capture_failed = False
+        self.fallback: ContinuousDecoder | None = None  # set by a failed capture
 
     def _run(self, texts, order, responses, prefill_fn):
-        if self.capture_failed:  # fixed shapes without the graph gain nothing over continuous batching
-            return ContinuousDecoder._run(self, texts, order, responses, prefill_fn)
+        if self.fallback is not None:  # fixed shapes without the graph gain nothing over continuous batching
+            return self.fallback._run(texts, order, responses, prefill_fn)
         device = hf_compat.input_device(self.model)
         for start in range(0, len(order), self.batch_size):
             rows = list(order[start : start + self.batch_size])
@@ -443,7 +443,8 @@ class FixedShapeDecoder(BatchDecoder):
             # e.g. a kernel that syncs with the host
             log.warning("CUDA graph capture failed (%s); decoding without graphs for this model", error)
             _GRAPH_FAILED.add(self.model)
-            self.graph, self.capture_failed = False, True
+            self.graph = False
+            self.fallback = ContinuousDecoder(self.model, self.tokenizer, self.batch_size)
             return FixedShapeBatch(self.model, *state, self.graph)
 
 

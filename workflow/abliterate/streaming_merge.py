@@ -230,12 +230,7 @@ def _edited(entry: Entry, loaded: torch.dtype, edit: Edit) -> torch.Tensor:
             delta = b.to(lora_dtype) @ a.to(lora_dtype)
             w += (delta.T if fan_in_fan_out else delta) * scaling
         for meta, b, a in edit.direct:
-            c = ablation.Component(layer=meta["layer"], kind=meta["kind"], name=meta["name"], module=None,
-                                   param=meta["param"], layout=meta["layout"],
-                                   expert_axis_order=meta.get("expert_axis_order"))
-            for e, view in enumerate(ablation.views(c, w)):
-                be, ae = (b[e], a[e]) if c.layout == "experts" else (b, a)
-                view.add_(torch.matmul(be, ae).to(view.dtype))
+            ablation.add_saved_edit(w, meta, b, a)
     return w
 
 

@@ -35,6 +35,7 @@ def package_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str | None
             out[name] = None
     return out
 
+
 def rule_timings(run: str, prompts_key: str, benchmarks_dir: str = "results/benchmarks") -> dict[str, float]:
     """Wall seconds per rule from Snakemake's benchmark files (rules with several jobs are summed);
     ``prompts_key`` names the prompt tables' folder (``workflow_config.prompts_dir``)."""
