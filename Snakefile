@@ -1,6 +1,6 @@
 # abliterate: remove refusal behaviour from a language model by directional ablation, with the
 # ablation strength tuned by an Optuna study. The rules below run top to bottom in pipeline order:
-#   prompts -> demo_model (offline demo only) | gguf_model (GGUF models only) -> baseline -> directions -> study -> export -> merge -> evaluate
+#   prompts -> demo_model (offline demo only) | gguf_model (GGUF models only) -> baseline -> directions -> study -> export -> merge (-> gguf_export) -> evaluate
 # Run:  snakemake --cores all --resources gpu=1      (or --profile profiles/slurm on a cluster)
 
 
@@ -32,6 +32,7 @@ include: "workflow/rules/directions.smk"
 include: "workflow/rules/study.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/merge.smk"
+include: "workflow/rules/gguf_export.smk"
 include: "workflow/rules/evaluate.smk"
 
 
@@ -40,4 +41,5 @@ rule all:
         summary=f"results/{RUN}/summary.json",
         directions_plot=f"results/{RUN}/plots/directions.png",
         pareto_plot=f"results/{RUN}/plots/pareto.png",
+        gguf=gguf_outputs(),
     default_target: True

@@ -57,6 +57,7 @@ READS: dict[str, tuple[str, ...]] = {
     "export": (*_MODEL, *_EVALUATION, *_ABLATION, "export"),
     "merge": ("run", *_SOURCE, "model.chat_template", "merge.dtype", "merge.max_ram_gib"),
     "evaluate": (*_MODEL, *_EVALUATION, "merge.adapter_only"),
+    "gguf_export": ("run", *_SOURCE, "merge.gguf"),
 }
 
 
@@ -179,6 +180,7 @@ def upstream(config: dict, rule: str) -> tuple[str, ...]:
         "export": ("prompts", *model, "directions", "trials"),
         "merge": (*model, "export"),
         "evaluate": ("prompts", *model, "baseline", "trials", *evaluated),
+        "gguf_export": ("merge",),
     }[rule]
 
 

@@ -107,6 +107,7 @@ def check(config: dict) -> None:
         resolve(ModelSource.from_config(model))
     _check_packaged_files(config)
     _check_prompt_files(config)
+    _check_gguf_export(config)
 
 
 def _check_run_name(run: str) -> None:
@@ -147,6 +148,19 @@ def _check_storage(url: str | None) -> None:
         raise ConfigError(f"study.storage: {shown!r} is an in-memory database, which every job would start "
                           "empty; name a file (sqlite:///path/study.sqlite)")
     study_storage.check_reachable(url)
+
+
+def _check_gguf_export(config: dict) -> None:
+    """``merge.gguf``: a type the gguf package writes, a merged model to write, and a GGUF source whose
+    tensors its reader can read (the copy keeps them as they are)."""
+    if config["merge"].get("gguf") is None:
+        return
+    from . import gguf_export, gguf_patch
+
+    gguf_export.check_config(config)
+    source = None if uses_demo_model(config) else gguf_path(config)
+    if source is not None:
+        gguf_patch.read(Path(source))
 
 
 def _check_prompt_files(config: dict) -> None:

@@ -41,6 +41,17 @@ def gguf_input(wildcards):
     return [wc.gguf_path(config)]
 
 
+def gguf_source(wildcards):
+    """The GGUF file gguf_export copies, if the model came from one."""
+    source = None if wc.uses_demo_model(config) else wc.gguf_path(config)
+    return [source] if source else []
+
+
+def gguf_outputs():
+    """rule all's GGUF file, when merge.gguf asks for one."""
+    return [f"results/{RUN}/gguf/{RUN}.gguf"] if config["merge"]["gguf"] else []
+
+
 def evaluated_model(wildcards):
     """The merged model folder; with merge.adapter_only the adapter on the base model (no merge job)."""
     if config["merge"]["adapter_only"]:
