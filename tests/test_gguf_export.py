@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import tiny_models as tm
 import torch
-from abliterate import ablation, architecture, editors, gguf_convert, gguf_export, gguf_patch, loading, merging
+from abliterate import (
+    ablation,
+    architecture,
+    editors,
+    gguf_convert,
+    gguf_export,
+    gguf_patch,
+    loading,
+    merging,
+)
 from abliterate.errors import ConfigError
 from tiny_tokenizer import CHATML
 from transformers import AutoModelForCausalLM, AutoTokenizer

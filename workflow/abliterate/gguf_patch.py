@@ -114,8 +114,7 @@ def _write(reader, replaced: dict, out_path: Path) -> None:
     head_end = reader.tensors[0].field.offset  # magic, version, counts and every key/value, as they are
     with io.atomic_path(out_path) as tmp, open(tmp, "wb") as f:
         f.write(reader.data[:head_end])
-        for info in infos:
-            f.write(info)
+        f.writelines(infos)
         f.write(b"\0" * _pad(f.tell(), align))
         for blob in layout:
             f.write(memoryview(blob))
