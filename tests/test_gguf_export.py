@@ -106,6 +106,17 @@ def test_converted_qwen2_keeps_biases_and_the_tied_head(tmp_path, tied):
     assert_within_type(logits(back, tok), logits(ref, tok), "f32")
 
 
+def test_converted_qwen3_keeps_the_q_k_norms(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    # transformers reads no head_dim from a qwen3 GGUF and takes Qwen3Config's default, 128
+    src = model_dir(tmp_path / "model", tm._build(Qwen3ForCausalLM, Qwen3Config(**{**tm._COMMON, "head_dim": 128})))
+    out = tmp_path / "run.gguf"
+    gguf_convert.convert(src, out, gguf_export.qtype("f32"))
+    tok, ref = AutoTokenizer.from_pretrained(src), AutoModelForCausalLM.from_pretrained(src).eval()
+    assert_within_type(logits(load_gguf(out), tok), logits(ref, tok), "f32")
+
+
 def _gguf_source(tmp_path: Path) -> Path:
     """A tiny Q8_0 GGUF model: the kind of file a user downloads."""
     source = tmp_path / "src" / "tiny-q8_0.gguf"

@@ -59,7 +59,7 @@ def convert(model_dir: Path, out_path: Path, qt) -> dict:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     for file in _weight_files(model_dir):
         with safe_open(file, framework="pt") as f:
-            for hf_name in f:
+            for hf_name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 name = gguf_export.gguf_name(hf_name, arch, config.num_hidden_layers, gguf_export.KEY)
                 # the quantizers take float32 numpy arrays
                 weight = gguf_export.to_gguf_layout(f.get_tensor(hf_name).float().numpy(), name, arch, heads,

@@ -121,7 +121,7 @@ def edited_tensors(adapter_dir: str | Path) -> list[str]:
     lora = adapter_dir / "adapter_model.safetensors"
     if lora.exists():
         with safe_open(lora, framework="pt") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 match = LORA_KEY.fullmatch(key)
                 if match is None:
                     raise ConfigError(f"{KEY}: the adapter holds {key}, not a LoRA factor of a module's weight")
