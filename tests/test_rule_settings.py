@@ -31,6 +31,7 @@ DOWNSTREAM = {
     "export": {"merge", "evaluate"},
     "merge": {"evaluate"},
     "evaluate": set(),
+    "gguf_export": set(),  # downstream of merge, planned only when merge.gguf asks for the file
 }
 _MODEL = {"baseline", "directions", "study", "export", "evaluate"}
 _EVAL = {"baseline", "study", "export", "evaluate"}
@@ -112,6 +113,7 @@ CHANGES: dict[str, tuple] = {
     "merge.max_ram_gib": (12, {"merge"}),
     "merge.dtype": ("bfloat16", {"merge"}),
     "merge.adapter_only": (True, {"evaluate"}),  # and no merge job at all
+    "merge.gguf": ("f16", {"gguf_export"}),
 }
 # Keys that choose another model, prompt file or run folder: a different run, not a changed one.
 NOT_CHANGED = {"run", "model.path", "model.gguf_file", "model.package"} | {
