@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from . import devices, hf_compat, loading, prompting
-from .workflow_config import judge_keys, judge_template
 from .errors import ConfigError, ModelLoadError
 from .generation import prefill
 from .model_source import ModelSource, resolve
+from .workflow_config import judge_keys, judge_template
 
 log = logging.getLogger(__name__)
 
