@@ -119,7 +119,6 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
             baseline[label]["judge"] = verdicts["baseline"]
     io.write_parquet(responses, out_responses, metadata={"config_hash": config_hash})
 
-    baseline = io.read_json(baseline_metrics)
     selected = io.read_json(selected_path)
     summary = {
         "run": config.run, "model": baseline["model"], "dtype": baseline.get("dtype"),
