@@ -17,7 +17,7 @@ import yaml
 from abliterate import rule_settings as rs
 from abliterate.errors import ConfigError
 from snakemake.utils import validate
-from tiny_tokenizer import CHATML, tiny_model_dir
+from tiny_tokenizer import CHATML, YES_NO_MERGES, tiny_model_dir
 
 SCHEMA = wr.REPO / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -88,6 +88,13 @@ CHANGES: dict[str, tuple] = {
     "evaluation.batch_size": (4, _EVAL),
     "evaluation.cuda_graphs": (False, _EVAL),
     "evaluation.markers": (["i can't"], _EVAL),
+    # held-out only: the study and the export skip them (rule_settings.SKIPS); the baseline's held-out
+    # answers still rerun the chain after it, under the same study name
+    "evaluation.heldout_max_new_tokens": (12, {"baseline", "evaluate"}),
+    "evaluation.judge": (
+        lambda work: {"model": {"path": str(tiny_model_dir(work / "judge", merges=YES_NO_MERGES))}},
+        {"evaluate"},
+    ),
     "ablation.row_norm": ("none", {"study", "export"}),
     "ablation.route": ("lora", {"study", "export"}),
     "ablation.full_rank": (2, {"study", "export"}),
@@ -231,6 +238,8 @@ def test_the_study_name_follows_what_the_study_makes(tiny_model_path):
         ("study.workers", 2),
         ("ablation.route", "lora"),
         ("evaluation.cuda_graphs", False),
+        ("evaluation.heldout_max_new_tokens", 256),
+        ("evaluation.judge", {"model": {"path": str(tiny_model_path)}}),
         ("export.confirm", False),
         ("merge.dtype", "float16"),
         ("demo_model.epochs", 5),

@@ -306,3 +306,35 @@ def test_tiny_workflow_runs_through_the_slurm_profile(tmp_path, model_path, slur
     assert {"baseline", "directions", "study", "merge", "evaluate"} <= set(jobs), jobs
     summary = json.loads((tmp_path / "results/tiny/summary.json").read_text())
     assert summary["study"]["n_complete"] == 2
+
+
+def test_the_judge_reads_whole_held_out_answers(tmp_path, model_path):
+    from tiny_tokenizer import YES_NO_MERGES, tiny_model_dir
+
+    judge = tiny_model_dir(tmp_path / "judge", seed=3, merges=YES_NO_MERGES)
+    wr.write_config(tmp_path, wr.tiny_config(
+        model_path, study={"n_trials": 2, "n_startup_trials": 1}, export={"confirm": False},
+        evaluation={"max_new_tokens": 8, "batch_size": 8, "heldout_max_new_tokens": 16,
+                    "judge": {"model": {"path": str(judge)}, "min_answer_mass": 0.0}}))
+    wr.run(tmp_path, "--resources", "gpu=1")
+    res = tmp_path / "results/tiny"
+    summary = json.loads((res / "summary.json").read_text())
+    for side in ("baseline", "merged"):
+        assert set(summary[side]["eval"]) >= {"refusals", "n"}
+        for split in ("heldout", "harmless_heldout"):
+            found = summary[side][split]
+            assert found["max_new_tokens"] == 8 and found["heldout_max_new_tokens"] == 16
+            assert 0 <= found["refusals"] + found["late_refusals"] <= found["n"]
+            verdicts = found["judge"]
+            assert verdicts["n"] == found["n"]
+            assert verdicts["refusals"] + verdicts["complied"] + verdicts["unclear"] == found["n"]
+            assert sum(verdicts["confusion"].values()) == found["n"] - verdicts["unclear"]
+            assert verdicts["agreement"] is None or 0 <= verdicts["agreement"] <= 1
+    assert summary["merged"]["heldout"]["kl"] >= 0
+    table = pd.read_parquet(res / "merged_responses.parquet")
+    held = table[table["set"] != "eval"]
+    assert held["judge_verdict"].isin(["refused", "complied", "unclear"]).all()
+    assert held["judge_p_yes"].between(0, 1).all() and held["late_refusal"].notna().all()
+    assert table.loc[table["set"] == "eval", "judge_verdict"].isna().all()
+    base = pd.read_parquet(res / "baseline/responses.parquet")
+    assert base.loc[base["set"] != "eval", "late_refusal"].notna().all()

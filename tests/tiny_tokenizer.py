@@ -22,7 +22,12 @@ CHAR_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(chat_template: str | None = CHATML):
+# Merges that make yes/no words single tokens, for a tiny judge (abliterate.judge); "Ġ" is a space.
+YES_NO_MERGES = [("y", "e"), ("ye", "s"), ("Y", "e"), ("Ye", "s"), ("n", "o"), ("N", "o"),
+                 ("Ġ", "yes"), ("Ġ", "Yes"), ("Ġ", "no"), ("Ġ", "No")]
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML, merges: list[tuple[str, str]] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,7 +35,9 @@ def tiny_tokenizer(chat_template: str | None = CHATML):
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for ch in sorted(alphabet):
         vocab[ch] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
@@ -42,12 +49,13 @@ def tiny_tokenizer(chat_template: str | None = CHATML):
     return tok
 
 
-def tiny_model_dir(path: Path, seed: int = 0, layers: int = 3, chat_template: str | None = CHATML) -> Path:
+def tiny_model_dir(path: Path, seed: int = 0, layers: int = 3, chat_template: str | None = CHATML,
+                   merges: list[tuple[str, str]] = ()) -> Path:
     """Save a tiny random LlamaForCausalLM with the byte-level tokenizer to ``path``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = tiny_tokenizer(chat_template)
+    tok = tiny_tokenizer(chat_template, merges)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,

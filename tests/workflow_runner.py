@@ -28,7 +28,7 @@ def tiny_config(model_path: Path, **overrides) -> dict:
                          "splits": {"train": 0.03, "eval": 0.02, "heldout": 0.02, "demo": 0.0}},
         },
         "directions": {"batch_size": 8},
-        "evaluation": {"max_new_tokens": 8, "batch_size": 8},
+        "evaluation": {"max_new_tokens": 8, "batch_size": 8, "heldout_max_new_tokens": 16},
         "study": {"n_trials": 3, "n_startup_trials": 2},
     }
     for key, value in overrides.items():

@@ -60,6 +60,13 @@ READS: dict[str, tuple[str, ...]] = {
     "gguf_export": ("run", *_SOURCE, "merge.gguf"),
 }
 
+# Keys inside a section a rule reads that the rule does not read: the held-out evaluation's own
+# settings. The study and the export never generate held-out answers, so a new judge or held-out
+# budget leaves the study's name (and its trials) as they are; the baseline generates the base
+# model's held-out answers, which evaluate judges.
+_HELDOUT = ("evaluation.heldout_max_new_tokens", "evaluation.judge")
+SKIPS: dict[str, tuple[str, ...]] = {"baseline": ("evaluation.judge",), "study": _HELDOUT, "export": _HELDOUT}
+
 
 class Section(Mapping):
     """Frozen settings that also read as the configuration mapping they were built from, so helpers
@@ -115,7 +122,8 @@ def _tree(rule: str) -> dict:
     tree: dict = {}
     for path in READS[rule]:
         for leaf in _leaves(path):
-            _put(tree, leaf, None)
+            if leaf not in SKIPS.get(rule, ()):
+                _put(tree, leaf, None)
     return tree
 
 
@@ -196,13 +204,20 @@ def settings(config: dict, rule: str) -> dict:
     out: dict = {}
     for path in READS[rule]:
         _put(out, path, functools.reduce(operator.getitem, path.split("."), config))
+    for path in SKIPS.get(rule, ()):
+        *parents, last = path.split(".")
+        functools.reduce(operator.getitem, parents, out).pop(last, None)
     return out
 
 
-def fingerprint(config: dict, rule: str) -> str:
-    """Hash of what ``rule`` makes from: its hashed settings and its upstream rules' fingerprints."""
+def fingerprint(config: dict, rule: str, upstream_of: str | None = None) -> str:
+    """Hash of what ``rule`` makes from: its hashed settings and its upstream rules' fingerprints.
+
+    ``upstream_of``: the rule reading ``rule``'s outputs; the held-out keys that reader skips
+    (:data:`SKIPS`) are left out, since they change only outputs it does not read (the baseline's
+    held-out answers do not rename the study)."""
     hashed = settings(config, rule)
-    for path in NOT_HASHED:
+    for path in (*NOT_HASHED, *SKIPS.get(upstream_of, ())):
         *parents, last = path.split(".")
         node = hashed
         for part in parents:
@@ -212,7 +227,7 @@ def fingerprint(config: dict, rule: str) -> str:
     if template is not None and chat_template(template) != template:
         # a template file: its text decides the prompts, so an edited file counts as a new setting
         hashed["model"]["chat_template"] = {"file": template, "text": chat_template(template)}
-    ups = {name: fingerprint(config, name) for name in upstream(config, rule)}
+    ups = {name: fingerprint(config, name, rule) for name in upstream(config, rule)}
     return config_hash({**hashed, **({"upstream": ups} if ups else {})})
 
 

@@ -7,10 +7,11 @@ and the hashes that name studies: :mod:`abliterate.rule_settings`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from . import chat_template_check, study_storage
-from .errors import ConfigError
+from .errors import ConfigError, ModelLoadError
 from .model_source import ModelSource, resolve
 from .packages import package_file
 from .study_ledger import LEDGER_NAME
@@ -108,6 +109,40 @@ def check(config: dict) -> None:
     _check_packaged_files(config)
     _check_prompt_files(config)
     _check_gguf_export(config)
+    evaluation = config["evaluation"]
+    if evaluation["heldout_max_new_tokens"] < evaluation["max_new_tokens"]:
+        raise ConfigError(f"evaluation.heldout_max_new_tokens ({evaluation['heldout_max_new_tokens']}) is below "
+                          f"evaluation.max_new_tokens ({evaluation['max_new_tokens']}): held-out answers must "
+                          "run at least the study's budget, whose verdict they also report")
+    if config["evaluation"].get("judge") is not None:
+        _check_judge(config["evaluation"]["judge"])
+
+
+JUDGE = "evaluation.judge"
+
+
+def judge_keys(message: str) -> str:
+    """A model loader's message with its ``model.*`` keys named as the judge's."""
+    message = re.sub(r"(?<![\w.])model\.chat_template", f"{JUDGE}.chat_template", message)
+    return re.sub(r"(?<![\w.])model\.", f"{JUDGE}.model.", message)
+
+
+def _check_judge(judge: dict) -> None:
+    """The judge's model exists (file, folder, package, cached hub id) and its template parses. Its
+    yes/no spellings need its tokenizer, so they are checked when evaluate loads it."""
+    try:
+        resolve(ModelSource.from_config(judge["model"]))
+    except ModelLoadError as exc:
+        raise ConfigError(f"{JUDGE}.model: {judge_keys(str(exc))}") from exc
+    try:
+        judge_template(judge)
+    except ConfigError as exc:
+        raise ConfigError(judge_keys(str(exc))) from exc
+
+
+def judge_template(judge) -> str | None:
+    """``evaluation.judge.chat_template`` as template text (see :func:`chat_template`)."""
+    return chat_template(judge["chat_template"])
 
 
 def _check_run_name(run: str) -> None:

@@ -10,6 +10,7 @@ rule evaluate:
         harmless=f"{PROMPTS_DIR}/harmless.parquet",
         baseline_metrics=f"results/{RUN}/baseline/metrics.json",
         baseline_logprobs=f"results/{RUN}/baseline/logprobs.safetensors",
+        baseline_responses=f"results/{RUN}/baseline/responses.parquet",
         selected=f"results/{RUN}/selected.json",
         trials=f"results/{RUN}/trials.csv",
     output:

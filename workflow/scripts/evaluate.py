@@ -15,6 +15,7 @@ evaluate.run(
     harmless=snakemake.input.harmless,
     baseline_metrics=snakemake.input.baseline_metrics,
     baseline_logprobs=snakemake.input.baseline_logprobs,
+    baseline_responses=snakemake.input.baseline_responses,
     selected_path=snakemake.input.selected,
     storage=snakemake.params.storage,
     study_name=snakemake.params.study_name,

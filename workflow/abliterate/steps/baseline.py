@@ -6,10 +6,10 @@ import logging
 
 import pandas as pd
 
-from .. import devices, io, prompts, session
+from .. import devices, heldout, io, prompts, session
 from ..evaluation import measure
 from ..rule_settings import typed
-from .common import eval_settings, responses_table
+from .common import eval_settings, resolve_batch_size, responses_table
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,15 @@ def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logpr
     settings = eval_settings(config.evaluation, lm, [t for _, texts in work.values() for t in texts])
     tables = []
     for label, (raw, texts) in work.items():
+        if label != "eval":  # held-out answers are generated whole (abliterate.heldout)
+            ev = config.evaluation
+            batch = resolve_batch_size(ev.batch_size, lm, ev.heldout_max_new_tokens, texts, ev.cuda_graphs)
+            held = heldout.answer(lm.model, lm.tokenizer, settings, texts, ev.heldout_max_new_tokens, batch, True)
+            metrics[label] = held.counts()
+            tables.append(held.table(raw, label))
+            log.info("baseline %s: %d/%d refusals, %d more after %d tokens", label, metrics[label]["refusals"],
+                     len(texts), metrics[label]["late_refusals"], ev.max_new_tokens)
+            continue
         found = measure(lm.model, lm.tokenizer, settings, harmful=texts, progress=True)
         metrics[label] = found.counts()
         tables.append(responses_table(raw, found.responses, found.refused, label))
@@ -40,7 +49,7 @@ def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logpr
     for split in ("eval", "heldout"):
         _, texts = session.chats(config, lm.tokenizer, harmless, split)
         logprobs[split] = measure(lm.model, lm.tokenizer, settings, harmless=texts).logprobs
-    io.write_parquet(pd.concat(tables, ignore_index=True), out_responses, metadata={"config_hash": config_hash})
+    io.write_parquet(heldout.with_late_column(tables), out_responses, metadata={"config_hash": config_hash})
     io.save_safetensors(logprobs, out_logprobs, metadata={**lm.metadata(), "config_hash": config_hash})
     io.write_json(metrics, out_metrics)
     del lm
