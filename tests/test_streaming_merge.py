@@ -97,7 +97,7 @@ def test_streamed_merge_carries_two_directions(tmp_path, monkeypatch, route):
     saved, _ = io.load_safetensors(tmp_path / "adapter" / "adapter_model.safetensors") if route == "lora" else \
         io.load_safetensors(tmp_path / "adapter" / "direct_edits.safetensors")
     assert {t.shape[-1] for name, t in saved.items() if "lora_B" in name} == {2}
-    whole, streamed = _both(tmp_path, source, monkeypatch)
+    _, streamed = _both(tmp_path, source, monkeypatch)
     assert streamed["streamed"]
     _assert_same_folder(tmp_path / "whole", tmp_path / "stream")
 

@@ -6,7 +6,17 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import ablation, architecture, devices, directions, editors, io, session, study, study_storage
+from .. import (
+    ablation,
+    architecture,
+    devices,
+    directions,
+    editors,
+    io,
+    session,
+    study,
+    study_storage,
+)
 from ..evaluation import Evaluator
 from ..rule_settings import typed
 from .common import eval_settings
