@@ -273,3 +273,24 @@ def test_batched_factors_with_one_row_are_the_single_direction_code():
         one = batched_ablation.batched_factors(w, r, lam, mode, norms=norms, seed=5)
         rows = batched_ablation.batched_factors(w, r[:, None], lam[:, None], mode, norms=norms, seed=5)
         assert all(torch.equal(x, y) for x, y in zip(one, rows)), mode
+
+
+def test_export_reads_directions_and_off_kinds_from_the_trials_table():
+    import pandas as pd
+    from abliterate.ablation import off_kinds
+    from abliterate.steps import export
+
+    df = pd.DataFrame([
+        {"number": 0, "direction_index": float("nan"), "n_directions": 2, "secondary_weight": 0.4, "off": "attn_out",
+         **{f"mlp_down.{k}": v for k, v in zip(("max_weight", "max_weight_position", "min_weight",
+                                                 "min_weight_distance"), (1.0, 2.0, 0.5, 1.0))}},
+        {"number": 1, "direction_index": 1.0, "n_directions": 1, "secondary_weight": 0.1, "off": float("nan"),
+         **{f"{kind}.{k}": 1.0 for kind in ("attn_out", "mlp_down")
+            for k in ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")}},
+    ])
+    first = export.params_of(df.iloc[0])
+    assert first["n_directions"] == 2 and first["off"] == "attn_out" and off_kinds(first) == ["attn_out"]
+    params = AblationParams.from_flat(first)
+    assert params.n_directions == 2 and params.off == ("attn_out",) and set(params.kernels) == {"mlp_down"}
+    assert off_kinds(export.params_of(df.iloc[1])) == [] and export.max_directions(df) == 2
+    assert export.max_directions(df.drop(columns="n_directions")) == 1  # a study from before direction sets
