@@ -20,18 +20,34 @@ PARAMS = ablation.AblationParams(
 )
 
 
+def two_directions(layout):
+    """A table and its (n_layers + 1, 2, hidden) orthonormal sets, for k = 2 edits."""
+    torch.manual_seed(1)
+    sets = torch.linalg.qr(torch.randn(layout.n_layers + 1, layout.hidden_size, 2))[0].mT.contiguous()
+    return sets[:, 0].clone(), sets
+
+
+PARAMS_K2 = ablation.AblationParams(PARAMS.direction_index, PARAMS.kernels, n_directions=2, secondary_weight=0.7)
+
+
+@pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("factory", ["tiny_llama", "tiny_moe_fused", "tiny_gpt2"])
-def test_merged_model_reproduces_the_ablated_model(tmp_path, factory):
+def test_merged_model_reproduces_the_ablated_model(tmp_path, factory, k):
     base_dir = tmp_path / "base"
     model = getattr(tm, factory)()
     model.save_pretrained(base_dir)
     tok = tiny_tokenizer()
     tok.save_pretrained(base_dir)
     layout = architecture.discover(model)
-    torch.manual_seed(1)
-    directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=-1)
-    ablator = editors.LoraEditor(model, layout, directions)
-    ablator.apply(PARAMS)
+    if k == 1:
+        torch.manual_seed(1)
+        directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=-1)
+        ablator = editors.LoraEditor(model, layout, directions)
+        ablator.apply(PARAMS)
+    else:  # the adapter's rank covers both directions; fused experts get rank-k direct edits
+        directions, sets = two_directions(layout)
+        ablator = editors.LoraEditor(model, layout, directions, direction_sets=sets, n_directions=2)
+        ablator.apply(PARAMS_K2)
     ids = tm.input_ids()
     with torch.inference_mode():
         expected = ablator.model(ids).logits

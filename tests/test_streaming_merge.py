@@ -12,7 +12,7 @@ import torch
 from abliterate import architecture, editors, hf_compat, io, loading, merging, streaming_merge
 from abliterate.errors import AbliterateError
 from safetensors import safe_open
-from test_merging import PARAMS
+from test_merging import PARAMS, PARAMS_K2, two_directions
 from tiny_tokenizer import tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -30,8 +30,8 @@ def _tensors(folder):
     return out
 
 
-def _study(tmp_path, factory, dtype=torch.float32, tied=False, route="lora"):
-    """A base folder (saved in ``dtype``) and the adapter a study of it exports."""
+def _study(tmp_path, factory, dtype=torch.float32, tied=False, route="lora", k=1):
+    """A base folder (saved in ``dtype``) and the adapter a study of it exports (``k`` directions)."""
     model = factory()
     if tied:
         model.config.tie_word_embeddings = True
@@ -42,8 +42,12 @@ def _study(tmp_path, factory, dtype=torch.float32, tied=False, route="lora"):
     layout = architecture.discover(model)
     torch.manual_seed(1)
     directions = torch.nn.functional.normalize(torch.randn(layout.n_layers + 1, layout.hidden_size), dim=-1)
-    editor = (editors.LoraEditor if route == "lora" else editors.InPlaceEditor)(model, layout, directions)
-    editor.apply(PARAMS)
+    sets = None
+    if k > 1:
+        directions, sets = two_directions(layout)
+    editor = (editors.LoraEditor if route == "lora" else editors.InPlaceEditor)(
+        model, layout, directions, direction_sets=sets, n_directions=k)
+    editor.apply(PARAMS if k == 1 else PARAMS_K2)
     editor.save(tmp_path / "adapter")
     return loading.ModelSource(path=str(tmp_path / "base"))
 
@@ -83,6 +87,19 @@ def test_streamed_folder_equals_the_whole_model_merge(tmp_path, monkeypatch, nam
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if tied:
         assert "lm_head.weight" not in _tensors(tmp_path / "stream")
+
+
+@streams
+@pytest.mark.parametrize("route", ["lora", "direct"])
+def test_streamed_merge_carries_two_directions(tmp_path, monkeypatch, route):
+    """k = 2: a rank-2 adapter (LoRA) or rank-2 direct edits stream into the same folder as the whole merge."""
+    source = _study(tmp_path, tm.tiny_llama, route=route, k=2)
+    saved, _ = io.load_safetensors(tmp_path / "adapter" / "adapter_model.safetensors") if route == "lora" else \
+        io.load_safetensors(tmp_path / "adapter" / "direct_edits.safetensors")
+    assert {t.shape[-1] for name, t in saved.items() if "lora_B" in name} == {2}
+    _, streamed = _both(tmp_path, source, monkeypatch)
+    assert streamed["streamed"]
+    _assert_same_folder(tmp_path / "whole", tmp_path / "stream")
 
 
 @streams

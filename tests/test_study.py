@@ -163,6 +163,7 @@ def test_suggest_params_maps_relative_ranges_to_layers():
     assert flat == pytest.approx(
         {
             "direction_index": 3.5,
+            "n_directions": 1,  # the default space's one direction, recorded, not sampled
             "attn_out.max_weight": 1.2,
             "attn_out.max_weight_position": 7.0,
             "attn_out.min_weight": 0.6,

@@ -264,6 +264,8 @@ def test_two_workers_share_one_study(tmp_path, model_path):
         ({"prompts": {"harmful": {"source": "file", "path": "BROKEN_JSON"}}}, r"prompt file .*broken\.json \(prompts\.harmful\.path\) does not parse as json: JSONDecodeError"),
         ({"prompts": {"harmless": {"source": "file", "path": "EMPTY_CSV"}}}, r"prompt file .*empty\.csv \(prompts\.harmless\.path\) is empty"),
         ({"model": {"path": "models/missing.gguf"}}, r"GGUF file 'models/missing\.gguf' \(model\.path\) does not exist"),
+        ({"study": {"space": {"n_directions": [1, 4]}}},
+         r"study\.space\.n_directions asks for up to 4 .*k larger than the number of available directions"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, model_path, override, message):

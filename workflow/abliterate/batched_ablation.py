@@ -19,6 +19,12 @@ The maths is the module docstring of :mod:`abliterate.ablation`, per layer ``l``
   seeded Gaussian start, the same power iterations) runs on that operator instead of a dense ``ΔW``,
   so each product reads ``W`` once and no ``(out, in)`` float32 temporary exists.
 
+Several directions (``r`` (L, m, out) orthonormal rows, ``λ`` (L, m)): ``A_l = R_l W_l`` (or
+``(R_l ⊘ n_l) W_l``), ``B_l = −R_lᵀ diag(λ_l)`` (times ``diag(n_l)`` for pre); for full, with
+``C = R_lᵀ diag(λ_l)`` (out, m) and ``G = A Aᵀ`` (m, m), ``p_i² = n_i²/d_i² − 2 C_i·(Ŵ Aᵀ)_i + C_i G C_iᵀ``
+and ``ΔW = diag(s) W + U A`` with ``U = −diag(n ⊘ p) C``, at rank ``rank + m − 1``. m = 1 runs the
+single-direction code above.
+
 Products with a bfloat16 weight: the float32 operand is split into ``hi + lo`` (both bfloat16; their
 sum keeps 16 of float32's 24 mantissa bits, relative error ≤ 2⁻¹⁷), multiplied against the weight in
 one ``bmm`` with ``out_dtype=torch.float32`` (float32 accumulation) and the two halves summed. The
@@ -169,7 +175,12 @@ def batched_factors(
 
     ``r``: (L, out) float32 unit directions; ``lam``: (L,) float32 weights; ``norms``: (L, out) float32
     row norms of ``w`` (needed by pre and full); ``split``: use the hi/lo product for bfloat16 weights.
+    Several directions: ``r`` (L, m, out) orthonormal rows and ``lam`` (L, m) (module docstring).
     """
+    if r.ndim == 3:
+        if r.shape[1] > 1:
+            return _multi_factors(w, r, lam, row_norm, norms, rank, seed, oversampling, niter, split)
+        r, lam = r[:, 0], lam[:, 0]
     if row_norm == "none":
         a = left_product(r[:, None, :], w, split)
         return (r * -lam[:, None])[..., None], a
@@ -196,6 +207,40 @@ def batched_factors(
 
     rows, cols = w.shape[1:]
     k = min(rank, rows, cols)
+    q = min(k + oversampling, rows, cols)
+    left, sing, right = _randomized_svd(apply, apply_t, rows, cols, w.shape[0], q, k, niter, seed, w.device)
+    root = sing.sqrt()
+    return left * root[:, None, :], root[..., None] * right.mT
+
+
+def _multi_factors(w, r, lam, row_norm, norms, rank, seed, oversampling, niter, split):
+    """:func:`batched_factors` for m > 1 directions per layer."""
+    c = (r * lam[..., None]).mT  # (L, out, m) = Rᵀ diag(λ)
+    if row_norm == "none":
+        return -c, left_product(r, w, split)
+    n = norms
+    div = torch.where(n > 0, n, torch.ones_like(n))
+    a = left_product(r / div[:, None, :], w, split)  # (L, m, in) = R Ŵ
+    if row_norm == "pre":
+        return -n[..., None] * c, a
+    if row_norm != "full":
+        raise ValueError(f"unknown row_norm {row_norm!r}")
+    w_hat_a = right_product(w, a.mT, split) / div[..., None]  # (L, out, m) = Ŵ Aᵀ
+    gram = a @ a.mT  # (L, m, m)
+    sq = (n / div) ** 2 - 2 * (c * w_hat_a).sum(-1) + ((c @ gram) * c).sum(-1)
+    p = sq.clamp_min(0).sqrt()  # rounding can leave -1e-8 on a fully ablated row
+    p_div = torch.where(p > 0, p, torch.ones_like(p))
+    s = n / (p_div * div) - 1
+    u = -(n / p_div)[..., None] * c  # (L, out, m)
+
+    def apply(x):  # ΔW x, x (L, in, q)
+        return s[..., None] * right_product(w, x, split) + u @ (a @ x)
+
+    def apply_t(y):  # ΔWᵀ y, y (L, out, q)
+        return left_product((s[..., None] * y).mT, w, split).mT + a.mT @ (u.mT @ y)
+
+    rows, cols = w.shape[1:]
+    k = min(rank + r.shape[1] - 1, rows, cols)
     q = min(k + oversampling, rows, cols)
     left, sing, right = _randomized_svd(apply, apply_t, rows, cols, w.shape[0], q, k, niter, seed, w.device)
     root = sing.sqrt()

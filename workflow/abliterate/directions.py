@@ -1,4 +1,17 @@
-"""Refusal directions: the normalised difference of mean residuals, harmful minus harmless, per layer."""
+"""Refusal directions: the normalised difference of mean residuals, harmful minus harmless, per layer.
+
+Several directions per layer (``directions.n_directions``, Heretic #140/#196): row 0 of each set is
+the mean-difference direction itself, bit for bit. The further rows come from how harmful prompts
+differ from harmless ones beyond that mean: the harmful residuals minus the harmless mean, with the
+first direction (and, when ``orthogonalize``, the harmless mean's direction) projected out, give a
+(n_harmful, hidden) matrix whose top right singular vectors are the next directions, Gram–Schmidt'ed
+(float64) against the earlier rows so each set is orthonormal to float32 rounding. The singular
+vectors, not the mean, because the mean of that matrix is exactly the first direction, now removed:
+what is left is the harmful prompts' main spread away from the harmless mean, which a single mean
+direction cannot ablate. Winsorising applies (the same clamped residuals feed both). A layer without
+a first direction, or whose spread has fewer independent directions than asked, gets zero rows
+(ablating a zero direction is a no-op).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +20,7 @@ import os
 
 import torch
 
-from .errors import NumericalError
+from .errors import ConfigError, NumericalError
 from .io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -70,7 +83,7 @@ def _log_missing(valid: torch.Tensor, orthogonalize: bool) -> None:
 
 
 def compute_directions(harmful_res: torch.Tensor, harmless_res: torch.Tensor, orthogonalize: bool = False,
-                       winsorize_quantile: float | None = None) -> dict[str, torch.Tensor]:
+                       winsorize_quantile: float | None = None, n_directions: int = 1) -> dict[str, torch.Tensor]:
     """Refusal direction per layer from (n, layers, hidden) residuals of the two prompt sets.
 
     Returns a dict of CPU tensors:
@@ -80,7 +93,9 @@ def compute_directions(harmful_res: torch.Tensor, harmless_res: torch.Tensor, or
     - ``norms`` (layers,) float64, the norm of the difference before normalisation (of the
       orthogonalised difference when ``orthogonalize``);
     - ``cosine_adjacent`` (layers − 1,) float64, cosine of each direction with the next layer's;
-    - ``valid`` (layers,) bool.
+    - ``valid`` (layers,) bool;
+    - ``direction_sets`` (layers, n_directions, hidden) float32, orthonormal rows per layer, row 0
+      equal to ``directions`` (see the module docstring).
 
     A layer whose difference is zero (or negligible, see ``RELATIVE_ZERO``) has no direction: it is
     marked ``valid = False`` with an all-zero direction (ablating it is a no-op) and cosine 0 to its
@@ -96,6 +111,8 @@ def compute_directions(harmful_res: torch.Tensor, harmless_res: torch.Tensor, or
                          f"{tuple(harmful_res.shape)} and {tuple(harmless_res.shape)}")
     if harmful_res.shape[0] == 0 or harmless_res.shape[0] == 0:
         raise ValueError("each prompt set needs at least one residual")
+    if int(n_directions) != n_directions or n_directions < 1:
+        raise ConfigError(f"directions.n_directions must be an integer >= 1, got {n_directions!r}")
     harmful_res, harmless_res = harmful_res.cpu(), harmless_res.cpu()
     if winsorize_quantile is not None:
         t = winsorize_thresholds(torch.cat([harmful_res, harmless_res]), winsorize_quantile)
@@ -106,6 +123,7 @@ def compute_directions(harmful_res: torch.Tensor, harmless_res: torch.Tensor, or
     diff = harmful_mean - harmless_mean
     scale = torch.maximum(harmful_mean.norm(dim=-1), harmless_mean.norm(dim=-1))
 
+    h = None
     if orthogonalize:
         has_mean = harmless_mean.norm(dim=-1) > 0
         h = _unit(harmless_mean, has_mean)
@@ -118,8 +136,75 @@ def compute_directions(harmful_res: torch.Tensor, harmless_res: torch.Tensor, or
     _log_missing(valid, orthogonalize)
     directions = _unit(diff, valid)
     cosine = (directions[:-1] * directions[1:]).sum(dim=-1)
-    return {"directions": directions.float(), "harmful_mean": harmful_mean, "harmless_mean": harmless_mean,
-            "norms": norms, "cosine_adjacent": cosine, "valid": valid}
+    first = directions.float()
+    sets = direction_sets(harmful_res, harmless_mean, first, valid, int(n_directions), h)
+    return {"directions": first, "harmful_mean": harmful_mean, "harmless_mean": harmless_mean,
+            "norms": norms, "cosine_adjacent": cosine, "valid": valid, "direction_sets": sets}
+
+
+# A further direction whose part orthogonal to the earlier rows is below this (relative to the spread's
+# largest singular value) is rounding, not a direction.
+RELATIVE_RANK = 1e-6
+
+
+def direction_sets(harmful_res: torch.Tensor, harmless_mean: torch.Tensor, first: torch.Tensor, valid: torch.Tensor,
+                   k: int, harmless_dir: torch.Tensor | None = None) -> torch.Tensor:
+    """(layers, k, hidden) float32 orthonormal direction sets, row 0 ``first`` (see the module docstring).
+
+    ``harmful_res`` (n, layers, hidden) as clamped for the mean; ``harmless_dir`` (layers, hidden): the
+    unit harmless means, projected out too when the directions were orthogonalised. One layer at a
+    time, so the float64 copy is one layer's residuals.
+    """
+    layers, hidden = first.shape
+    sets = torch.zeros(layers, k, hidden, dtype=torch.float32)
+    sets[:, 0] = first
+    if k == 1:
+        return sets
+    for layer in valid.nonzero().flatten().cpu().tolist():
+        known = [first[layer].double()]
+        if harmless_dir is not None and harmless_dir[layer].norm() > 0:
+            known.append(harmless_dir[layer])
+        x = harmful_res[:, layer].double() - harmless_mean[layer]
+        for v in known:
+            x = x - (x @ v)[:, None] * v
+        _, sing, vh = torch.linalg.svd(x, full_matrices=False)
+        if sing.numel() == 0 or not sing[0] > 0:
+            continue
+        rows = [known[0]]
+        for i in range(min(k - 1, vh.shape[0])):
+            if sing[i] <= RELATIVE_RANK * sing[0]:
+                break
+            v = vh[i]
+            for u in rows:  # Gram–Schmidt against the earlier rows
+                v = v - (v @ u) * u
+            norm = v.norm()
+            if not norm > RELATIVE_RANK:
+                break
+            rows.append(v / norm)
+            sets[layer, len(rows) - 1] = rows[-1].float()
+        if len(rows) < k:
+            log.info("layer row %d: %d of %d directions (the harmful spread has no more)", layer, len(rows), k)
+    return sets
+
+
+def read(path, n_directions: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The directions rule's file: the (layers, hidden) table and, when ``n_directions`` > 1, the
+    (layers, ≥ n_directions, hidden) sets (None otherwise). A file without enough directions is a
+    ConfigError naming what to rerun, not a KeyError."""
+    from .io import load_safetensors
+
+    tensors, _ = load_safetensors(path)
+    if n_directions <= 1:
+        return tensors["directions"], None
+    sets = tensors.get("direction_sets")
+    have = 1 if sets is None else sets.shape[1]
+    if have < n_directions:
+        raise ConfigError(
+            f"{path} holds {have} refusal direction(s) per layer but study.space.n_directions asks for up to "
+            f"{n_directions}: set directions.n_directions >= {n_directions} and rerun the directions rule "
+            "(snakemake --forcerun directions; a file from before direction sets existed holds one)"
+        )
+    return tensors["directions"], sets
 
 
 def plot_directions(result: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

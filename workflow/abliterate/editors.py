@@ -45,6 +45,7 @@ from .ablation import (
     RowNorm,
     delta_factors,
     direction_for,
+    directions_for,
     source_weight,
     views,
 )
@@ -116,11 +117,15 @@ class InPlaceEditor:
         seed: int = 0,
         backup_device: str | torch.device | None = "cpu",
         batched: bool = True,
+        direction_sets: torch.Tensor | None = None,
+        n_directions: int = 1,
     ) -> None:
         """``directions``: the directions rule's (n_layers + 1, hidden) table. ``backup_device``: where
         backups live ("cpu" saves accelerator memory; None keeps each on its weight's device, faster
         resets). ``batched``: stack the weights of each component kind and edit all its layers at
-        once; False keeps the per-component loop, the reference the batched maths is tested against."""
+        once; False keeps the per-component loop, the reference the batched maths is tested against.
+        ``n_directions``: the most directions a trial may ablate (the LoRA rank covers it), taken
+        from ``direction_sets``, the rule's (n_layers + 1, K ≥ n_directions, hidden) sets."""
         expected = (layout.n_layers + 1, layout.hidden_size)
         if directions.ndim != 2 or tuple(directions.shape) != expected:
             raise ConfigError(
@@ -132,6 +137,16 @@ class InPlaceEditor:
         self.row_norm = RowNorm(row_norm)
         if full_rank < 1:
             raise ConfigError(f"full_rank must be >= 1, got {full_rank}")
+        self.n_directions = int(n_directions)
+        self.sets = None
+        if self.n_directions > 1:
+            if direction_sets is None or direction_sets.ndim != 3 or direction_sets.shape[1] < self.n_directions \
+                    or (direction_sets.shape[0], direction_sets.shape[2]) != expected:
+                got = None if direction_sets is None else tuple(direction_sets.shape)
+                raise ConfigError(f"{self.n_directions} directions per layer need direction sets of shape "
+                                  f"({expected[0]}, >= {self.n_directions}, {expected[1]}), got {got}; rerun the "
+                                  "directions rule with directions.n_directions >= study.space.n_directions")
+            self.sets = direction_sets[:, :self.n_directions].detach().to(torch.float32)
         self.layout = layout
         # The projection math is defined in float32; a float16/float64 table is converted once here.
         self.directions = directions.detach().to(torch.float32)
@@ -142,7 +157,8 @@ class InPlaceEditor:
         self.seed = seed
         self.backup_device = None if backup_device is None else torch.device(backup_device)
         self.base = unwrap(model)
-        self.rank = full_rank if self.row_norm == RowNorm.FULL else 1
+        # FULL: the k directions' rank plus the row rescaling's (abliterate.ablation's docstring)
+        self.rank = (full_rank + self.n_directions - 1 if self.row_norm == RowNorm.FULL else self.n_directions)
         self.direct_components = list(layout.components)
         self._lora_layers: dict[Component, nn.Module] = {}
         self._attach(model)
@@ -158,6 +174,7 @@ class InPlaceEditor:
         self._groups: list[batched_ablation.WeightGroup] = []
         self._grouped: set[Component] = set()
         self._table: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._set_table: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if batched:
             self._stack()
 
@@ -208,8 +225,11 @@ class InPlaceEditor:
         """Leave a whole group unedited this trial (its in-place edits were already restored)."""
 
     # -- the trial's factors ----------------------------------------------------------------------
-    def _factors_for(self, c: Component, r: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A): (out, k), (k, in); for fused experts (E, out, k), (E, k, in)."""
+    def _factors_for(self, c: Component, r: torch.Tensor, weight) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A): (out, k), (k, in); for fused experts (E, out, k), (E, k, in). Several directions:
+        ``r`` (m, hidden) and ``weight`` their m weights."""
+        if r.ndim == 2:
+            weight = devices.host_to(weight, r.device)
         pairs = [
             delta_factors(view, r, weight, self.row_norm, self.full_rank, self.seed)
             for view in views(c, source_weight(c))
@@ -249,7 +269,26 @@ class InPlaceEditor:
             )
         return cache[device]
 
-    def _apply_group(self, group, weights: list[float], direction_index: float | None, directions: dict) -> int:
+    def _trial_sets(self, device: torch.device, params: AblationParams, edited_layers, cache: dict) -> torch.Tensor:
+        """(n_layers, k, hidden) float32 orthonormal directions of a trial with k = ``params.n_directions`` > 1,
+        on ``device`` (as :meth:`_trial_directions`; the rows after the first are stored unit or zero)."""
+        self._trial_directions(device, params.direction_index, edited_layers, cache)  # row 0's checks
+        key = ("sets", device)
+        if key not in cache:
+            if device not in self._set_table:
+                sets = self.sets.to(device)
+                per_layer = sets[1:].clone()
+                per_layer[:, 0] = self._table[device][1]
+                self._set_table[device] = (sets, per_layer)
+            sets, per_layer = self._set_table[device]
+            k = params.n_directions
+            cache[key] = (
+                per_layer[:, :k] if params.direction_index is None
+                else directions_for(sets, params.direction_index, k).expand(self.layout.n_layers, -1, -1)
+            )
+        return cache[key]
+
+    def _apply_group(self, group, weights: list[float], params: AblationParams, directions: dict) -> int:
         """One group's edit from its per-layer weights; returns the number of components edited."""
         group.check_views()
         active = [i for i, w in enumerate(weights) if w != 0.0]
@@ -258,10 +297,15 @@ class InPlaceEditor:
             return 0
         lo, hi = active[0], active[-1] + 1  # a kernel's support is contiguous in layers
         device = group.stored.device
-        table = self._trial_directions(device, direction_index, [group.components[i].layer for i in active],
-                                       directions)
+        layers = [group.components[i].layer for i in active]
+        if params.n_directions == 1:
+            table = self._trial_directions(device, params.direction_index, layers, directions)
+            lam = devices.host_to(weights[lo:hi], device)
+        else:
+            table = self._trial_sets(device, params, layers, directions)
+            lam = devices.host_to([params.direction_weights(w) for w in weights[lo:hi]], device)
         b, a = batched_ablation.batched_factors(
-            group.weights[lo:hi], table[group.layer_index(lo, hi)], devices.host_to(weights[lo:hi], device),
+            group.weights[lo:hi], table[group.layer_index(lo, hi)], lam,
             self.row_norm.value, norms=None if group.norms is None else group.norms[lo:hi], rank=self.full_rank,
             seed=self.seed, oversampling=FULL_OVERSAMPLING, niter=FULL_NITER,
             split=batched_ablation.split_products_supported(device.type, group.stored.dtype),
@@ -275,6 +319,9 @@ class InPlaceEditor:
     def apply(self, params: AblationParams) -> None:
         """Set the model to base weights + the edit described by ``params`` (previous edits are replaced)."""
         start = time.perf_counter()
+        if params.n_directions > max(self.n_directions, 1):
+            raise ConfigError(f"the trial ablates {params.n_directions} directions per layer, the editor was built for "
+                              f"at most {self.n_directions} (study.space.n_directions)")
         directions: dict[torch.device, torch.Tensor] = {}
         edited = 0
         with torch.no_grad():
@@ -282,7 +329,7 @@ class InPlaceEditor:
             for group in self._groups:
                 kernel = params.kernels.get(group.components[0].kind)
                 weights = [kernel.weight_at(c.layer) if kernel is not None else 0.0 for c in group.components]
-                edited += self._apply_group(group, weights, params.direction_index, directions)
+                edited += self._apply_group(group, weights, params, directions)
             for c in self.layout.components:
                 if c in self._grouped:
                     continue
@@ -291,8 +338,12 @@ class InPlaceEditor:
                 if weight == 0.0:
                     self._clear(c)
                     continue
-                table = self._trial_directions(c.weight.device, params.direction_index, [c.layer], directions)
-                b, a = self._factors_for(c, table[c.layer], weight)
+                if params.n_directions == 1:
+                    table = self._trial_directions(c.weight.device, params.direction_index, [c.layer], directions)
+                    b, a = self._factors_for(c, table[c.layer], weight)
+                else:
+                    table = self._trial_sets(c.weight.device, params, [c.layer], directions)
+                    b, a = self._factors_for(c, table[c.layer], params.direction_weights(weight))
                 self._write(c, b, a)
                 self._factors[c] = (b, a)
                 edited += 1
@@ -354,6 +405,7 @@ class InPlaceEditor:
                 "params": self._params.to_flat() if self._params is not None else None,
                 "row_norm": self.row_norm.value,
                 "full_rank": self.full_rank,
+                "n_directions": self.n_directions,
                 "seed": self.seed,
                 "convention": "W' = W + B @ A on the (out, in) view; fused experts: per expert index",
                 "direct_edits": entries,
@@ -462,9 +514,14 @@ class LoraEditor(InPlaceEditor):
         if not group.lora:
             return super()._write_group(group, lo, hi, b, a)
         # all views in one call: per-row indexing cost more than the maths
-        torch._foreach_copy_(group.lora_b[lo:hi], b.unbind(0))
-        torch._foreach_copy_(group.lora_a[lo:hi], a.unbind(0))
+        k = b.shape[-1]
+        lora_b, lora_a = group.lora_b[lo:hi], group.lora_a[lo:hi]
         outside = group.lora_b[:lo] + group.lora_b[hi:]
+        if k < lora_b[0].shape[1]:  # fewer directions than the adapter's rank: the other columns stay inert
+            outside += [x[:, k:] for x in lora_b]
+            lora_b, lora_a = [x[:, :k] for x in lora_b], [x[:k] for x in lora_a]
+        torch._foreach_copy_(lora_b, b.unbind(0))
+        torch._foreach_copy_(lora_a, a.unbind(0))
         if outside:
             torch._foreach_zero_(outside)
 

@@ -64,7 +64,9 @@ SCOPES = ("global", "per_layer")
 # A space (the form suggest_params takes; the workflow builds it from config study.space, whose
 # schema holds the defaults and the reasons for them):
 #   {"direction_index": {"low", "high", "relative", "scopes"},
-#    "components": {kind: {"max_weight", "max_weight_position", "min_weight", "min_weight_distance"}}}
+#    "components": {kind: {"max_weight", "max_weight_position", "min_weight", "min_weight_distance"}},
+#    "n_directions": {"low", "high"} (optional, default 1), "secondary_weight": {"low", "high"} (optional)}
+# A sampled max_weight below 0 switches that kind off for the trial (Heretic #387).
 # Relative values are multiplied by the last layer index (n_layers - 1): a relative direction_index
 # of 1.0 is the last decoder layer's output (abliterate.ablation.direction_for).
 
@@ -263,6 +265,7 @@ def validate_space(space: Mapping[str, Any]) -> None:
     if not scopes or len(set(scopes)) != len(scopes) or not set(scopes) <= set(SCOPES):
         raise ConfigError(f"search space direction_index.scopes: {list(scopes)!r}; give one or both of "
                           f"{list(SCOPES)}")
+    _directions_range(space)
     components = space.get("components")
     if not isinstance(components, Mapping) or not components:
         raise ConfigError("search space: 'components' must map component kinds to kernel ranges")
@@ -285,13 +288,30 @@ def validate_space(space: Mapping[str, Any]) -> None:
             raise ConfigError(f"search space components.{kind}.min_weight_distance: low must be > 0")
 
 
-def suggest_params(trial: optuna.Trial, space: Mapping[str, Any], n_layers: int) -> dict[str, float | None]:
+def _directions_range(space: Mapping[str, Any]) -> tuple[int, int, tuple[float, float]]:
+    """``n_directions`` bounds (integers >= 1, default 1) and the ``secondary_weight`` range (in [0, 1])."""
+    spec = space.get("n_directions", [1, 1])
+    low, high = _range(spec, "study.space.n_directions")
+    bounds = [spec.get("low"), spec.get("high")] if isinstance(spec, Mapping) else list(spec)
+    if any(isinstance(b, bool) or not float(b).is_integer() for b in bounds) or low < 1:
+        raise ConfigError(f"study.space.n_directions: bounds must be integers >= 1, got {list(bounds)!r}")
+    secondary = _range(space.get("secondary_weight", [0.0, 1.0]), "study.space.secondary_weight")
+    if secondary[0] < 0.0 or secondary[1] > 1.0:
+        raise ConfigError(f"study.space.secondary_weight: must lie in [0, 1], got {list(secondary)!r}")
+    return int(low), int(high), secondary
+
+
+def suggest_params(trial: optuna.Trial, space: Mapping[str, Any], n_layers: int) -> dict[str, Any]:
     """Sample one ablation and return it as a flat dict in absolute units.
 
     Keys: ``direction_index`` (a decoder layer index, ``None`` for per-layer directions) and, per component
     kind, ``<kind>.max_weight``, ``<kind>.max_weight_position`` (layer units),
-    ``<kind>.min_weight`` (absolute weight) and ``<kind>.min_weight_distance`` (layers, > 0).
-    Optuna records the sampled (relative) values under the same names, plus ``direction_scope``.
+    ``<kind>.min_weight`` (absolute weight) and ``<kind>.min_weight_distance`` (layers, > 0);
+    ``n_directions`` (always) and ``secondary_weight`` (when the space allows more than one direction);
+    ``off``: the kinds whose sampled max_weight is below 0, comma-separated, which then have no
+    kernel keys (absent when none is off). Optuna records the sampled (relative) values under the
+    same names, plus ``direction_scope``. A fixed ``n_directions`` (low == high) is not suggested, so a
+    space of one direction samples exactly what it sampled before the key existed.
     """
     validate_space(space)
     if int(n_layers) < 1:
@@ -309,17 +329,27 @@ def suggest_params(trial: optuna.Trial, space: Mapping[str, Any], n_layers: int)
         index = trial.suggest_float("direction_index", low, high)
         if direction.get("relative", True):
             index *= last
-    flat: dict[str, float | None] = {"direction_index": index if scope == "global" else None}
+    flat: dict[str, Any] = {"direction_index": index if scope == "global" else None}
+    k_low, k_high, secondary = _directions_range(space)
+    flat["n_directions"] = trial.suggest_int("n_directions", k_low, k_high) if k_high > k_low else k_low
+    if k_high > 1:  # suggested even for k = 1, so multivariate TPE sees a fixed space
+        flat["secondary_weight"] = trial.suggest_float("secondary_weight", *secondary)
 
+    off = []
     # Sorted, so that reordering the config (which keeps the study name) keeps the sampling order.
     for kind in sorted(space["components"]):
         kernel = space["components"][kind]
         values = {k: trial.suggest_float(f"{kind}.{k}", *_range(kernel[k], k)) for k in _KERNEL_KEYS}
+        if values["max_weight"] < 0.0:  # switched off: left out of the trial's kernels
+            off.append(kind)
+            continue
         flat[f"{kind}.max_weight"] = values["max_weight"]
         flat[f"{kind}.max_weight_position"] = values["max_weight_position"] * last
         # Sampled as a fraction because TPE cannot model a range that depends on another value.
         flat[f"{kind}.min_weight"] = values["min_weight"] * values["max_weight"]
         flat[f"{kind}.min_weight_distance"] = values["min_weight_distance"] * width
+    if off:
+        flat["off"] = ",".join(off)
     return flat
 
 
@@ -327,6 +357,11 @@ def describe_params(flat: Mapping[str, Any]) -> str:
     """One-line summary of a flat parameter dict for logs."""
     index = flat.get("direction_index")
     parts = ["dir=per_layer" if index is None else f"dir={index:.2f}"]
+    k = int(flat.get("n_directions", 1))
+    if k > 1:
+        parts.append(f"k={k} w2={float(flat.get('secondary_weight', 0.0)):.2f}")
+    off = flat.get("off")
+    parts += [f"{kind}=off" for kind in (off.split(",") if isinstance(off, str) else []) if kind]
     for kind in sorted({key.split(".", 1)[0] for key in flat if "." in key}):
         parts.append(
             f"{kind}[w={flat[f'{kind}.max_weight']:.2f}@{flat[f'{kind}.max_weight_position']:.1f}"

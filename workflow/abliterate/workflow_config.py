@@ -86,6 +86,7 @@ def check(config: dict) -> None:
         raise ConfigError(
             f"study.n_startup_trials ({study['n_startup_trials']}) exceeds study.n_trials ({study['n_trials']})"
         )
+    _check_directions(config)
     for key, value in study["space"].items():
         if key == "direction_scope":  # a list of names, not a range
             continue
@@ -143,6 +144,25 @@ def _check_judge(judge: dict) -> None:
 def judge_template(judge) -> str | None:
     """``evaluation.judge.chat_template`` as template text (see :func:`chat_template`)."""
     return chat_template(judge["chat_template"])
+
+
+def _check_directions(config: dict) -> None:
+    """study.space.n_directions: integer bounds >= 1, no more than the directions rule computes."""
+    bounds = config["study"]["space"]["n_directions"]
+    if any(isinstance(b, bool) or not isinstance(b, int | float) or not float(b).is_integer() or b < 1
+           for b in bounds):
+        raise ConfigError(f"study.space.n_directions: bounds must be integers >= 1, got {list(bounds)}")
+    available = config["directions"]["n_directions"]
+    if bounds[1] > available:
+        raise ConfigError(
+            f"study.space.n_directions asks for up to {bounds[1]} directions per layer (k larger than the number of "
+            f"available directions): directions.n_directions is {available}; raise it to at least {bounds[1]} "
+            "or lower study.space.n_directions"
+        )
+    low, high = config["study"]["space"]["secondary_weight"]
+    if low < 0 or high > 1:
+        raise ConfigError(f"study.space.secondary_weight is a fraction of the kernel's weight: both ends must lie "
+                          f"in [0, 1], got [{low}, {high}]")
 
 
 def _check_run_name(run: str) -> None:

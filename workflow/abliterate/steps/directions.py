@@ -25,11 +25,12 @@ def run(config: dict, harmful: str, harmless: str, out_directions: str, out_plot
         res[name] = residuals.collect_residuals(lm.model, lm.tokenizer, texts, batch)
         log.info("%s residuals: %s", name, tuple(res[name].shape))
     result = directions.compute_directions(res["harmful"], res["harmless"], orthogonalize=cfg.orthogonalize,
-                                           winsorize_quantile=cfg.winsorize_quantile)
+                                           winsorize_quantile=cfg.winsorize_quantile, n_directions=cfg.n_directions)
     tensors = {k: v for k, v in result.items() if hasattr(v, "shape")}
     meta = {**lm.metadata(), **hashes, "config_hash": config_hash, "n_harmful": len(res["harmful"]),
             "n_harmless": len(res["harmless"]), "orthogonalize": cfg.orthogonalize,
-            "winsorize_quantile": cfg.winsorize_quantile}
+            "winsorize_quantile": cfg.winsorize_quantile, "n_directions": cfg.n_directions,
+            "direction_sets": "(layers + 1, n_directions, hidden) orthonormal rows, row 0 = directions"}
     io.save_safetensors(tensors, out_directions, metadata=meta)
     directions.plot_directions(result, out_plot)
     del lm

@@ -127,6 +127,7 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
         "baseline": {k: baseline[k] for k in ("eval", "heldout", "harmless_heldout")},
         "selected_trial": {
             **{k: selected[k] for k in ("number", "params", "reason", "eval")},
+            "components_off": selected.get("components_off", []),
             **({"confirmation": selected["confirmation"]} if "confirmation" in selected else {}),
         },
         "merged": merged,

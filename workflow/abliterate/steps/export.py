@@ -21,10 +21,25 @@ def policy(config) -> dict:
 
 
 def params_of(row: pd.Series) -> dict:
-    """The flat ablation parameters of a trials-table row (NaN direction_index: per-layer directions)."""
+    """The flat ablation parameters of a trials-table row (NaN direction_index: per-layer directions;
+    no ``n_directions`` column: a study from before direction sets, one direction)."""
     params: dict = {"direction_index": None if pd.isna(row["direction_index"]) else float(row["direction_index"])}
+    if not pd.isna(row.get(ablation.N_DIRECTIONS, float("nan"))):
+        params[ablation.N_DIRECTIONS] = int(row[ablation.N_DIRECTIONS])
+    if not pd.isna(row.get(ablation.SECONDARY_WEIGHT, float("nan"))):
+        params[ablation.SECONDARY_WEIGHT] = float(row[ablation.SECONDARY_WEIGHT])
+    off = row.get(ablation.OFF)
+    if isinstance(off, str) and off:
+        params[ablation.OFF] = off
     params.update({k: float(v) for k, v in row.items() if "." in str(k) and not pd.isna(v)})
     return params
+
+
+def max_directions(df: pd.DataFrame) -> int:
+    """The most directions any trial of the table ablates (what an editor for its trials must cover)."""
+    if ablation.N_DIRECTIONS not in df or df[ablation.N_DIRECTIONS].isna().all():
+        return 1
+    return int(df[ablation.N_DIRECTIONS].max())
 
 
 def confirm(config, lm, editor: editors.Editor, df: pd.DataFrame, harmful: str, harmless: str,
@@ -105,7 +120,7 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
     if config.export.confirm and named is None:
         # the study's route: on the CPU that edits in place, faster than LoRA's extra matmuls; reset
         # restores the weights bit for bit before the LoRA wrapping below
-        editor = build_editor(config, lm, directions_path)
+        editor = build_editor(config, lm, directions_path, n_directions=max_directions(df))
         kl_n = len(session.read_split(harmless, "eval"))  # the harmless prompts behind the eval KL
         chosen, confirmation = confirm(config, lm, editor, df, harmful, harmless, kl_n)
         if confirmation is not None:
@@ -121,7 +136,7 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
     if not isinstance(editor, editors.LoraEditor):
         # the adapter folder, what the merge rule and users load, is a PEFT adapter: in-place edits
         # (already reset) cannot write one
-        editor = build_editor(config, lm, directions_path, route="lora")
+        editor = build_editor(config, lm, directions_path, route="lora", n_directions=max_directions(df))
     front = selection.pareto_front(df)
     io.write_csv(front, out_pareto)
     selection.plot_pareto(df, int(row["number"]), out_plot)
@@ -132,6 +147,8 @@ def run(config: dict, trials: str, harmful: str, harmless: str, directions_path:
     selected = {
         "number": int(row["number"]),
         "params": params,
+        # kinds whose sampled max_weight was below 0: not edited (study.space.max_weight)
+        "components_off": ablation.off_kinds(params),
         "reason": reason,
         "eval": {"refusals": int(row["refusals"]), "n": int(row["n"]), "kl": float(row["kl"])},
         **({"confirmation": confirmation} if confirmation is not None else {}),

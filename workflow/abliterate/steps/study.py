@@ -6,7 +6,17 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import ablation, architecture, devices, editors, io, session, study, study_storage
+from .. import (
+    ablation,
+    architecture,
+    devices,
+    directions,
+    editors,
+    io,
+    session,
+    study,
+    study_storage,
+)
 from ..evaluation import Evaluator
 from ..rule_settings import typed
 from .common import eval_settings
@@ -23,6 +33,8 @@ def search_space(space, kinds: list[str]) -> dict:
     return {
         "direction_index": {"low": low, "high": high, "relative": True, "scopes": scopes},
         "components": {kind: dict(kernel) for kind in kinds},
+        "n_directions": list(space.get("n_directions", [1, 1])),
+        "secondary_weight": list(space.get("secondary_weight", [0.0, 1.0])),
     }
 
 
@@ -47,20 +59,22 @@ class Objective:
                 "seconds_evaluate": seconds}
 
 
-def build_editor(config, lm, directions_path: str, route: str | None = None) -> editors.Editor:
+def build_editor(config, lm, directions_path: str, route: str | None = None, n_directions: int = 1) -> editors.Editor:
     """The config's editor of ``lm`` with the directions rule's table; ``route`` overrides
-    ``ablation.route`` (export needs LoRA adapters to write)."""
-    tensors, _ = io.load_safetensors(directions_path)
+    ``ablation.route`` (export needs LoRA adapters to write); ``n_directions``: the most directions a
+    trial will ablate (the adapter's rank covers them)."""
+    table, sets = directions.read(directions_path, n_directions)
     return editors.make_editor(
-        lm.model, architecture.discover(lm.model), tensors["directions"], route or config.ablation.route,
+        lm.model, architecture.discover(lm.model), table, route or config.ablation.route,
         row_norm=ablation.RowNorm(config.ablation.row_norm), full_rank=config.ablation.full_rank, seed=config.seed,
+        direction_sets=sets, n_directions=n_directions,
     )
 
 
 def build_objective(config, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
                     reuse_layers: bool = False):
     """``reuse_layers`` records the prefills every trial repeats (worth it for a study, not for one edit)."""
-    editor = build_editor(config, lm, directions_path)
+    editor = build_editor(config, lm, directions_path, n_directions=int(config.study.space["n_directions"][1]))
     layout = editor.layout
     device = next(lm.model.parameters()).device
     _, harmful_texts = session.chats(config, lm.tokenizer, harmful, "eval")
