@@ -57,6 +57,8 @@ READS: dict[str, tuple[str, ...]] = {
     "export": (*_MODEL, *_EVALUATION, *_ABLATION, "export"),
     "merge": ("run", *_SOURCE, "model.chat_template", "merge.dtype", "merge.max_ram_gib"),
     "evaluate": (*_MODEL, *_EVALUATION, "merge.adapter_only"),
+    # the cards: the source's licence and Hub id, and the selection rule the export applied
+    "release": ("run", *_SOURCE, "seed", "export"),
 }
 
 
@@ -179,6 +181,7 @@ def upstream(config: dict, rule: str) -> tuple[str, ...]:
         "export": ("prompts", *model, "directions", "trials"),
         "merge": (*model, "export"),
         "evaluate": ("prompts", *model, "baseline", "trials", *evaluated),
+        "release": (*model, "export", *(() if config["merge"]["adapter_only"] else ("merge",)), "evaluate"),
     }[rule]
 
 

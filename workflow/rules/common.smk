@@ -48,6 +48,15 @@ def evaluated_model(wildcards):
     return {"model": f"results/{RUN}/model"}
 
 
+def released_folders(wildcards):
+    """The exported folders the release rule copies with their cards, by their name under release/
+    (abliterate.steps.release.FOLDER_KINDS; a GGUF output joins as "gguf")."""
+    folders = {"adapter": f"results/{RUN}/adapter"}
+    if not config["merge"]["adapter_only"]:
+        folders["model"] = f"results/{RUN}/model"
+    return folders
+
+
 def settings(rule):
     """What the rule's step reads (abliterate.rule_settings): a change reruns the rule."""
     return rs.settings(config, rule)
