@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import workflow_runner as wr
 from abliterate import model_card, rule_settings
-from abliterate.model_source import ModelSource, resolve
+from abliterate.model_source import ModelSource, Resolved, resolve
 from abliterate.steps import release
 from snakemake.utils import validate
 
@@ -90,7 +90,7 @@ def test_missing_optional_keys_are_left_out_and_new_ones_shown():
     card = model_card.render("merged", selected, summary, _facts())
     assert "complete trials" not in card and "packages:" not in card and "config hash" not in card
     assert _row(card, "held-out harmless", "refusals")[1] == "—"
-    assert _row(card, "heldout", "answer_kl") == ["—", "0.2500"]
+    assert _row(card, "heldout", "answer_kl") == ["—", "0.25"]
     assert _row(card, "heldout", "judge_refusals") == ["7", "—"]
     assert "no trial was measured again" in card  # export.confirm on, nothing confirmed
 
@@ -176,3 +176,19 @@ def test_the_release_links_each_folder_and_writes_its_card(tmp_path):
     assert model_card.front_matter((out / "gguf" / "README.md").read_text())["library_name"] == "gguf"
     assert record == json.loads((out / "release.json").read_text())
     assert record["licence"] == "mit" and set(record["folders"]) == {"model", "gguf"}
+
+
+def test_the_licence_comes_from_a_hub_models_cached_card(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--someone--tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("---\nlicense: llama3.2\n---\n")
+    (tmp_path / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = Resolved("someone/tiny", None, None, "hub", "someone/tiny")
+    assert model_card.source_licence(hub) == model_card.Licence("llama3.2", "the model card of someone/tiny")
+    other = Resolved("someone/other", None, None, "hub", "someone/other")
+    assert model_card.source_licence(other).id is None  # not cached, offline: unknown, no download tried

@@ -28,9 +28,10 @@ DOWNSTREAM = {
     "directions": {"study", "export"},
     "study": {"trials"},
     "trials": {"export", "evaluate"},
-    "export": {"merge", "evaluate"},
-    "merge": {"evaluate"},
-    "evaluate": set(),
+    "export": {"merge", "evaluate", "release"},
+    "merge": {"evaluate", "release"},
+    "evaluate": {"release"},
+    "release": set(),
 }
 _MODEL = {"baseline", "directions", "study", "export", "evaluate"}
 _EVAL = {"baseline", "study", "export", "evaluate"}
@@ -39,9 +40,9 @@ _STUDY = {"study"}
 # Every key of the schema: (a new valid value, the rules that read it), read off the steps. A
 # function of the work folder where the value is a path.
 CHANGES: dict[str, tuple] = {
-    "seed": (1, {"prompts", "study", "export"}),
-    "model.revision": ("main", _MODEL | {"merge"}),
-    "model.trust_remote_code": (True, _MODEL | {"merge"}),
+    "seed": (1, {"prompts", "study", "export", "release"}),
+    "model.revision": ("main", _MODEL | {"merge", "release"}),
+    "model.trust_remote_code": (True, _MODEL | {"merge", "release"}),
     "model.chat_template": (CHATML, _MODEL | {"merge"}),
     "model.system_prompt": ("Be brief.", _MODEL),
     "model.dtypes": (["float32"], _MODEL),
@@ -105,10 +106,10 @@ CHANGES: dict[str, tuple] = {
     "study.space.max_weight_position": ([0.5, 1.0], _STUDY),
     "study.space.min_weight": ([0.1, 1.0], _STUDY),
     "study.space.min_weight_distance": ([0.2, 0.6], _STUDY),
-    "export.policy": ("min_refusals", {"export"}),
-    "export.refusal_target": (0.2, {"export"}),
-    "export.confirm": (False, {"export"}),
-    "export.trial": (0, {"export"}),
+    "export.policy": ("min_refusals", {"export", "release"}),
+    "export.refusal_target": (0.2, {"export", "release"}),
+    "export.confirm": (False, {"export", "release"}),
+    "export.trial": (0, {"export", "release"}),
     "merge.max_ram_gib": (12, {"merge"}),
     "merge.dtype": ("bfloat16", {"merge"}),
     "merge.adapter_only": (True, {"evaluate"}),  # and no merge job at all

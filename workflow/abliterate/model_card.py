@@ -143,7 +143,7 @@ def _number(value) -> str:
         return str(value)
     if isinstance(value, int):
         return str(value)
-    return "nan" if math.isnan(value) else f"{value:.4f}"
+    return "nan" if math.isnan(value) else f"{value:.4g}"  # a tiny KL keeps its digits
 
 
 def _rate(counts: dict | None) -> str:
@@ -172,18 +172,18 @@ def _figures(summary: dict) -> list[str]:
     for split in ("heldout", "harmless_heldout", "eval"):
         after = merged.get(split) or {}
         before = base.get(split) or {}
-        for key in sorted(set(after) - set(_SPLIT_COUNTS)):
-            if isinstance(after[key], int | float | str):
-                rows.append((split.replace("_", " "), key, _number(before[key]) if key in before else "—",
-                             _number(after[key])))
+        for key in sorted((set(after) | set(before)) - set(_SPLIT_COUNTS)):
+            cells = [_number(side[key]) if isinstance(side.get(key), int | float | str) else "—"
+                     for side in (before, after)]
+            rows.append((split.replace("_", " "), key, *cells))
     lines = ["| prompts | metric | original | abliterated |", "|---|---|---|---|"]
     lines += [f"| {p} | {m} | {a} | {b} |" for p, m, a, b in rows if (a, b) != ("—", "—")]
     return lines
 
 
 def _components(params: dict) -> str:
-    kinds = sorted({key.partition(".")[0] for key in params if "." in key})
-    return ", ".join(COMPONENTS.get(k, k) for k in kinds) or "none"
+    names = [COMPONENTS.get(k, k) for k in sorted({key.partition(".")[0] for key in params if "." in key})]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names) or "no components"
 
 
 def _direction(params: dict) -> str:
@@ -297,9 +297,10 @@ def _selection(selected: dict, summary: dict | None, facts: CardFacts) -> list[s
                      "prompts, on the Pareto front of refusals against KL.")
         confirmation = selected.get("confirmation")
         if confirmation:
+            reason = confirmation.get("reason", "")
             lines.append(f"- Confirmed on the {confirmation.get('split', 'train')} prompts (never scored by the "
-                         f"study): {len(confirmation.get('candidates', []))} front trials measured again; "
-                         f"{confirmation.get('reason', '')}")
+                         f"study), front trials measured again: {len(confirmation.get('candidates', []))}"
+                         + ("" if reason == selected.get("reason") else f"; {reason}") + ".")
         elif facts.confirm:
             lines.append("- Confirmation was on, but no trial was measured again (none reached the target on "
                          "the eval prompts, or the train split was empty).")
