@@ -1,6 +1,6 @@
 # abliterate: remove refusal behaviour from a language model by directional ablation, with the
 # ablation strength tuned by an Optuna study. The rules below run top to bottom in pipeline order:
-#   prompts -> demo_model (offline demo only) | gguf_model (GGUF models only) -> baseline -> directions -> study -> export -> merge (-> gguf_export) -> evaluate
+#   prompts -> demo_model (offline demo only) | gguf_model (GGUF models only) -> baseline -> directions -> study -> export -> merge (-> gguf_export) -> evaluate -> release
 # Run:  snakemake --cores all --resources gpu=1      (or --profile profiles/slurm on a cluster)
 
 
@@ -34,11 +34,13 @@ include: "workflow/rules/export.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/gguf_export.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/release.smk"
 
 
 rule all:
     input:
         summary=f"results/{RUN}/summary.json",
+        release=f"results/{RUN}/release",
         directions_plot=f"results/{RUN}/plots/directions.png",
         pareto_plot=f"results/{RUN}/plots/pareto.png",
         gguf=gguf_outputs(),

@@ -28,10 +28,11 @@ DOWNSTREAM = {
     "directions": {"study", "export"},
     "study": {"trials"},
     "trials": {"export", "evaluate"},
-    "export": {"merge", "evaluate"},
-    "merge": {"evaluate"},
-    "evaluate": set(),
-    "gguf_export": set(),  # downstream of merge, planned only when merge.gguf asks for the file
+    "export": {"merge", "evaluate", "release"},
+    "merge": {"evaluate", "release"},
+    "evaluate": {"release"},
+    "release": set(),
+    "gguf_export": {"release"},  # planned only when merge.gguf asks for the file
 }
 _MODEL = {"baseline", "directions", "study", "export", "evaluate"}
 _EVAL = {"baseline", "study", "export", "evaluate"}
@@ -40,9 +41,9 @@ _STUDY = {"study"}
 # Every key of the schema: (a new valid value, the rules that read it), read off the steps. A
 # function of the work folder where the value is a path.
 CHANGES: dict[str, tuple] = {
-    "seed": (1, {"prompts", "study", "export"}),
-    "model.revision": ("main", _MODEL | {"merge"}),
-    "model.trust_remote_code": (True, _MODEL | {"merge"}),
+    "seed": (1, {"prompts", "study", "export", "release"}),
+    "model.revision": ("main", _MODEL | {"merge", "release"}),
+    "model.trust_remote_code": (True, _MODEL | {"merge", "release"}),
     "model.chat_template": (CHATML, _MODEL | {"merge"}),
     "model.system_prompt": ("Be brief.", _MODEL),
     "model.dtypes": (["float32"], _MODEL),
@@ -84,6 +85,7 @@ CHANGES: dict[str, tuple] = {
     "directions.orthogonalize": (True, {"directions"}),
     "directions.winsorize_quantile": (0.99, {"directions"}),
     "directions.batch_size": (4, {"directions"}),
+    "directions.n_directions": (2, {"directions"}),
     "evaluation.max_new_tokens": (9, _EVAL),
     "evaluation.batch_size": (4, _EVAL),
     "evaluation.cuda_graphs": (False, _EVAL),
@@ -113,14 +115,16 @@ CHANGES: dict[str, tuple] = {
     "study.space.max_weight_position": ([0.5, 1.0], _STUDY),
     "study.space.min_weight": ([0.1, 1.0], _STUDY),
     "study.space.min_weight_distance": ([0.2, 0.6], _STUDY),
-    "export.policy": ("min_refusals", {"export"}),
-    "export.refusal_target": (0.2, {"export"}),
-    "export.confirm": (False, {"export"}),
-    "export.trial": (0, {"export"}),
+    "study.space.n_directions": ([1, 2], _STUDY),
+    "study.space.secondary_weight": ([0.0, 0.5], _STUDY),
+    "export.policy": ("min_refusals", {"export", "release"}),
+    "export.refusal_target": (0.2, {"export", "release"}),
+    "export.confirm": (False, {"export", "release"}),
+    "export.trial": (0, {"export", "release"}),
     "merge.max_ram_gib": (12, {"merge"}),
     "merge.dtype": ("bfloat16", {"merge"}),
     "merge.adapter_only": (True, {"evaluate"}),  # and no merge job at all
-    "merge.gguf": ("f16", {"gguf_export"}),
+    "merge.gguf": ("f16", {"gguf_export", "release"}),
 }
 # Keys that choose another model, prompt file or run folder: a different run, not a changed one.
 NOT_CHANGED = {"run", "model.path", "model.gguf_file", "model.package"} | {

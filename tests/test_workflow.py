@@ -16,6 +16,7 @@ import optuna
 import pandas as pd
 import pytest
 import workflow_runner as wr
+from abliterate import model_card
 from abliterate.steps import evaluate
 from conftest import needs_smollm2, smollm2_gguf
 from tiny_tokenizer import tiny_model_dir
@@ -93,6 +94,7 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     for artefact in ("study.sqlite", "directions.safetensors", "adapter/adapter_config.json",
                      "model/config.json", "model/README.md", "pareto.csv", "plots/pareto.png", "plots/directions.png"):
         assert (res / artefact).exists(), artefact
+    _check_release(res, summary, ["adapter", "model"])
 
     first = {t.number: t.params for t in _complete(_study(tmp_path))}
     directions_mtime = (res / "directions.safetensors").stat().st_mtime_ns
@@ -132,6 +134,7 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     assert "rule evaluate" in proc.stderr and "rule merge" not in proc.stderr and "rule export" not in proc.stderr
     assert not (res / "model").exists()
     adapter = json.loads((res / "summary.json").read_text())
+    _check_release(res, adapter, ["adapter"])
     assert (merged["evaluated"], adapter["evaluated"]) == ("merged", "adapter")
     for split in ("eval", "heldout"):
         assert adapter["merged"][split]["refusals"] == merged["merged"][split]["refusals"]
@@ -165,6 +168,43 @@ def test_full_run_writes_the_contract_then_more_trials_continue_the_study(tmp_pa
     assert re.search(r"study\.sqlite: study '.+' had 5 completed trials.*file is empty", logs), logs[-3000:]
     assert (res / "study.sqlite").stat().st_size == 0
     assert (res / "summary.json").stat().st_mtime_ns == summary_mtime
+
+
+def _cells(card: str, prompts: str, metric: str) -> tuple[str, str]:
+    """(original, abliterated) of the card's results row for ``prompts`` and ``metric``."""
+    (row,) = [line for line in card.splitlines() if line.startswith(f"| {prompts}") and f"| {metric} |" in line]
+    return tuple(cell.strip() for cell in row.strip("|").split("|")[2:4])
+
+
+def _check_release(res: Path, summary: dict, folders: list[str]) -> None:
+    """results/<run>/release/: each exported folder, uploadable as it is, with a card reporting summary.json."""
+    release = res / "release"
+    assert sorted(p.name for p in release.iterdir() if p.is_dir()) == folders
+    assert json.loads((release / "release.json").read_text())["folders"].keys() == set(folders)
+    for name in folders:
+        assert not (release / name / ".snakemake_timestamp").exists()
+        own = {p.relative_to(res / name) for p in (res / name).rglob("*") if p.is_file()}
+        assert {p.relative_to(release / name) for p in (release / name).rglob("*") if p.is_file()} == (
+            own - {Path(".snakemake_timestamp")}) | {Path("README.md")}
+        card = (release / name / "README.md").read_text()
+        meta = model_card.front_matter(card)
+        assert meta["pipeline_tag"] == "text-generation" and "abliterated" in meta["tags"]
+        assert meta["library_name"] == {"adapter": "peft", "model": "transformers"}[name]
+        assert (meta["license"], meta["license_name"]) == ("other", "unknown")  # the tiny model has no card
+        assert "base_model" not in meta  # a local folder, not a Hub id
+        base, merged = summary["baseline"], summary["merged"]
+        held = _cells(card, "held-out harmful", "refusals")
+        assert [c.split()[0] for c in held] == [f"{s['refusals']}/{s['n']}" for s in (base["heldout"],
+                                                                                       merged["heldout"])]
+        harmless = _cells(card, "held-out harmless", "refusals")
+        assert [c.split()[0] for c in harmless] == [
+            f"{s['refusals']}/{s['n']}" for s in (base["harmless_heldout"], merged["harmless_heldout"])]
+        assert float(_cells(card, "held-out harmless", "first-token KL vs. the original")[1]) == pytest.approx(
+            merged["heldout"]["kl"], abs=5e-5)
+        assert f"{summary['study']['n_complete']} complete trials" in card
+    if "model" in folders:
+        weights = next((res / "model").glob("*.safetensors")).name
+        assert (release / "model" / weights).samefile(res / "model" / weights)  # a link, not a copy
 
 
 def test_killed_study_resumes_without_repeating_trials(tmp_path, model_path):

@@ -135,7 +135,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         # mkdtemp made the folder 0700, and safetensors' save_file creates its files 0600 itself
         mask = _umask()
         for inner in [tmp, *tmp.rglob("*")]:
-            if not inner.is_symlink():
+            # a hard link shares its mode with another rule's output (abliterate.steps.release): leave it
+            if not inner.is_symlink() and (inner.is_dir() or inner.stat().st_nlink == 1):
                 os.chmod(inner, (0o777 if inner.is_dir() else 0o666) & ~mask)
         if dest.exists():
             shutil.rmtree(dest)

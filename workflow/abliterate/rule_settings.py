@@ -58,6 +58,8 @@ READS: dict[str, tuple[str, ...]] = {
     "merge": ("run", *_SOURCE, "model.chat_template", "merge.dtype", "merge.max_ram_gib"),
     "evaluate": (*_MODEL, *_EVALUATION, "merge.adapter_only"),
     "gguf_export": ("run", *_SOURCE, "merge.gguf"),
+    # the cards: the source's licence and Hub id, and the selection rule the export applied
+    "release": ("run", *_SOURCE, "seed", "export", "merge.gguf"),
 }
 
 # Keys inside a section a rule reads that the rule does not read: the held-out evaluation's own
@@ -189,6 +191,8 @@ def upstream(config: dict, rule: str) -> tuple[str, ...]:
         "merge": (*model, "export"),
         "evaluate": ("prompts", *model, "baseline", "trials", *evaluated),
         "gguf_export": ("merge",),
+        "release": (*model, "export", *(() if config["merge"]["adapter_only"] else ("merge",)), "evaluate",
+                    *(("gguf_export",) if config["merge"]["gguf"] else ())),
     }[rule]
 
 

@@ -59,6 +59,17 @@ def evaluated_model(wildcards):
     return {"model": f"results/{RUN}/model"}
 
 
+def released_folders(wildcards):
+    """The exported folders the release rule copies with their cards, by their name under release/
+    (abliterate.steps.release.FOLDER_KINDS; the GGUF output as its file)."""
+    folders = {"adapter": f"results/{RUN}/adapter"}
+    if not config["merge"]["adapter_only"]:
+        folders["model"] = f"results/{RUN}/model"
+    if config["merge"]["gguf"]:
+        folders["gguf"] = f"results/{RUN}/gguf/{RUN}.gguf"  # the file: its folder is released
+    return folders
+
+
 def settings(rule):
     """What the rule's step reads (abliterate.rule_settings): a change reruns the rule."""
     return rs.settings(config, rule)

@@ -23,7 +23,7 @@ attention output and MLP down projection, with weights chosen by an Optuna study
 ## Selected trial
 {reason}
 
-| metric (eval prompts) | value |
+| metric (eval prompts the study optimised on: they flatter the model) | value |
 |---|---|
 | refusals | {refusals}/{n} |
 | first-token KL vs. the original | {kl:.4f} |
@@ -38,7 +38,9 @@ Parameters:
 - config hash: `{config_hash}`
 - merged on the CPU in {merge_dtype}; see `abliterate.json` for every figure.
 
-Held-out evaluation results are in the workflow's `summary.json`.
+This card was written when the model was merged, before the evaluate rule measured it on held-out
+prompts: it knows no held-out figures. The workflow's `results/{name}/release/model/` is this folder
+with a card that reports them (and the licence of the source model).
 """
 
 
