@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import ablation, devices, io, loading, session, study, study_storage
+from ..answer_kl import BaseAnswers
 from ..errors import ConfigError
 from ..evaluation import measure
 from ..rule_settings import typed
@@ -82,7 +83,8 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
     for split in ("eval", "heldout"):
         raw, texts = session.chats(config, lm.tokenizer, harmful, split)
         _, harmless_texts = session.chats(config, lm.tokenizer, harmless, split)
-        found = measure(lm.model, lm.tokenizer, settings, texts, harmless_texts, base_lp[split], progress=True)
+        found = measure(lm.model, lm.tokenizer, settings, texts, harmless_texts, base_lp[split], progress=True,
+                        base_answers=BaseAnswers.from_tensors(base_lp, split))
         tables.append(responses_table(raw, found.responses, found.refused, split))
         merged[split] = found.counts()
         log.info("merged %s: %d/%d refusals, KL %.4f", split, found.refusals, found.n, found.kl)
