@@ -97,6 +97,7 @@ CHANGES: dict[str, tuple] = {
         lambda work: {"model": {"path": str(tiny_model_dir(work / "judge", merges=YES_NO_MERGES))}},
         {"evaluate"},
     ),
+    "evaluation.kl_tokens": (4, _EVAL),
     "ablation.row_norm": ("none", {"study", "export"}),
     "ablation.route": ("lora", {"study", "export"}),
     "ablation.full_rank": (2, {"study", "export"}),
@@ -104,6 +105,7 @@ CHANGES: dict[str, tuple] = {
     "study.n_startup_trials": (1, _STUDY),
     "study.n_ei_candidates": (8, _STUDY),
     "study.stop_dominated": (False, _STUDY),
+    "study.objective_kl": ("answer", {"study", "export"}),
     "study.workers": (2, _STUDY),
     "study.storage": (
         lambda work: f"sqlite:///{work}/other.sqlite",
@@ -247,8 +249,12 @@ def test_the_study_name_follows_what_the_study_makes(tiny_model_path):
         ("export.confirm", False),
         ("merge.dtype", "float16"),
         ("demo_model.epochs", 5),
+        ("evaluation.kl_tokens", 4),  # a first-token study does not read the answers
     ):
         assert rs.study_name(_set(config, path, value)) == name, path
+    answer = _set(config, "study.objective_kl", "answer")
+    assert rs.study_name(answer) != name
+    assert rs.study_name(_set(answer, "evaluation.kl_tokens", 4)) != rs.study_name(answer)
     for path, value in (
         ("study.n_ei_candidates", 8),
         ("study.n_startup_trials", 1),

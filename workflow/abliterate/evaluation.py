@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .answer_kl import BaseAnswers, answer_batches, answer_kl, answer_logprobs
 from .architecture import unwrap
 from .generation import RefusalLimitReached, first_batch, generate, make_decoder
 from .kl import first_token_logprobs, kl_divergence, prompt_batches
@@ -26,6 +27,10 @@ class Evaluator:
     (see :func:`measure`). Responses stop early once the detector has seen a refusal marker, so
     :meth:`responses` returns them cut at that point. With ``reuse_layers`` the prefills that every
     score repeats are recorded now, while the model is unedited (:mod:`abliterate.leading_layers`).
+
+    ``objective_kl`` (``study.objective_kl``): which KL :meth:`kl` and :meth:`score` report,
+    ``first_token`` or ``answer`` (:mod:`abliterate.answer_kl`, which needs ``base_answers``, the
+    unedited model's answers to ``harmless_texts``). Only that one is measured per score.
     """
 
     def __init__(
@@ -40,11 +45,19 @@ class Evaluator:
         detector: RefusalDetector | None = None,
         reuse_layers: bool = False,
         cuda_graphs: bool = True,
+        base_answers: BaseAnswers | None = None,
+        objective_kl: str = "first_token",
     ):
         if base_logprobs.shape[0] != len(harmless_texts):
             raise ValueError(
                 f"base_logprobs has {base_logprobs.shape[0]} rows for {len(harmless_texts)} harmless texts"
             )
+        if objective_kl not in ("first_token", "answer"):
+            raise ValueError(f"objective_kl must be first_token or answer, got {objective_kl!r}")
+        if objective_kl == "answer" and (base_answers is None or base_answers.ids.shape[0] != len(harmless_texts)):
+            raise ValueError("objective_kl answer needs base_answers for every harmless text")
+        self.base_answers = base_answers
+        self.objective_kl = objective_kl
         self.model = unwrap(model)  # see generation.generate_ids
         self.tokenizer = tokenizer
         self.harmful_texts = list(harmful_texts)
@@ -61,7 +74,7 @@ class Evaluator:
         """Record, on the still unedited model, the prefills that repeat in every score."""
         start = time.perf_counter()
         leading = LeadingLayers(self.model)
-        for _, enc in prompt_batches(self.model, self.tokenizer, self.harmless_texts, self.batch_size):
+        for _, enc in self._kl_batches():
             leading.record(enc, keep_cache=False)
         if self.harmful_texts:
             first = first_batch(self.model, self.tokenizer, self.harmful_texts, self.batch_size)
@@ -82,7 +95,17 @@ class Evaluator:
             return None
         return self._leading.prefill_from(first_edited)
 
+    def _kl_batches(self):
+        """The batches the objective's KL forwards (their prefills are the ones worth recording)."""
+        if self.objective_kl == "answer":
+            return answer_batches(self.model, self.tokenizer, self.harmless_texts, self.base_answers.ids,
+                                  self.batch_size)
+        return prompt_batches(self.model, self.tokenizer, self.harmless_texts, self.batch_size)
+
     def kl(self, first_edited: int | None = None) -> float:
+        """The ``objective_kl`` KL of the current weights from the unedited model's."""
+        if self.objective_kl == "answer":
+            return self.answer_kl(first_edited)
         logprobs = first_token_logprobs(
             self.model,
             self.tokenizer,
@@ -91,6 +114,14 @@ class Evaluator:
             prefill_fn=self._prefill_fn(first_edited),
         )
         return kl_divergence(self.base_logprobs, logprobs)
+
+    def answer_kl(self, first_edited: int | None = None) -> float:
+        """KL over the first ``kl_tokens`` tokens of the unedited model's answers (needs ``base_answers``)."""
+        if self.base_answers is None:
+            raise ValueError("answer KL needs base_answers")
+        logprobs = answer_logprobs(self.model, self.tokenizer, self.harmless_texts, self.base_answers.ids,
+                                   self.batch_size, prefill_fn=self._prefill_fn(first_edited))
+        return answer_kl(self.base_answers, logprobs)
 
     def refusals(self, first_edited: int | None = None, max_refusals: int | None = None) -> int:
         """Refusals on the harmful prompts. With ``max_refusals``, generation stops once that many
@@ -159,12 +190,14 @@ class EvalSettings:
 @dataclass(frozen=True)
 class Measurement:
     """What :func:`measure` found: answers to the harmful prompts and their verdicts, and the
-    first-token log-probabilities on the harmless prompts (on the model's device) with their KL."""
+    first-token log-probabilities on the harmless prompts (on the model's device) with their KL, and
+    the KL over the base model's answers (:mod:`abliterate.answer_kl`) when they were given."""
 
     responses: list[str]
     refused: list[bool]
     logprobs: torch.Tensor | None = None
     kl: float | None = None
+    kl_answer: float | None = None
 
     @property
     def refusals(self) -> int:
@@ -175,23 +208,31 @@ class Measurement:
         return len(self.refused)
 
     def counts(self) -> dict:
-        """``refusals`` and ``n``, and ``kl`` when it was measured: the form of every JSON summary."""
-        return {"refusals": self.refusals, "n": self.n, **({"kl": self.kl} if self.kl is not None else {})}
+        """``refusals`` and ``n``, and ``kl`` and ``kl_answer`` when measured: the form of every JSON summary."""
+        measured = {k: v for k, v in (("kl", self.kl), ("kl_answer", self.kl_answer)) if v is not None}
+        return {"refusals": self.refusals, "n": self.n, **measured}
 
 
 def measure(model, tokenizer, settings: EvalSettings, harmful: Sequence[str] = (), harmless: Sequence[str] = (),
-            base_logprobs: torch.Tensor | None = None, progress: bool = False) -> Measurement:
+            base_logprobs: torch.Tensor | None = None, progress: bool = False,
+            base_answers: BaseAnswers | None = None) -> Measurement:
     """The one measurement of a model on chat-formatted prompts, for the baseline, the final
     evaluation, the export's confirmation and the benchmarks: greedy answers to ``harmful`` (each
     stops at its first refusal marker) judged by ``settings.detector``, and first-token
-    log-probabilities on ``harmless``, with the KL from ``base_logprobs`` when given. A study trial
+    log-probabilities on ``harmless``, with the KL from ``base_logprobs`` when given, and with
+    ``base_answers`` the KL over those answers (``kl_answer``, one more forward). A study trial
     scores the same way through :class:`Evaluator`, which adds recorded prefills and early stops."""
     start = time.perf_counter()
     responses = generate(model, tokenizer, harmful, settings.max_new_tokens, settings.batch_size, settings.detector,
                          progress=progress, cuda_graphs=settings.cuda_graphs) if harmful else []
     logprobs = first_token_logprobs(model, tokenizer, harmless, settings.batch_size) if harmless else None
     kl = None if base_logprobs is None or logprobs is None else kl_divergence(base_logprobs, logprobs)
-    found = Measurement(responses, [settings.detector.is_refusal(r) for r in responses], logprobs, kl)
+    kl_answer = None
+    if base_answers is not None and harmless:
+        kl_answer = answer_kl(base_answers, answer_logprobs(model, tokenizer, harmless, base_answers.ids,
+                                                            settings.batch_size))
+    found = Measurement(responses, [settings.detector.is_refusal(r) for r in responses], logprobs, kl, kl_answer)
+    scores = [f"{name} {value:.4g}" for name, value in (("KL", kl), ("answer KL", kl_answer)) if value is not None]
     log.info("measured %d harmful prompts (%d refused) and %d harmless ones%s in %.1f s", found.n, found.refusals,
-             len(harmless), "" if kl is None else f" (KL {kl:.4g})", time.perf_counter() - start)
+             len(harmless), f" ({', '.join(scores)})" if scores else "", time.perf_counter() - start)
     return found

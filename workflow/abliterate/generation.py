@@ -161,15 +161,20 @@ def run_prefill(
     use_cache: bool = True,
     embeds: tuple[torch.Tensor | None, torch.Tensor] | None = None,
     fill_cache: Callable | None = None,
+    logits_to_keep: int = 1,
 ) -> tuple[object, torch.Tensor, torch.Tensor]:
     """Forward a planned prefill; return ``(output, attention_mask, position_ids)``.
 
     ``embeds``: ``(prefix_states, states)`` fed instead of the ids, for a decoder that runs only
     some of its layers (:mod:`abliterate.leading_layers`); ``fill_cache(cache)`` is called once the
-    prefix sits in every row, before the rows' own tokens are forwarded.
+    prefix sits in every row, before the rows' own tokens are forwarded. ``logits_to_keep``: the
+    last positions whose logits the rows' forward computes (a teacher-forced answer needs several;
+    a model without the argument computes all of them).
     """
     common = hf_compat.forward_kwargs(model)
     kwargs = dict(common)
+    if "logits_to_keep" in kwargs:
+        kwargs["logits_to_keep"] = logits_to_keep
     if hf_compat.accepts_position_ids(model):
         kwargs["position_ids"] = plan.positions
     if embeds is None:
@@ -198,14 +203,14 @@ def run_prefill(
     return out, plan.mask, plan.positions
 
 
-def prefill(model, enc: dict, use_cache: bool = True) -> tuple[object, torch.Tensor, torch.Tensor]:
+def prefill(model, enc: dict, use_cache: bool = True, logits_to_keep: int = 1) -> tuple[object, torch.Tensor, torch.Tensor]:
     """Forward a left-padded prompt batch (see :func:`plan_prefill`); return
     ``(output, attention_mask, position_ids)``.
 
     The returned mask and positions cover the shared prefix and are what decoding continues from;
-    ``output.logits`` holds the last position's logits of each row.
+    ``output.logits`` holds the last ``logits_to_keep`` positions' logits of each row.
     """
-    return run_prefill(model, plan_prefill(model, enc), use_cache)
+    return run_prefill(model, plan_prefill(model, enc), use_cache, logits_to_keep=logits_to_keep)
 
 
 class _IncrementalText:

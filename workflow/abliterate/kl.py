@@ -57,12 +57,12 @@ def kl_per_prompt(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.
     mean is :func:`kl_divergence` up to summation order. Same input checks, no sign check: one
     prompt's rounding may go below zero where the mean does not.
     """
-    _check_logprobs(base_logprobs, logprobs)
+    check_logprobs(base_logprobs, logprobs)
     logprobs = logprobs.to(base_logprobs.device)
     return F.kl_div(logprobs, base_logprobs, reduction="none", log_target=True).sum(dim=-1)
 
 
-def _check_logprobs(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> None:
+def check_logprobs(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> None:
     if base_logprobs.shape != logprobs.shape:
         raise ValueError(
             f"shape mismatch: base {tuple(base_logprobs.shape)} vs {tuple(logprobs.shape)}"
@@ -81,10 +81,15 @@ def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     so they stay visible), anything lower, NaN or infinite raises :class:`NumericalError`, since it
     means mismatched inputs or a broken model rather than a small divergence.
     """
-    _check_logprobs(base_logprobs, logprobs)
+    check_logprobs(base_logprobs, logprobs)
     logprobs = logprobs.to(base_logprobs.device)
     # F.kl_div(input, target) is KL(target ‖ input): the base distribution is the target
     value = F.kl_div(logprobs, base_logprobs, reduction="batchmean", log_target=True).item()
+    return checked(value)
+
+
+def checked(value: float) -> float:
+    """``value`` as computed, or :class:`NumericalError` for NaN, infinity or a negative beyond rounding."""
     if not torch.isfinite(torch.tensor(value)):
         raise NumericalError(
             f"KL divergence is {value}: the edited model produced NaN or -inf log-probabilities "

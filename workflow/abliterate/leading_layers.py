@@ -163,11 +163,11 @@ class LeadingLayers:
         return True
 
     # -- replay -----------------------------------------------------------------------------------
-    def _replay(self, rec: _Recording, first: int, use_cache: bool):
+    def _replay(self, rec: _Recording, first: int, use_cache: bool, logits_to_keep: int = 1):
         k = min(first, self.n_layers) // rec.stride
         start = k * rec.stride
         if start == 0:
-            return generation.run_prefill(self.model, rec.plan, use_cache)
+            return generation.run_prefill(self.model, rec.plan, use_cache, logits_to_keep=logits_to_keep)
         plan = rec.plan
         rows = plan.ids.shape[0]
 
@@ -180,7 +180,8 @@ class LeadingLayers:
         prefix = rec.prefix_inputs[k]
         with hf_compat.decoder_slice(self.decoder, start):
             out, mask, positions = generation.run_prefill(
-                self.model, plan, use_cache, embeds=(prefix, rec.inputs[k]), fill_cache=fill
+                self.model, plan, use_cache, embeds=(prefix, rec.inputs[k]), fill_cache=fill,
+                logits_to_keep=logits_to_keep,
             )
         if use_cache:
             if rec.full_kv is None:
@@ -191,11 +192,11 @@ class LeadingLayers:
     def prefill_from(self, first: int):
         """A :func:`generation.prefill` for a model edited from layer ``first`` up (none below)."""
 
-        def prefill(model, enc: dict, use_cache: bool = True):
+        def prefill(model, enc: dict, use_cache: bool = True, logits_to_keep: int = 1):
             rec = self._recordings.get(_key(enc)) if self.enabled and model is self.model else None
             if rec is None or (use_cache and rec.full_kv is None):
-                return generation.prefill(model, enc, use_cache)
-            return self._replay(rec, first, use_cache)
+                return generation.prefill(model, enc, use_cache, logits_to_keep)
+            return self._replay(rec, first, use_cache, logits_to_keep)
 
         return prefill
 

@@ -52,9 +52,10 @@ READS: dict[str, tuple[str, ...]] = {
     "baseline": (*_MODEL, *_EVALUATION),
     "directions": (*_MODEL, "directions"),
     "study": (*_MODEL, *_EVALUATION, *_ABLATION, "study.n_startup_trials", "study.n_ei_candidates",
-              "study.stop_dominated", "study.space"),
+              "study.stop_dominated", "study.space", "study.objective_kl"),
     "trials": (),
-    "export": (*_MODEL, *_EVALUATION, *_ABLATION, "export"),
+    # the confirmation measures the study's KL
+    "export": (*_MODEL, *_EVALUATION, *_ABLATION, "export", "study.objective_kl"),
     "merge": ("run", *_SOURCE, "model.chat_template", "merge.dtype", "merge.max_ram_gib"),
     "evaluate": (*_MODEL, *_EVALUATION, "merge.adapter_only"),
     "gguf_export": ("run", *_SOURCE, "merge.gguf"),
@@ -167,6 +168,15 @@ NOT_HASHED: dict[str, str] = {
     "merge.max_ram_gib": "a limit checked before loading, not an input of the result",
 }
 
+# Read, but part of what the study makes only when it minimises the answer KL: a first-token study
+# keeps the name it had before these keys existed (kl_tokens then decides only evaluate's kl_answer).
+ANSWER_KL_KEYS = ("evaluation.kl_tokens", "study.objective_kl")
+
+
+def _not_hashed(config: dict) -> list[str]:
+    answer = config.get("study", {}).get("objective_kl", "first_token") == "answer"
+    return [*NOT_HASHED, *(() if answer else ANSWER_KL_KEYS)]
+
 
 def model_rule(config: dict) -> str | None:
     """The rule that makes the model the jobs load (the demo model, a converted GGUF), if any."""
@@ -221,7 +231,7 @@ def fingerprint(config: dict, rule: str, upstream_of: str | None = None) -> str:
     (:data:`SKIPS`) are left out, since they change only outputs it does not read (the baseline's
     held-out answers do not rename the study)."""
     hashed = settings(config, rule)
-    for path in (*NOT_HASHED, *SKIPS.get(upstream_of, ())):
+    for path in (*_not_hashed(config), *SKIPS.get(upstream_of, ())):
         *parents, last = path.split(".")
         node = hashed
         for part in parents:

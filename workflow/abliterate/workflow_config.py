@@ -81,6 +81,11 @@ def check(config: dict) -> None:
                 raise ConfigError(f"prompts.{name}.{key} is required for source: {source}")
     if uses_demo_model(config) and config["prompts"]["harmful"]["splits"].get("demo", 0) <= 0:
         raise ConfigError("model.path is the demo model, so prompts.harmful.splits.demo must be > 0 (its training prompts)")
+    evaluation = config["evaluation"]
+    if evaluation["kl_tokens"] > evaluation["max_new_tokens"]:
+        raise ConfigError(f"evaluation.kl_tokens ({evaluation['kl_tokens']}) exceeds evaluation.max_new_tokens "
+                          f"({evaluation['max_new_tokens']}): the answer KL reads no further into an answer than "
+                          "the evaluation generates; lower kl_tokens or raise max_new_tokens")
     study = config["study"]
     if study["n_startup_trials"] > study["n_trials"]:
         raise ConfigError(

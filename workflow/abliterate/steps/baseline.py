@@ -1,4 +1,5 @@
-"""Rule `baseline`: the unmodified model's refusals and its first-token log-probabilities."""
+"""Rule `baseline`: the unmodified model's refusals, its first-token log-probabilities and its
+answers to the harmless prompts with their log-probabilities (:mod:`abliterate.answer_kl`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 
 import pandas as pd
 
-from .. import devices, heldout, io, prompts, session
+from .. import answer_kl, devices, heldout, io, prompts, session
 from ..evaluation import measure
 from ..rule_settings import typed
 from .common import eval_settings, resolve_batch_size, responses_table
@@ -49,6 +50,8 @@ def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logpr
     for split in ("eval", "heldout"):
         _, texts = session.chats(config, lm.tokenizer, harmless, split)
         logprobs[split] = measure(lm.model, lm.tokenizer, settings, harmless=texts).logprobs
+        logprobs |= answer_kl.base_answers(lm.model, lm.tokenizer, texts, config.evaluation.kl_tokens,
+                                           settings.batch_size, settings.cuda_graphs).tensors(split)
     io.write_parquet(heldout.with_late_column(tables), out_responses, metadata={"config_hash": config_hash})
     io.save_safetensors(logprobs, out_logprobs, metadata={**lm.metadata(), "config_hash": config_hash})
     io.write_json(metrics, out_metrics)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import ablation, devices, heldout, io, loading, session, study, study_storage
+from ..answer_kl import BaseAnswers
 from ..errors import ConfigError, DamagedFileError
 from ..evaluation import measure
 from ..judge import Judge, agreement
@@ -92,14 +93,16 @@ def run(config: dict, model_dir: str | None, harmful: str, harmless: str, baseli
         raw, texts = session.chats(config, lm.tokenizer, harmful, split)
         _, harmless_texts = session.chats(config, lm.tokenizer, harmless, split)
         if split == "heldout":  # answers generated whole (abliterate.heldout); the KL as for eval
-            found = measure(lm.model, lm.tokenizer, settings, harmless=harmless_texts, base_logprobs=base_lp[split])
+            found = measure(lm.model, lm.tokenizer, settings, harmless=harmless_texts, base_logprobs=base_lp[split],
+                            base_answers=BaseAnswers.from_tensors(base_lp, split))
             answers[split] = held = _answer(lm, settings, ev, texts)
             tables.append(held.table(raw, split))
-            merged[split] = {**held.counts(), "kl": found.kl}
+            merged[split] = {**held.counts(), **{k: v for k, v in found.counts().items() if k.startswith("kl")}}
             log.info("merged %s: %d/%d refusals (%d late), KL %.4f", split, merged[split]["refusals"],
                      len(texts), merged[split]["late_refusals"], found.kl)
             continue
-        found = measure(lm.model, lm.tokenizer, settings, texts, harmless_texts, base_lp[split], progress=True)
+        found = measure(lm.model, lm.tokenizer, settings, texts, harmless_texts, base_lp[split], progress=True,
+                        base_answers=BaseAnswers.from_tensors(base_lp, split))
         tables.append(responses_table(raw, found.responses, found.refused, split))
         merged[split] = found.counts()
         log.info("merged %s: %d/%d refusals, KL %.4f", split, found.refusals, found.n, found.kl)

@@ -6,7 +6,7 @@ import logging
 
 import pandas as pd
 
-from .. import ablation, devices, editors, io, selection, session
+from .. import ablation, answer_kl, devices, editors, io, selection, session
 from ..evaluation import Evaluator, measure
 from ..generation import RefusalLimitReached
 from ..rule_settings import typed
@@ -62,9 +62,15 @@ def confirm(config, lm, editor: editors.Editor, df: pd.DataFrame, harmful: str, 
     settings = eval_settings(config.evaluation, lm, harmful_texts)
     # the unedited model's answers on the train prompts: the baseline rule measures eval and held-out only
     base_lp = measure(lm.model, lm.tokenizer, settings, harmless=harmless_texts).logprobs
+    answers = {}
+    if config.study.objective_kl == "answer":  # the trials' KL is the answer KL: confirm the same one
+        answers = {"objective_kl": "answer",
+                   "base_answers": answer_kl.base_answers(lm.model, lm.tokenizer, harmless_texts,
+                                                          config.evaluation.kl_tokens, settings.batch_size,
+                                                          settings.cuda_graphs)}
     evaluator = Evaluator(editor.model, lm.tokenizer, harmful_texts, harmless_texts, base_lp,
                           settings.max_new_tokens, settings.batch_size, settings.detector,
-                          cuda_graphs=settings.cuda_graphs)
+                          cuda_graphs=settings.cuda_graphs, **answers)
     log.info("confirming the %d front trials within the refusal target on %d harmful and %d harmless train "
              "prompts", len(candidates), len(harmful_texts), len(harmless_texts))
     rows, best_kl, chosen, reason = [], None, None, ""

@@ -1,5 +1,6 @@
 """Rule `study`: one worker of the Optuna study. Each trial applies an ablation, counts refusals
-on the eval harmful prompts, measures first-token KL on the eval harmless prompts, and resets."""
+on the eval harmful prompts, measures the KL of ``study.objective_kl`` (first-token, or over the
+unmodified model's answers) on the eval harmless prompts, and resets."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from .. import (
     study,
     study_storage,
 )
+from ..answer_kl import BaseAnswers
+from ..errors import ConfigError
 from ..evaluation import Evaluator
 from ..rule_settings import typed
 from .common import eval_settings
@@ -71,6 +74,18 @@ def build_editor(config, lm, directions_path: str, route: str | None = None, n_d
     )
 
 
+def objective_kl(config, base: dict, baseline_path: str) -> dict:
+    """The :class:`Evaluator` arguments of ``study.objective_kl`` on the eval split."""
+    if config.study.objective_kl == "first_token":
+        return {}
+    answers = BaseAnswers.from_tensors(base, "eval")
+    if answers is None or answers.n_tokens != config.evaluation.kl_tokens:
+        found = "none" if answers is None else f"{answers.n_tokens} tokens"
+        raise ConfigError(f"study.objective_kl is answer with evaluation.kl_tokens {config.evaluation.kl_tokens}, "
+                          f"but {baseline_path} holds answers of {found}: rerun the baseline rule")
+    return {"base_answers": answers, "objective_kl": "answer"}
+
+
 def build_objective(config, lm, harmful: str, harmless: str, directions_path: str, baseline_path: str,
                     reuse_layers: bool = False):
     """``reuse_layers`` records the prefills every trial repeats (worth it for a study, not for one edit)."""
@@ -83,7 +98,8 @@ def build_objective(config, lm, harmful: str, harmless: str, directions_path: st
     _, harmless_texts = session.chats(config, lm.tokenizer, harmless, "eval")
     evaluator = Evaluator(editor.model, lm.tokenizer, harmful_texts, harmless_texts, base["eval"],
                           settings.max_new_tokens, settings.batch_size, settings.detector,
-                          reuse_layers=reuse_layers, cuda_graphs=settings.cuda_graphs)
+                          reuse_layers=reuse_layers, cuda_graphs=settings.cuda_graphs,
+                          **objective_kl(config, base, baseline_path))
     objective = Objective(editor, evaluator)
     return objective, layout, editor
 
