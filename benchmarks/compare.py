@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
@@ -67,6 +68,9 @@ SHARED_PROMPTS = Path(os.environ.get("ABLITERATE_SHARED_PROMPTS", "/work/shared/
 REF_POINT = (1.0, 1.0)
 
 SPLITS = ("train", "eval", "heldout")
+
+# The judge of cpu-real's held-out answers (benchmarks/README.md, "The judge": chosen on hand labels).
+JUDGE_QWEN = str(BENCHMARKS / "work" / "models" / "qwen2.5-coder-1.5b" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,16 @@ class Protocol:
     # Tokens the held-out judge generates (None: max_response_length). More than the study's when a
     # model's refusal can begin after a sentence of disclaimer, which a short study budget misses.
     heldout_tokens: int | None = None
+    # Held-out answers run to this many tokens without stopping at a marker (None: they stop at
+    # the first marker and at ``heldout_tokens``, as before): markers within ``heldout_tokens`` give
+    # ``refusals``, markers only after it ``late_refusals``, and the judge reads the whole answer.
+    heldout_long_tokens: int | None = None
+    # KL over the base model's own greedy answers to the held-out harmless prompts, this many tokens
+    # (abliterate.answer_kl), beside first-token KL; None or 1: first-token KL only.
+    heldout_kl_tokens: int | None = None
+    # The judge of the held-out answers (abliterate.judge): a folder or a .gguf file; None: markers only.
+    judge: str | None = None
+    judge_cpu_half: bool = False
 
 
 PROTOCOLS = {
@@ -160,6 +174,10 @@ PROTOCOLS = {
         real_model="qwen2.5-coder-0.5b",
         with_uncensorbench=True,
         heldout_tokens=48,
+        heldout_long_tokens=128,
+        heldout_kl_tokens=16,
+        judge=JUDGE_QWEN,
+        judge_cpu_half=True,
     ),
     # A minute on 2 cores with the tiny model of tiny_model.py: checks the harness only.
     "smoke": Protocol(
@@ -694,8 +712,153 @@ def measure_heldout(lm, harmful: list[str], harmless: list[str], settings, base_
     return out, lp
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_stamp(path: str) -> list:
+    """What identifies a model folder's weights: its weight files' names, sizes and times."""
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+
+
+def answer_heldout(protocol: Protocol, config, lm, splits: dict, base: dict | None) -> tuple[dict, dict]:
+    """One model on the held-out prompts, the long way (``heldout_long_tokens``): whole greedy answers
+    with the markers' verdicts within ``heldout_tokens`` and after it, first-token and answer KL on
+    the harmless prompts against ``base`` (the base model's tensors; None: this is the base model).
+    Returns the JSON-able figures and the tensors a base model gives the others."""
+    from abliterate import answer_kl, heldout, kl
+    from abliterate.evaluation import measure
+
+    harmful, harmless, settings = heldout_prompts(config, lm, protocol, splits)
+    answers = heldout.answer(lm.model, lm.tokenizer, settings, harmful, protocol.heldout_long_tokens,
+                             settings.batch_size, progress=True)
+    base_answers = None
+    if base is not None and "answer_ids.heldout" in base:
+        base_answers = answer_kl.BaseAnswers.from_tensors(base, "heldout")
+    found = measure(lm.model, lm.tokenizer, settings, harmless=harmless,
+                    base_logprobs=None if base is None else base["heldout"], base_answers=base_answers)
+    out = {**answers.counts(), "refused": answers.refused, "late": answers.late, "responses": answers.responses,
+           **{k: v for k, v in found.counts().items() if k.startswith("kl")}}
+    tensors = {}
+    if base is None:
+        tensors["heldout"] = found.logprobs.cpu()
+        if (protocol.heldout_kl_tokens or 1) > 1:
+            tensors |= {k: v.cpu() for k, v in answer_kl.base_answers(
+                lm.model, lm.tokenizer, harmless, protocol.heldout_kl_tokens, settings.batch_size,
+                settings.cuda_graphs).tensors("heldout").items()}
+    else:
+        out["kl_per_prompt"] = kl.kl_per_prompt(base["heldout"], found.logprobs.cpu()).tolist()
+    return out, tensors
+
+
+def judge_answers(protocol: Protocol, requests: list[str], results: dict, cache: Path | None) -> None:
+    """The judge's verdicts on each model's held-out answers, into ``results[tool]`` (``judge``:
+    counts and agreement with the markers on the whole answer; per prompt ``judge`` and ``p_yes``).
+    Verdicts are cached by judge and answers, so a rerun judges only new answers."""
+    import torch
+    from abliterate import judge
+
+    path = Path(protocol.judge)
+    model = {"path": str(path.parent), "gguf_file": path.name} if path.suffix == ".gguf" else {"path": str(path)}
+    settings = {"model": {"revision": None, "gguf_file": None, "package": None, "trust_remote_code": False} | model,
+                "chat_template": None, "dtypes": ["bfloat16" if protocol.judge_cpu_half else "float32"],
+                "cpu_half": protocol.judge_cpu_half, "batch_size": 8, "max_response_tokens": 256,
+                "min_answer_mass": 0.5, "min_log_odds": 1.0, "yes": None, "no": None}
+    loaded = None
+    for tool, got in results.items():
+        key = _digest([settings, judge.QUESTION, requests, got["responses"]])
+        file = cache / f"judge-{key}.json" if cache else None
+        if file is not None and file.is_file():
+            verdicts = [judge.Verdict(**v) for v in json.loads(file.read_text())]
+        else:
+            if loaded is None:
+                loaded = judge.Judge.load(settings, torch.device("cpu"), cache_root=BENCHMARKS / "work" / "judges")
+            start = time.perf_counter()
+            verdicts = loaded.judge(requests, got["responses"])
+            logger.info("judged %d %s answers in %.1f s", len(verdicts), tool, time.perf_counter() - start)
+            if file is not None:
+                write_json_atomic([vars(v) for v in verdicts], file)
+        whole = [a or b for a, b in zip(got["per_prompt"]["refused"], got["per_prompt"]["late"])]
+        got["judge"] = judge.agreement(verdicts, whole)
+        got["per_prompt"]["judge"] = [v.verdict for v in verdicts]
+        got["per_prompt"]["judge_p_yes"] = [round(v.p_yes, 4) for v in verdicts]
+        # for the paired test every prompt needs a side: the likelier answer, unclear ones included
+        got["per_prompt"]["judge_refused"] = [v.p_yes > v.p_no for v in verdicts]
+    del loaded
+
+
+def by_source(requests: list[str], results: dict) -> None:
+    """Held-out refusals per prompt source (uncensorbench or Arditi et al.), markers and judge."""
+    ub = {p.strip() for p in _uncensorbench_prompts()}
+    sources = ["uncensorbench" if r.strip() in ub else "arditi" for r in requests]
+    for got in results.values():
+        pp = got["per_prompt"]
+        got["by_source"] = {
+            src: {"n": sum(s == src for s in sources),
+                  "refusals": sum(f for f, s in zip(pp["refused"], sources) if s == src),
+                  "refusals_whole": sum(a or b for a, b, s in zip(pp["refused"], pp["late"], sources) if s == src),
+                  **({"judge_refusals": sum(j == "refused" for j, s in zip(pp["judge"], sources) if s == src)}
+                     if "judge" in pp else {})}
+            for src in sorted(set(sources))
+        }
+
+
+def evaluate_heldout_long(protocol: Protocol, base_model: str, models: dict[str, str], splits: dict,
+                          cache: Path | None) -> dict:
+    """:func:`evaluate_heldout` the long way (``protocol.heldout_long_tokens``): whole answers, late
+    refusals, answer KL and the judge. Each model's answers are cached under ``cache`` by model
+    files, prompts and settings, so a rerun that adds one tool measures only that tool."""
+    import torch
+    from abliterate import session
+    from safetensors.torch import load_file, save_file
+
+    if protocol.threads:
+        torch.set_num_threads(protocol.threads)
+    config = eval_config(protocol)
+    settings = [protocol.heldout_tokens, protocol.heldout_long_tokens, protocol.heldout_kl_tokens,
+                protocol.system_prompt, protocol.batch_size, splits["harmful"]["heldout"],
+                splits["harmless"]["heldout"]]
+    results, base = {}, None
+    for tool, path in {"base": base_model, **models}.items():
+        key = _digest([settings, str(path), _model_stamp(path)])
+        file = cache / f"answers-{key}.json" if cache else None
+        tensors_file = cache / f"base-{key}.safetensors" if cache else None
+        if file is not None and file.is_file() and (tool != "base" or tensors_file.is_file()):
+            got = json.loads(file.read_text())
+            if tool == "base":
+                base = load_file(str(tensors_file))
+            logger.info("held-out %s: cached %s", tool, file)
+        else:
+            lm = session.open_model(config, path=path)
+            got, tensors = answer_heldout(protocol, config, lm, splits, base)
+            del lm
+            if tool == "base":
+                base = tensors
+                got["kl"] = 0.0
+                if tensors_file is not None:
+                    tensors_file.parent.mkdir(parents=True, exist_ok=True)
+                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tensors_file))
+            if file is not None:
+                write_json_atomic(got, file)
+        got["rate"] = got["refusals"] / got["n"]
+        got["per_prompt"] = {"refused": got.pop("refused"), "late": got.pop("late")}
+        if "kl_per_prompt" in got:
+            got["per_prompt"]["kl"] = got.pop("kl_per_prompt")
+        results[tool] = got
+        logger.info("held-out %s: %d/%d refusals (%d late), KL %s, answer KL %s", tool, got["refusals"], got["n"],
+                    got["late_refusals"], got.get("kl"), got.get("kl_answer"))
+    requests = splits["harmful"]["heldout"]
+    if protocol.judge:
+        judge_answers(protocol, requests, results, cache)
+    by_source(requests, results)
+    for got in results.values():
+        got.pop("responses")  # answers to prompts of other licences stay in the work folder's cache
+    return results
+
+
 def evaluate_heldout(
-    protocol: Protocol, base_model: str, models: dict[str, str], splits: dict
+    protocol: Protocol, base_model: str, models: dict[str, str], splits: dict, cache: Path | None = None
 ) -> dict:
     """Refusals (harmful held-out) and KL to the base model (harmless held-out, first token)
     of each model folder, with our package; also the base model's own refusals. Each entry
@@ -704,6 +867,8 @@ def evaluate_heldout(
     import torch
     from abliterate import session
 
+    if protocol.heldout_long_tokens:
+        return evaluate_heldout_long(protocol, base_model, models, splits, cache)
     if protocol.threads:
         torch.set_num_threads(protocol.threads)
     config = eval_config(protocol)
@@ -831,6 +996,11 @@ def figures(tool: dict, heldout: dict | None, n_default: int | None) -> dict:
         "selected_trial": tool.get("selected"),
         "heldout_refusal_rate": heldout["rate"] if heldout else None,
         "heldout_kl": heldout["kl"] if heldout else None,
+        # the long held-out evaluation (protocol.heldout_long_tokens) only
+        "heldout_kl_answer": (heldout or {}).get("kl_answer"),
+        "heldout_late_refusals": (heldout or {}).get("late_refusals"),
+        "heldout_judge": (heldout or {}).get("judge"),
+        "heldout_by_source": (heldout or {}).get("by_source"),
     }
 
 
@@ -846,6 +1016,8 @@ ROWS = [
     ("hypervolume", f"hypervolume (ref {REF_POINT})", "{:.4f}"),
     ("heldout_refusal_rate", "held-out refusal rate", "{:.3f}"),
     ("heldout_kl", "held-out KL", "{:.4f}"),
+    ("heldout_kl_answer", "held-out answer KL", "{:.4f}"),
+    ("heldout_late_refusals", "held-out late refusals", "{:d}"),
 ]
 
 
@@ -999,7 +1171,7 @@ def main(argv=None) -> int:
         models["heretic"] = theirs["model_dir"]
     import paired
 
-    heldout = evaluate_heldout(protocol, model, models, splits)
+    heldout = evaluate_heldout(protocol, model, models, splits, cache=work / "heldout-cache")
     per_prompt = {name: result.pop("per_prompt") for name, result in heldout.items()}
     paired_heldout = None
     if ours and theirs:
@@ -1009,6 +1181,13 @@ def main(argv=None) -> int:
             per_prompt["ours"]["kl"],
             per_prompt["heretic"]["kl"],
         )
+        if "judge_refused" in per_prompt["ours"]:
+            paired_heldout["judge"] = paired.compare(
+                per_prompt["ours"]["judge_refused"],
+                per_prompt["heretic"]["judge_refused"],
+                per_prompt["ours"]["kl"],
+                per_prompt["heretic"]["kl"],
+            )
 
     fig_ours = figures(ours, heldout.get("ours"), counts["harmful"]["eval"]) if ours else None
     fig_theirs = figures(theirs, heldout.get("heretic"), theirs["n_bad_eval"]) if theirs else None

@@ -125,7 +125,8 @@ class Judge:
         template = judge_template(settings)
         try:
             lm = loading.load_model(loadable_source(settings, cache_root), device or devices.get_device(),
-                                    cascade=tuple(settings["dtypes"]), chat_template=template)
+                                    cascade=tuple(settings["dtypes"]), cpu_half=settings["cpu_half"],
+                                    chat_template=template)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{KEY}.model cannot be used as the judge: {judge_keys(str(exc))}") from exc
         yes = token_ids(lm.tokenizer, settings["yes"], YES, f"{KEY}.yes")
