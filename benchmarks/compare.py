@@ -110,6 +110,11 @@ class Protocol:
     # KL over the base model's own greedy answers to the held-out harmless prompts, this many tokens
     # (abliterate.answer_kl), beside first-token KL; None or 1: first-token KL only.
     heldout_kl_tokens: int | None = None
+    # The harmful pool's source when not mixed (with_uncensorbench): "arditi" or "uncensorbench";
+    # ``cross_harmful`` prompts of the other source are added to the held-out evaluation only, so the
+    # refusals a model has left on a source the study never saw show next to its own held-out split.
+    harmful_source: str = "arditi"
+    cross_harmful: int = 0
     # The judge of the held-out answers (abliterate.judge): a folder or a .gguf file; None: markers only.
     judge: str | None = None
     judge_cpu_half: bool = False
@@ -173,6 +178,28 @@ PROTOCOLS = {
         threads=2,
         real_model="qwen2.5-coder-0.5b",
         with_uncensorbench=True,
+        heldout_tokens=48,
+        heldout_long_tokens=128,
+        heldout_kl_tokens=16,
+        judge=JUDGE_QWEN,
+        judge_cpu_half=True,
+    ),
+    # Across prompt sources: the study sees uncensorbench only (its 150 prompts split 60/32/58), and
+    # the held-out evaluation adds 100 Arditi et al. prompts it never saw; our tool only.
+    "cpu-real-cross": Protocol(
+        model=str(BENCHMARKS / "work" / "models" / "qwen2.5-coder-0.5b" / "hf-float32"),
+        dtype="float32",
+        n_harmful={"train": 60, "eval": 32, "heldout": 58},
+        n_harmless={"train": 60, "eval": 32, "heldout": 100},
+        max_response_length=16,
+        n_trials=20,
+        n_startup_trials=8,
+        seed=42,
+        batch_size=32,
+        threads=2,
+        real_model="qwen2.5-coder-0.5b",
+        harmful_source="uncensorbench",
+        cross_harmful=100,
         heldout_tokens=48,
         heldout_long_tokens=128,
         heldout_kl_tokens=16,
@@ -355,8 +382,11 @@ def prompt_pools(protocol: Protocol, out: Path) -> dict | None:
     spec = {}
     for name, sizes in (("harmful", protocol.n_harmful), ("harmless", protocol.n_harmless)):
         pool = []
-        for part in ("train", "val"):
-            pool += _read_instructions(SHARED_PROMPTS / f"{name}_{part}.json")
+        if name == "harmful" and protocol.harmful_source == "uncensorbench":
+            pool += _uncensorbench_prompts()
+        else:
+            for part in ("train", "val"):
+                pool += _read_instructions(SHARED_PROMPTS / f"{name}_{part}.json")
         if name == "harmful" and protocol.with_uncensorbench:
             pool += _uncensorbench_prompts()
         pool = sorted({p.strip() for p in pool if p.strip()})
@@ -376,6 +406,22 @@ def prompt_pools(protocol: Protocol, out: Path) -> dict | None:
             "max": {s: sizes[s] for s in SPLITS},
         }
     return spec
+
+
+def cross_prompts(protocol: Protocol) -> list[str]:
+    """``cross_harmful`` harmful prompts of the source the study does not see (seeded)."""
+    if protocol.harmful_source == "uncensorbench":
+        pool = [p for part in ("train", "val") for p in _read_instructions(SHARED_PROMPTS / f"harmful_{part}.json")]
+        exclude = set()
+    else:
+        pool = _uncensorbench_prompts()
+        exclude = {p.strip() for part in ("train", "val")
+                   for p in _read_instructions(SHARED_PROMPTS / f"harmful_{part}.json")}
+    pool = sorted({p.strip() for p in pool if p.strip()} - exclude)
+    random.Random(protocol.seed + 1).shuffle(pool)
+    if len(pool) < protocol.cross_harmful:
+        raise ValueError(f"cross_harmful: {len(pool)} prompts, protocol needs {protocol.cross_harmful}")
+    return pool[: protocol.cross_harmful]
 
 
 def local_splits(protocol: Protocol) -> dict[str, dict[str, list[str]]]:
@@ -464,8 +510,11 @@ def our_config(
     )
     if prompts_spec is not None:
         config["prompts"] = prompts_spec
+    # Held-out answers are judged here, the same way for both tools (evaluate_heldout), so the
+    # workflow's own long held-out answers and answer KL would be time no tool is measured on.
     config.setdefault("evaluation", {}).update(
-        max_new_tokens=protocol.max_response_length, batch_size=protocol.batch_size
+        max_new_tokens=protocol.max_response_length, batch_size=protocol.batch_size,
+        heldout_max_new_tokens=protocol.max_response_length, kl_tokens=1,
     )
     config.setdefault("directions", {})["batch_size"] = protocol.batch_size
     config.setdefault("study", {}).update(
@@ -1139,6 +1188,9 @@ def main(argv=None) -> int:
         if not args.reuse_ours:
             run_ours_prompts(ours_dir, protocol, work)
         splits = workflow_splits(ours_dir, run)
+    if protocol.cross_harmful:
+        # held out from both tools: only the held-out evaluation sees them (by_source tells them apart)
+        splits["harmful"]["heldout"] = splits["harmful"]["heldout"] + cross_prompts(protocol)
     counts = {name: {s: len(v) for s, v in d.items()} for name, d in splits.items()}
     logger.info("prompt counts: %s", counts)
 
