@@ -58,7 +58,9 @@ def test_abliterating_a_real_model_removes_refusals_at_small_kl(tmp_path):
         "demo": 0.0,
     }
     # Qwen's refusals start "I'm sorry" or "As an AI": 16 tokens show them
-    cfg["evaluation"] = {"max_new_tokens": 16}
+    # held-out answers to 48 tokens (not the default 128): a refusal after a sentence of disclaimer
+    # still shows, in a test that must fit CI's CPU budget
+    cfg["evaluation"] = {"max_new_tokens": 16, "heldout_max_new_tokens": 48}
     cfg["study"] = {"n_trials": 5, "n_startup_trials": 3}
     wr.write_config(tmp_path, cfg)
 
