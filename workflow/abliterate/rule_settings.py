@@ -169,8 +169,9 @@ NOT_HASHED: dict[str, str] = {
 }
 
 # Read, but part of what the study makes only when it minimises the answer KL: a first-token study
-# keeps the name it had before these keys existed (kl_tokens then decides only evaluate's kl_answer).
-ANSWER_KL_KEYS = ("evaluation.kl_tokens", "study.objective_kl")
+# keeps the name it had before these keys existed (kl_tokens and kl_top_k then decide only evaluate's
+# kl_answer).
+ANSWER_KL_KEYS = ("evaluation.kl_tokens", "evaluation.kl_top_k", "study.objective_kl")
 
 
 def _not_hashed(config: dict) -> list[str]:
