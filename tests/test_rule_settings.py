@@ -98,6 +98,7 @@ CHANGES: dict[str, tuple] = {
         {"evaluate"},
     ),
     "evaluation.kl_tokens": (4, _EVAL),
+    "evaluation.kl_top_k": (16, _EVAL),
     "ablation.row_norm": ("none", {"study", "export"}),
     "ablation.route": ("lora", {"study", "export"}),
     "ablation.full_rank": (2, {"study", "export"}),
@@ -250,11 +251,13 @@ def test_the_study_name_follows_what_the_study_makes(tiny_model_path):
         ("merge.dtype", "float16"),
         ("demo_model.epochs", 5),
         ("evaluation.kl_tokens", 4),  # a first-token study does not read the answers
+        ("evaluation.kl_top_k", 16),
     ):
         assert rs.study_name(_set(config, path, value)) == name, path
     answer = _set(config, "study.objective_kl", "answer")
     assert rs.study_name(answer) != name
     assert rs.study_name(_set(answer, "evaluation.kl_tokens", 4)) != rs.study_name(answer)
+    assert rs.study_name(_set(answer, "evaluation.kl_top_k", 16)) != rs.study_name(answer)
     for path, value in (
         ("study.n_ei_candidates", 8),
         ("study.n_startup_trials", 1),

@@ -169,12 +169,14 @@ NOT_HASHED: dict[str, str] = {
 }
 
 # Read, but part of what the study makes only when it minimises the answer KL: a first-token study
-# keeps the name it had before these keys existed (kl_tokens then decides only evaluate's kl_answer).
-ANSWER_KL_KEYS = ("evaluation.kl_tokens", "study.objective_kl")
+# keeps the name it had before these keys existed (kl_tokens and kl_top_k then decide only evaluate's
+# kl_answer). The baseline stores the answers whichever KL the study minimises: its settings param
+# reruns it when they change, and its hash leaves them out, so switching the objective does not.
+ANSWER_KL_KEYS = ("evaluation.kl_tokens", "evaluation.kl_top_k", "study.objective_kl")
 
 
-def _not_hashed(config: dict) -> list[str]:
-    answer = config.get("study", {}).get("objective_kl", "first_token") == "answer"
+def _not_hashed(config: dict, rule: str) -> list[str]:
+    answer = config.get("study", {}).get("objective_kl", "first_token") == "answer" and rule != "baseline"
     return [*NOT_HASHED, *(() if answer else ANSWER_KL_KEYS)]
 
 
@@ -231,7 +233,7 @@ def fingerprint(config: dict, rule: str, upstream_of: str | None = None) -> str:
     (:data:`SKIPS`) are left out, since they change only outputs it does not read (the baseline's
     held-out answers do not rename the study)."""
     hashed = settings(config, rule)
-    for path in (*_not_hashed(config), *SKIPS.get(upstream_of, ())):
+    for path in (*_not_hashed(config, rule), *SKIPS.get(upstream_of, ())):
         *parents, last = path.split(".")
         node = hashed
         for part in parents:

@@ -50,8 +50,14 @@ def run(config: dict, harmful: str, harmless: str, out_responses: str, out_logpr
     for split in ("eval", "heldout"):
         _, texts = session.chats(config, lm.tokenizer, harmless, split)
         logprobs[split] = measure(lm.model, lm.tokenizer, settings, harmless=texts).logprobs
-        logprobs |= answer_kl.base_answers(lm.model, lm.tokenizer, texts, config.evaluation.kl_tokens,
-                                           settings.batch_size, settings.cuda_graphs).tensors(split)
+        answers = answer_kl.base_answers(lm.model, lm.tokenizer, texts, config.evaluation.kl_tokens,
+                                         settings.batch_size, config.evaluation.kl_top_k, settings.cuda_graphs,
+                                         first=logprobs[split])
+        tail = answers.mean_tail_mass()
+        log.info("baseline %s answer KL store: top %d tokens per answer position after the first, mean base tail "
+                 "mass %s (the coarsened answer KL equals the exact one where it is 0)", split, answers.top_k,
+                 "n/a (no counted position after the first)" if tail is None else f"{tail:.4g}")
+        logprobs |= answers.tensors(split)
     io.write_parquet(heldout.with_late_column(tables), out_responses, metadata={"config_hash": config_hash})
     io.save_safetensors(logprobs, out_logprobs, metadata={**lm.metadata(), "config_hash": config_hash})
     io.write_json(metrics, out_metrics)

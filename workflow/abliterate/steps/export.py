@@ -67,7 +67,8 @@ def confirm(config, lm, editor: editors.Editor, df: pd.DataFrame, harmful: str, 
         answers = {"objective_kl": "answer",
                    "base_answers": answer_kl.base_answers(lm.model, lm.tokenizer, harmless_texts,
                                                           config.evaluation.kl_tokens, settings.batch_size,
-                                                          settings.cuda_graphs)}
+                                                          config.evaluation.kl_top_k, settings.cuda_graphs,
+                                                          first=base_lp)}
     evaluator = Evaluator(editor.model, lm.tokenizer, harmful_texts, harmless_texts, base_lp,
                           settings.max_new_tokens, settings.batch_size, settings.detector,
                           cuda_graphs=settings.cuda_graphs, **answers)

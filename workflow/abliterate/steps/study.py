@@ -78,11 +78,16 @@ def objective_kl(config, base: dict, baseline_path: str) -> dict:
     """The :class:`Evaluator` arguments of ``study.objective_kl`` on the eval split."""
     if config.study.objective_kl == "first_token":
         return {}
-    answers = BaseAnswers.from_tensors(base, "eval")
+    answers = BaseAnswers.from_tensors(base, "eval", baseline_path)
     if answers is None or answers.n_tokens != config.evaluation.kl_tokens:
         found = "none" if answers is None else f"{answers.n_tokens} tokens"
         raise ConfigError(f"study.objective_kl is answer with evaluation.kl_tokens {config.evaluation.kl_tokens}, "
                           f"but {baseline_path} holds answers of {found}: rerun the baseline rule")
+    top_k = min(config.evaluation.kl_top_k, int(answers.first.shape[-1]))
+    if answers.n_tokens > 1 and answers.top_k != top_k:
+        raise ConfigError(f"study.objective_kl is answer with evaluation.kl_top_k {config.evaluation.kl_top_k}, "
+                          f"but {baseline_path} holds the top {answers.top_k} tokens per position: rerun the "
+                          "baseline rule")
     return {"base_answers": answers, "objective_kl": "answer"}
 
 
