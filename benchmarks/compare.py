@@ -69,6 +69,8 @@ REF_POINT = (1.0, 1.0)
 
 SPLITS = ("train", "eval", "heldout")
 
+# The answer KL's top-k store, as the workflow's default evaluation.kl_top_k.
+KL_TOP_K = 256
 # The judge of cpu-real's held-out answers (benchmarks/README.md, "The judge": chosen on hand labels).
 JUDGE_QWEN = str(BENCHMARKS / "work" / "models" / "qwen2.5-coder-1.5b" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
 
@@ -794,8 +796,8 @@ def answer_heldout(protocol: Protocol, config, lm, splits: dict, base: dict | No
         tensors["heldout"] = found.logprobs.cpu()
         if (protocol.heldout_kl_tokens or 1) > 1:
             tensors |= {k: v.cpu() for k, v in answer_kl.base_answers(
-                lm.model, lm.tokenizer, harmless, protocol.heldout_kl_tokens, settings.batch_size,
-                settings.cuda_graphs).tensors("heldout").items()}
+                lm.model, lm.tokenizer, harmless, protocol.heldout_kl_tokens, settings.batch_size, KL_TOP_K,
+                settings.cuda_graphs, first=found.logprobs).tensors("heldout").items()}
     else:
         out["kl_per_prompt"] = kl.kl_per_prompt(base["heldout"], found.logprobs.cpu()).tolist()
     return out, tensors
