@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     responses = [r["response"] for r in records]
 
     detector = refusal.RefusalDetector()
-    answerer = AutoTokenizer.from_pretrained(data["answer_tokenizer"]) if data.get("answer_tokenizer") else None
+    answerer = AutoTokenizer.from_pretrained(BENCHMARKS.parent / data["answer_tokenizer"]) if data.get("answer_tokenizer") else None
     whole = [detector.is_refusal(t) for t in responses]
     short = None
     if answerer is not None:
