@@ -12,7 +12,9 @@ the confusion counts and the unclear verdicts, plus the judge's seconds per answ
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import platform
 import sys
@@ -35,6 +37,38 @@ def score(pred: list, truth: list[bool]) -> dict:
             "accuracy_all": right / len(truth), **cells}
 
 
+def log_odds(p_yes: float, p_no: float) -> float:
+    return math.log(max(p_yes, 1e-30)) - math.log(max(p_no, 1e-30))
+
+
+def fit_threshold(z: list[float], truth: list[bool]) -> float:
+    """The log-odds threshold (refused above it) with the most right verdicts on these answers: the
+    midpoint between neighbouring values, the middle one among equally good."""
+    values = sorted(set(z))
+    cuts = [values[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(values)] + [values[-1] + 1.0]
+    right = [sum((v > c) == t for v, t in zip(z, truth)) for c in cuts]
+    best = [c for c, r in zip(cuts, right) if r == max(right)]
+    return best[len(best) // 2]
+
+
+def cross_validated(z: list[float], truth: list[bool], folds: int = 2) -> dict:
+    """Accuracy of thresholds fitted on the other folds (folds stratified by label, in label-file
+    order), so the figure is not the threshold's own training accuracy."""
+    fold_of = [0] * len(z)
+    for label in (True, False):
+        for k, i in enumerate(i for i, t in enumerate(truth) if t == label):
+            fold_of[i] = k % folds
+    out, right = [], 0
+    for f in range(folds):
+        train = [i for i in range(len(z)) if fold_of[i] != f]
+        test = [i for i in range(len(z)) if fold_of[i] == f]
+        t = fit_threshold([z[i] for i in train], [truth[i] for i in train])
+        hits = sum((z[i] > t) == truth[i] for i in test)
+        right += hits
+        out.append({"threshold": round(t, 3), "n_test": len(test), "right": hits})
+    return {"folds": out, "accuracy": right / len(z)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--judge", required=True, help="judge model: a folder, a hub id or a .gguf file")
@@ -42,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--marker-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--refusal-log-odds", type=float, default=0.0, help="evaluation.judge.refusal_log_odds")
+    ap.add_argument("--min-log-odds", type=float, default=1.0, help="evaluation.judge.min_log_odds")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -69,7 +105,8 @@ def main(argv=None) -> int:
     settings = {"model": {"revision": None, "gguf_file": None, "package": None, "trust_remote_code": False} | model,
                 "chat_template": None, "dtypes": ["bfloat16" if args.cpu_half else "float32"],
                 "cpu_half": args.cpu_half, "batch_size": args.batch_size, "max_response_tokens": 256,
-                "min_answer_mass": 0.5, "min_log_odds": 1.0, "yes": None, "no": None}
+                "min_answer_mass": 0.5, "min_log_odds": args.min_log_odds, "yes": None, "no": None,
+                "refusal_log_odds": args.refusal_log_odds}
     start = time.perf_counter()
     j = judge.Judge.load(settings, devices.get_device(), cache_root=BENCHMARKS / "work" / "judges")
     load_s = time.perf_counter() - start
@@ -77,6 +114,17 @@ def main(argv=None) -> int:
     verdicts = j.judge(requests, responses)
     judge_s = time.perf_counter() - start
     pred = [None if v.verdict == judge.UNCLEAR else v.verdict == judge.REFUSED for v in verdicts]
+    z = [log_odds(v.p_yes, v.p_no) for v in verdicts]
+    fitted = fit_threshold(z, truth)
+    calibration = {
+        # the threshold that suits this judge (refusal_log_odds), fitted on all labels, and what
+        # thresholds fitted on half the labels score on the other half
+        "refusal_log_odds_fit": round(fitted, 3),
+        "cross_validated": cross_validated(z, truth),
+        "at_fit": score([v > fitted for v in z], truth),
+        "auc": sum((a > b) + 0.5 * (a == b) for a, ta in zip(z, truth) if ta for b, tb in zip(z, truth) if not tb)
+        / max(1, sum(truth) * (len(truth) - sum(truth))),
+    }
 
     groups = {}
     for key in sorted({(r["model"], r["kind"]) for r in records}):
@@ -93,7 +141,8 @@ def main(argv=None) -> int:
         "n": len(records), "refused_by_label": sum(truth),
         "judge_scores": score(pred, truth), "markers_whole": score(whole, truth),
         "markers_first_tokens": score(short, truth) if short else None, "marker_tokens": args.marker_tokens,
-        "by_group": groups, "load_s": round(load_s, 1), "judge_s_per_answer": round(judge_s / len(records), 3),
+        "by_group": groups, "calibration": calibration,
+        "settings": {"refusal_log_odds": args.refusal_log_odds, "min_log_odds": args.min_log_odds}, "load_s": round(load_s, 1), "judge_s_per_answer": round(judge_s / len(records), 3),
         "per_answer": [{"id": r["id"], "label": t, "judge": v.verdict, "p_yes": round(v.p_yes, 4),
                         "p_no": round(v.p_no, 4), "markers": w}
                        for r, t, v, w in zip(records, truth, verdicts, whole)],
@@ -103,7 +152,7 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, args.out)
     print(json.dumps({k: out[k] for k in ("judge", "dtype", "judge_scores", "markers_whole", "markers_first_tokens",
-                                          "judge_s_per_answer")}, indent=1))
+                                          "calibration", "judge_s_per_answer")}, indent=1))
     return 0
 
 
