@@ -1151,6 +1151,12 @@ def main(argv=None) -> int:
         "when missing)",
     )
     ap.add_argument(
+        "--no-judge",
+        action="store_true",
+        help="leave the protocol's judge out of the held-out evaluation (markers only; a 1.5B judge "
+        "costs seconds per answer on a CPU)",
+    )
+    ap.add_argument(
         "--seed",
         type=int,
         help="replicate with another seed (prompt pools and splits, both tools' samplers); "
@@ -1166,6 +1172,8 @@ def main(argv=None) -> int:
         protocol = replace(protocol, seed=args.seed)
     if args.quantization:
         protocol = replace(protocol, quantization=args.quantization)
+    if args.no_judge:
+        protocol = replace(protocol, judge=None)
     if protocol.real_model and not args.model:
         converted_real_model(protocol)
     model = args.model or protocol.model
