@@ -193,10 +193,85 @@ def test_unwritable_type_names_the_key():
         gguf_export.check_config({"merge": {"gguf": "q8_0", "adapter_only": True}})
 
 
-def test_architecture_without_a_tensor_map_fails_before_writing(tmp_path):
-    src = model_dir(tmp_path / "model", tm.tiny_gemma3_text())
+def tiny_gemma3(tied: bool = True):
+    """Gemma 3 text with head_dim 256 and query_pre_attn_scalar = head_dim: transformers reads no
+    query_pre_attn_scalar from a GGUF (Gemma3TextConfig's default is 256) and llama.cpp scales by head_dim.
+    A sliding window shorter than the prompts, so the local layers' masks matter; random norm weights,
+    so the (1 + weight) shift is exercised."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(**{**tm._COMMON, "head_dim": 256, "tie_word_embeddings": tied}, sliding_window=4,
+                              query_pre_attn_scalar=256)
+    model = tm._build(Gemma3ForCausalLM, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0"])
+def test_converted_gemma3_text_loads_back_as_the_merged_model(tmp_path, kind):
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+
+    src = model_dir(tmp_path / "model", tiny_gemma3())
+    out = tmp_path / "run.gguf"
+    assert gguf_convert.convert(src, out, gguf_export.qtype(kind))["architecture"] == "gemma3"
+    tok, ref = AutoTokenizer.from_pretrained(src), AutoModelForCausalLM.from_pretrained(src).eval()
+    assert max(len(ids) for ids in tok(PROMPTS)["input_ids"]) > ref.config.sliding_window
+    back = load_gguf(out)
+    assert back.config.model_type == "gemma3_text" and back.config.tie_word_embeddings
+    assert_within_type(logits(back, tok), logits(ref, tok), kind)
+    # llama.cpp's gemma3 graph multiplies by the stored norm weight: it must hold Gemma's 1 + weight
+    reader = GGUFReader(out)
+    stored = {t.name: t for t in reader.tensors}["blk.0.post_ffw_norm.weight"]
+    hf = load_file(src / "model.safetensors")["model.layers.0.post_feedforward_layernorm.weight"]
+    assert torch.equal(torch.from_numpy(stored.data.copy()), hf + 1)
+    assert reader.fields["gemma3.attention.sliding_window"].contents() == 4
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"query_pre_attn_scalar": 128}, "query_pre_attn_scalar 128 is not head_dim 256"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping is set"),
+    ({"hidden_activation": "silu"}, "MLP activation silu"),
+    ({"layer_types": ["full_attention"] * tm.LAYERS}, "fixed pattern"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 5e4}}}, "RoPE base 50000"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "RoPE scaling"),
+])
+def test_gemma3_that_llama_cpp_runs_differently_names_the_key(change, why):
+    config = tiny_gemma3().config
+    for key, value in change.items():
+        setattr(config, key, value)
+    with pytest.raises(ConfigError, match=rf"merge\.gguf: this Gemma 3's .*{why}.*merge\.gguf: null"):
+        gguf_convert.check_architecture(config)
+
+
+def test_sentencepiece_tokenizer_names_the_key_before_writing(tmp_path):
+    """Gemma's own tokenizer is SentencePiece-style (Metaspace, byte fallback), which llama.cpp stores
+    as its "llama" tokenizer model; this converter writes byte-level BPE only."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    core.train_from_iterator(PROMPTS * 20, trainers.BpeTrainer(vocab_size=tm.VOCAB, special_tokens=["<pad>", "<unk>"]))
+    src = tmp_path / "model"
+    tiny_gemma3().save_pretrained(src)
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>").save_pretrained(src)
     out = tmp_path / "out" / "run.gguf"
-    with pytest.raises(ConfigError, match=r"merge\.gguf: gemma3_text is an architecture without a tensor map"):
+    with pytest.raises(ConfigError, match=r"merge\.gguf: the tokenizer is BPE with a Metaspace decoder.*Gemma"):
+        gguf_export.export(src, tmp_path / "adapter", out, "f16")
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_architecture_without_a_tensor_map_fails_before_writing(tmp_path):
+    src = model_dir(tmp_path / "model", tm.tiny_gpt2())
+    out = tmp_path / "out" / "run.gguf"
+    with pytest.raises(ConfigError, match=r"merge\.gguf: gpt2 is an architecture without a tensor map"):
         gguf_export.export(src, tmp_path / "adapter", out, "f16")
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 

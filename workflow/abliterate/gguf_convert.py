@@ -12,13 +12,13 @@ import json
 import logging
 from pathlib import Path
 
-from . import gguf_export, io
+from . import gguf_export, gguf_gemma3, io
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 # transformers model_type -> GGUF architecture this converter writes
-ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", gguf_gemma3.MODEL_TYPE: "gemma3"}
 
 # The split regexes of the pre-tokenizers llama.cpp names (its llama-vocab.cpp); tokenizers whose
 # pre-tokenizer matches none are written as "default" with a warning.
@@ -37,6 +37,9 @@ def check_architecture(config) -> str:
             f"{gguf_export.KEY}: {config.model_type} is an architecture without a tensor map in this converter "
             f"(it converts {', '.join(sorted(ARCHS))}); set {gguf_export.KEY}: null and convert "
             "results/<run>/model with llama.cpp's convert_hf_to_gguf.py")
+    if arch == "gemma3":  # its rope_parameters are per attention type, checked there
+        gguf_gemma3.check(config)
+        return arch
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ConfigError(f"{gguf_export.KEY}: the model's RoPE scaling {rope.get('rope_type')!r} is not written "
@@ -64,6 +67,8 @@ def convert(model_dir: Path, out_path: Path, qt) -> dict:
                 # the quantizers take float32 numpy arrays
                 weight = gguf_export.to_gguf_layout(f.get_tensor(hf_name).float().numpy(), name, arch, heads,
                                                     kv_heads)
+                if arch == "gemma3":
+                    weight = gguf_gemma3.to_gguf(weight, name)
                 data, written = gguf_export.encode(weight, qt)
                 writer.add_tensor(name, data, raw_dtype=written)
     with io.atomic_path(out_path) as tmp:
@@ -83,8 +88,12 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 def _hyperparameters(writer, config) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if config.model_type == gguf_gemma3.MODEL_TYPE:
+        theta = gguf_gemma3.rope_base(config)
+        gguf_gemma3.hyperparameters(writer, config)
+    else:
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -107,8 +116,9 @@ def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
     model, decoder = spec["model"], spec.get("decoder") or {}
     if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
         raise ConfigError(f"{gguf_export.KEY}: the tokenizer is {model.get('type')} with a {decoder.get('type')} "
-                          "decoder; this converter writes byte-level BPE tokenizers only; set merge.gguf: null and "
-                          "use llama.cpp's convert_hf_to_gguf.py")
+                          "decoder; this converter writes byte-level BPE tokenizers only, not SentencePiece-style "
+                          "ones such as Gemma's or Llama 2's; set merge.gguf: null and use llama.cpp's "
+                          "convert_hf_to_gguf.py")
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
     tokens, types = [], []
