@@ -31,8 +31,8 @@ def check(config) -> None:
         (list(config.layer_types) != expected_types,
          f"layer types {config.layer_types} are not llama.cpp's fixed pattern (every {PATTERN}th layer global)"),
         (config.query_pre_attn_scalar != config.head_dim,
-         f"query_pre_attn_scalar {config.query_pre_attn_scalar} is not head_dim {config.head_dim}, the "
-         "scale llama.cpp uses"),
+         (f"query_pre_attn_scalar {config.query_pre_attn_scalar} is not head_dim {config.head_dim}, the "
+          "scale llama.cpp uses")),
         (config.attn_logit_softcapping is not None, "attn_logit_softcapping is set and llama.cpp's gemma3 has none"),
         (config.hidden_activation != ACTIVATION, f"the MLP activation {config.hidden_activation} is not {ACTIVATION}"),
         (local.get("rope_theta") != LOCAL_ROPE_BASE,
