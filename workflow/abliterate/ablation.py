@@ -282,14 +282,7 @@ def delta_factors(
         projected = w_hat.addr(r, torch.matmul(r, w_hat), alpha=-weight)
         _, pdiv = _row_norms(projected)
         w_new = projected * (n / pdiv)[:, None]
-        delta = w_new - w32
-        k = min(rank, *delta.shape)
-        q = min(k + oversampling, *delta.shape)
-        with devices.fork_rng(delta.device):
-            torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(delta, q=q, niter=niter)
-        root = s[:k].sqrt()
-        return u[:, :k] * root, root[:, None] * v[:, :k].T
+        return _low_rank(w_new - w32, rank, seed, oversampling, niter)
     else:
         raise ConfigError(f"unknown row_norm {row_norm!r}; use one of {[m.value for m in RowNorm]}")
     return b[:, None], a[None, :]
@@ -309,8 +302,14 @@ def _multi_delta_factors(w: torch.Tensor, r: torch.Tensor, lam: torch.Tensor, ro
     w_hat = w32 / div[:, None]
     projected = w_hat.addmm(r.T * lam, torch.matmul(r, w_hat), alpha=-1)  # Ŵ − Rᵀ diag(λ) R Ŵ
     _, pdiv = _row_norms(projected)
-    delta = projected * (n / pdiv)[:, None] - w32
-    k = min(rank + r.shape[0] - 1, *delta.shape)
+    return _low_rank(projected * (n / pdiv)[:, None] - w32, rank + r.shape[0] - 1, seed, oversampling, niter)
+
+
+def _low_rank(delta: torch.Tensor, rank: int, seed: int, oversampling: int,
+              niter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FULL mode's factors of a dense ``delta``: ``svd_lowrank`` under a fixed seed, truncated to
+    ``rank``, ``sqrt(S)`` on both factors."""
+    k = min(rank, *delta.shape)
     q = min(k + oversampling, *delta.shape)
     with devices.fork_rng(delta.device):
         torch.manual_seed(seed)
