@@ -809,6 +809,17 @@ def answer_heldout(protocol: Protocol, config, lm, splits: dict, base: dict | No
     return out, tensors
 
 
+def judge_settings(judge: str, cpu_half: bool, **overrides) -> dict:
+    """``evaluation.judge`` settings for a judge at ``judge`` (a folder, a hub id or a .gguf file),
+    in bfloat16 with ``cpu_half``, else float32; ``overrides`` replace the schema's defaults."""
+    path = Path(judge)
+    model = {"path": str(path.parent), "gguf_file": path.name} if path.suffix == ".gguf" else {"path": judge}
+    return {"model": {"revision": None, "gguf_file": None, "package": None, "trust_remote_code": False} | model,
+            "chat_template": None, "dtypes": ["bfloat16" if cpu_half else "float32"], "cpu_half": cpu_half,
+            "batch_size": 8, "max_response_tokens": 256, "min_answer_mass": 0.5, "min_log_odds": 1.0,
+            "refusal_log_odds": 0.0, "yes": None, "no": None} | overrides
+
+
 def judge_answers(protocol: Protocol, requests: list[str], results: dict, cache: Path | None) -> None:
     """The judge's verdicts on each model's held-out answers, into ``results[tool]`` (``judge``:
     counts and agreement with the markers on the whole answer; per prompt ``judge`` and ``p_yes``).
@@ -816,14 +827,9 @@ def judge_answers(protocol: Protocol, requests: list[str], results: dict, cache:
     import torch
     from abliterate import judge
 
-    path = Path(protocol.judge)
-    model = {"path": str(path.parent), "gguf_file": path.name} if path.suffix == ".gguf" else {"path": str(path)}
-    settings = {"model": {"revision": None, "gguf_file": None, "package": None, "trust_remote_code": False} | model,
-                "chat_template": None, "dtypes": ["bfloat16" if protocol.judge_cpu_half else "float32"],
-                "cpu_half": protocol.judge_cpu_half, "batch_size": 8,
-                "max_response_tokens": protocol.judge_response_tokens, "min_answer_mass": 0.5,
-                # no band of unclear verdicts: the threshold was fitted for right verdicts, not margins
-                "min_log_odds": 0.0, "refusal_log_odds": protocol.judge_refusal_log_odds, "yes": None, "no": None}
+    # no band of unclear verdicts: the threshold was fitted for right verdicts, not margins
+    settings = judge_settings(protocol.judge, protocol.judge_cpu_half, max_response_tokens=protocol.judge_response_tokens,
+                              min_log_odds=0.0, refusal_log_odds=protocol.judge_refusal_log_odds)
     loaded = None
     for tool, got in results.items():
         if tool not in protocol.judge_tools:

@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
+    import compare
     import torch
     from abliterate import devices, judge, refusal
     from transformers import AutoTokenizer
@@ -100,13 +101,8 @@ def main(argv=None) -> int:
         short = [detector.is_refusal(answerer.decode(answerer(t, add_special_tokens=False)["input_ids"]
                                                      [: args.marker_tokens])) for t in responses]
 
-    path = Path(args.judge)
-    model = ({"path": str(path.parent), "gguf_file": path.name} if path.suffix == ".gguf" else {"path": args.judge})
-    settings = {"model": {"revision": None, "gguf_file": None, "package": None, "trust_remote_code": False} | model,
-                "chat_template": None, "dtypes": ["bfloat16" if args.cpu_half else "float32"],
-                "cpu_half": args.cpu_half, "batch_size": args.batch_size, "max_response_tokens": 256,
-                "min_answer_mass": 0.5, "min_log_odds": args.min_log_odds, "yes": None, "no": None,
-                "refusal_log_odds": args.refusal_log_odds}
+    settings = compare.judge_settings(args.judge, args.cpu_half, batch_size=args.batch_size,
+                                      min_log_odds=args.min_log_odds, refusal_log_odds=args.refusal_log_odds)
     start = time.perf_counter()
     j = judge.Judge.load(settings, devices.get_device(), cache_root=BENCHMARKS / "work" / "judges")
     load_s = time.perf_counter() - start
