@@ -214,6 +214,24 @@ PROTOCOLS = {
         cross_harmful=100,
         heldout_tokens=48,
     ),
+    # The other way round: the study sees Arditi et al. prompts only (96/32/100, as cpu-real), and the
+    # held-out evaluation adds uncensorbench's prompts that are not Arditi's (100 of them).
+    "cpu-real-cross-arditi": Protocol(
+        model=str(BENCHMARKS / "work" / "models" / "qwen2.5-coder-0.5b" / "hf-float32"),
+        dtype="float32",
+        n_harmful={"train": 96, "eval": 32, "heldout": 100},
+        n_harmless={"train": 96, "eval": 32, "heldout": 100},
+        max_response_length=16,
+        n_trials=20,
+        n_startup_trials=8,
+        seed=42,
+        batch_size=32,
+        threads=2,
+        real_model="qwen2.5-coder-0.5b",
+        harmful_source="arditi",
+        cross_harmful=100,
+        heldout_tokens=48,
+    ),
     # A minute on 2 cores with the tiny model of tiny_model.py: checks the harness only.
     "smoke": Protocol(
         model=None,

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 import venv
 from pathlib import Path
@@ -107,5 +106,11 @@ def ensure_heretic_env(
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Create or check Heretic's venv; prints its python.")
+    # argparse, so that --help is not taken for a folder to build a venv in
+    ap.add_argument("venv", nargs="?", type=Path, default=DEFAULT_VENV, help=f"default {DEFAULT_VENV}")
+    args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(ensure_heretic_env(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_VENV))
+    print(ensure_heretic_env(args.venv))
