@@ -868,8 +868,12 @@ def judge_answers(protocol: Protocol, requests: list[str], results: dict, cache:
         got["judge"] = judge.agreement(verdicts, whole)
         got["per_prompt"]["judge"] = [v.verdict for v in verdicts]
         got["per_prompt"]["judge_p_yes"] = [round(v.p_yes, 4) for v in verdicts]
-        # for the paired test every prompt needs a side: the likelier answer, unclear ones included
-        got["per_prompt"]["judge_refused"] = [v.p_yes > v.p_no for v in verdicts]
+        # for the paired test every prompt needs a side: the calibrated threshold decides, unclear
+        # ones (too little mass on yes and no) included; p(yes) > p(no) would call nearly all refused
+        got["per_prompt"]["judge_refused"] = [
+            math.log(max(v.p_yes, 1e-30)) - math.log(max(v.p_no, 1e-30)) > settings["refusal_log_odds"]
+            for v in verdicts
+        ]
     del loaded
 
 
