@@ -100,19 +100,20 @@ def verdict(paired: dict) -> str:
     return f"{refusals}; {kl}"
 
 
-def pooled(per_file: Sequence[dict]) -> dict:
+def pooled(per_file: Sequence[dict], refused: str = "refused") -> dict:
     """One paired comparison over several results' per-prompt outcomes (e.g. seeds).
 
-    ``per_file``: dicts with ``ours`` and ``heretic``, each holding ``refused`` and ``kl`` lists.
+    ``per_file``: dicts with ``ours`` and ``heretic``, each holding a ``refused`` list (the
+    verdict to pool: ``refused`` for the markers, ``judge_refused`` for the judge) and ``kl``.
     Seeds draw their held-out prompts from pools that may overlap, so a prompt can count twice:
     the pooled interval is then somewhat too narrow.
     """
     cat = {
-        tool: {key: [v for f in per_file for v in f[tool][key]] for key in ("refused", "kl")}
+        tool: {key: [v for f in per_file for v in f[tool][key]] for key in (refused, "kl")}
         for tool in ("ours", "heretic")
     }
     out = compare(
-        cat["ours"]["refused"], cat["heretic"]["refused"], cat["ours"]["kl"], cat["heretic"]["kl"]
+        cat["ours"][refused], cat["heretic"][refused], cat["ours"]["kl"], cat["heretic"]["kl"]
     )
     return out | {"n_files": len(per_file)}
 

@@ -93,7 +93,11 @@ def paired_lines(results: list[dict]) -> list[str]:
     import paired
 
     with_prompts = [r for r in results if r.get("heldout_paired") and r.get("heldout_per_prompt")]
-    lines = [f"{r['_file']}: {r['heldout_paired']['verdict']}" for r in with_prompts]
+    lines = []
+    for r in with_prompts:
+        lines.append(f"{r['_file']}: {r['heldout_paired']['verdict']}")
+        if "judge" in r["heldout_paired"]:
+            lines.append(f"{r['_file']}, judge: {r['heldout_paired']['judge']['verdict']}")
     if len(with_prompts) > 1:
         pool = paired.pooled([r["heldout_per_prompt"] for r in with_prompts])
         lines.append(
@@ -101,6 +105,11 @@ def paired_lines(results: list[dict]) -> list[str]:
             f"{pool['n_harmless']} harmless prompts): {pool['verdict']}"
         )
         lines.append(paired.across_runs_line(paired.across_runs([r["heldout_paired"] for r in with_prompts])))
+        judged = [r["heldout_per_prompt"] for r in with_prompts
+                  if all("judge_refused" in r["heldout_per_prompt"][tool] for tool in ("ours", "heretic"))]
+        if len(judged) == len(with_prompts):
+            pool = paired.pooled(judged, refused="judge_refused")
+            lines.append(f"pooled, the judge's verdicts instead of the markers: {pool['verdict']}")
     if lines:
         lines.insert(0, "held-out, paired on the same prompts (ours - heretic):")
     return lines

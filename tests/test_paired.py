@@ -98,6 +98,24 @@ def test_summary_pools_the_files_with_per_prompt_outcomes(bench, tmp_path):
     assert summarize.paired_lines(summarize.load([old])) == []
 
 
+def test_summary_pools_the_judge_verdicts_when_every_file_has_them(bench, tmp_path):
+    paired, summarize = bench
+    files = []
+    for seed, ours_judge, theirs_judge in ((42, [True, False], [True, True]), (43, [False, False], [True, False])):
+        per_prompt = {"ours": {"refused": [False, False], "judge_refused": ours_judge, "kl": [0.05, 0.05]},
+                      "heretic": {"refused": [False, False], "judge_refused": theirs_judge, "kl": [0.06, 0.06]}}
+        verdict = paired.compare([False, False], [False, False], [0.05] * 2, [0.06] * 2)
+        verdict["judge"] = paired.compare(ours_judge, theirs_judge, [0.05] * 2, [0.06] * 2)
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"settings": {"seed": seed}, "ours": {}, "heretic": {},
+                                    "heldout_per_prompt": per_prompt, "heldout_paired": verdict}))
+        files.append(path)
+    lines = summarize.paired_lines(summarize.load(files))
+    assert lines[2].startswith("s42.json, judge: refusals not distinguishable (-1")
+    assert lines[-1].startswith("pooled, the judge's verdicts instead of the markers: refusals not "
+                                "distinguishable (-2, p=0.5)")
+
+
 def test_across_runs_takes_each_file_as_one_observation(bench):
     paired, _ = bench
     files = [{"kl_diff_mean": 0.01, "refusals_diff": 2}, {"kl_diff_mean": 0.03, "refusals_diff": -1},
