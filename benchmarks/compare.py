@@ -1206,7 +1206,9 @@ def main(argv=None) -> int:
         converted_real_model(protocol)
     model = args.model or protocol.model
     if not model or not Path(model).is_dir():
-        ap.error(f"model folder {model!r} not found (give --model)")
+        build = (" or build the demo model: snakemake --cores all results/models/demo"
+                 if model == str(REPO / "results" / "models" / "demo") else "")
+        ap.error(f"model folder {model!r} not found (give --model{build})")
     if args.splits == "local" and not args.skip_ours:
         ap.error(
             "--splits local gives Heretic prompts our workflow does not see: use it with --skip-ours"
