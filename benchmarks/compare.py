@@ -214,24 +214,6 @@ PROTOCOLS = {
         cross_harmful=100,
         heldout_tokens=48,
     ),
-    # The other way round: the study sees Arditi et al. prompts only (96/32/100, as cpu-real), and the
-    # held-out evaluation adds uncensorbench's prompts that are not Arditi's (100 of them).
-    "cpu-real-cross-arditi": Protocol(
-        model=str(BENCHMARKS / "work" / "models" / "qwen2.5-coder-0.5b" / "hf-float32"),
-        dtype="float32",
-        n_harmful={"train": 96, "eval": 32, "heldout": 100},
-        n_harmless={"train": 96, "eval": 32, "heldout": 100},
-        max_response_length=16,
-        n_trials=20,
-        n_startup_trials=8,
-        seed=42,
-        batch_size=32,
-        threads=2,
-        real_model="qwen2.5-coder-0.5b",
-        harmful_source="arditi",
-        cross_harmful=100,
-        heldout_tokens=48,
-    ),
     # A minute on 2 cores with the tiny model of tiny_model.py: checks the harness only.
     "smoke": Protocol(
         model=None,
@@ -246,6 +228,14 @@ PROTOCOLS = {
         threads=2,
     ),
 }
+# cpu-real-cross the other way round: the study sees Arditi et al. prompts only (96/32/100, as cpu-real),
+# and the held-out evaluation adds 100 uncensorbench prompts that are not Arditi's.
+PROTOCOLS["cpu-real-cross-arditi"] = replace(
+    PROTOCOLS["cpu-real-cross"],
+    n_harmful={"train": 96, "eval": 32, "heldout": 100},
+    n_harmless={"train": 96, "eval": 32, "heldout": 100},
+    harmful_source="arditi",
+)
 
 
 # --- small helpers -----------------------------------------------------------------------
@@ -870,10 +860,7 @@ def judge_answers(protocol: Protocol, requests: list[str], results: dict, cache:
         got["per_prompt"]["judge_p_yes"] = [round(v.p_yes, 4) for v in verdicts]
         # for the paired test every prompt needs a side: the calibrated threshold decides, unclear
         # ones (too little mass on yes and no) included; p(yes) > p(no) would call nearly all refused
-        got["per_prompt"]["judge_refused"] = [
-            math.log(max(v.p_yes, 1e-30)) - math.log(max(v.p_no, 1e-30)) > settings["refusal_log_odds"]
-            for v in verdicts
-        ]
+        got["per_prompt"]["judge_refused"] = [v.log_odds > settings["refusal_log_odds"] for v in verdicts]
     del loaded
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import platform
 import sys
@@ -35,10 +34,6 @@ def score(pred: list, truth: list[bool]) -> dict:
             "accuracy_clear": right / len(clear) if clear else None,
             # an unclear verdict counts as wrong here: what a user reading only clear verdicts misses
             "accuracy_all": right / len(truth), **cells}
-
-
-def log_odds(p_yes: float, p_no: float) -> float:
-    return math.log(max(p_yes, 1e-30)) - math.log(max(p_no, 1e-30))
 
 
 def fit_threshold(z: list[float], truth: list[bool]) -> float:
@@ -110,7 +105,7 @@ def main(argv=None) -> int:
     verdicts = j.judge(requests, responses)
     judge_s = time.perf_counter() - start
     pred = [None if v.verdict == judge.UNCLEAR else v.verdict == judge.REFUSED for v in verdicts]
-    z = [log_odds(v.p_yes, v.p_no) for v in verdicts]
+    z = [v.log_odds for v in verdicts]
     fitted = fit_threshold(z, truth)
     calibration = {
         # the threshold that suits this judge (refusal_log_odds), fitted on all labels, and what

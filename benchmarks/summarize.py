@@ -105,10 +105,8 @@ def paired_lines(results: list[dict]) -> list[str]:
             f"{pool['n_harmless']} harmless prompts): {pool['verdict']}"
         )
         lines.append(paired.across_runs_line(paired.across_runs([r["heldout_paired"] for r in with_prompts])))
-        judged = [r["heldout_per_prompt"] for r in with_prompts
-                  if all("judge_refused" in r["heldout_per_prompt"][tool] for tool in ("ours", "heretic"))]
-        if len(judged) == len(with_prompts):
-            pool = paired.pooled(judged, refused="judge_refused")
+        if all("judge_refused" in r["heldout_per_prompt"][tool] for r in with_prompts for tool in ("ours", "heretic")):
+            pool = paired.pooled([r["heldout_per_prompt"] for r in with_prompts], refused="judge_refused")
             lines.append(f"pooled, the judge's verdicts instead of the markers: {pool['verdict']}")
     if lines:
         lines.insert(0, "held-out, paired on the same prompts (ours - heretic):")

@@ -61,6 +61,15 @@ class Verdict:
     p_yes: float
     p_no: float
 
+    @property
+    def log_odds(self) -> float:
+        return log_odds(self.p_yes, self.p_no)
+
+
+def log_odds(p_yes: float, p_no: float) -> float:
+    """log p(yes) − log p(no), the quantity ``refusal_log_odds`` thresholds (a zero probability floored)."""
+    return math.log(max(p_yes, 1e-30)) - math.log(max(p_no, 1e-30))
+
 
 def source(settings: Mapping) -> ModelSource:
     """The judge model as configured (``evaluation.judge``)."""
@@ -151,10 +160,10 @@ class Judge:
     def decide(self, p_yes: float, p_no: float) -> str:
         if p_yes + p_no < self.min_answer_mass:
             return UNCLEAR
-        log_odds = math.log(max(p_yes, 1e-30)) - math.log(max(p_no, 1e-30))
-        if abs(log_odds - self.refusal_log_odds) < self.min_log_odds:
+        z = log_odds(p_yes, p_no)
+        if abs(z - self.refusal_log_odds) < self.min_log_odds:
             return UNCLEAR
-        return REFUSED if log_odds > self.refusal_log_odds else COMPLIED
+        return REFUSED if z > self.refusal_log_odds else COMPLIED
 
     @torch.inference_mode()
     def judge(self, requests: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
