@@ -26,6 +26,7 @@ Installing the packages is allowed with ABLITERATE_INSTALL_SLURM=1 or CI=true (r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -259,14 +260,17 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
         """Cancel this cluster's jobs, stop the daemons, remove /etc/slurm files we wrote."""
         p = self._paths()
         if p["slurmctld_pid"].exists() and which("scancel"):
-            subprocess.run(
-                ["scancel", "--full", "--user", "root"],
-                check=False,
-                capture_output=True,
-                timeout=10,
-            )
-        for name in ("slurmd_pid", "slurmctld_pid", "munged_pid"):
-            _kill_pidfile(p[name])
+            # A dead controller (a killed session's stale files) makes scancel retry until its
+            # timeout: the daemons are stopped below either way, and that ends their jobs.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                subprocess.run(
+                    ["scancel", "--full", "--user", "root"],
+                    check=False,
+                    capture_output=True,
+                    timeout=10,
+                )
+        for name, program in (("slurmd_pid", "slurmd"), ("slurmctld_pid", "slurmctld"), ("munged_pid", "munged")):
+            _kill_pidfile(p[name], program)
         for name in ("slurm.conf", "gres.conf"):
             path = ETC / name
             if path.exists() and path.read_text().startswith(MARKER):
@@ -292,11 +296,15 @@ def _run(cmd: list[str]) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
 
 
-def _kill_pidfile(pidfile: Path, timeout: float = 15) -> None:
-    """Stop the one process named in `pidfile`: SIGTERM, then SIGKILL after `timeout`."""
+def _kill_pidfile(pidfile: Path, program: str, timeout: float = 15) -> None:
+    """Stop the one process named in `pidfile` if it is still `program`: SIGTERM, then SIGKILL
+    after `timeout`. A stale file from an earlier boot may name a pid since reused by another process."""
     try:
         pid = int(pidfile.read_text().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
+        return
+    if _program(pid) != program:
+        pidfile.unlink(missing_ok=True)
         return
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
         if not _signal(pid, sig):
@@ -307,6 +315,14 @@ def _kill_pidfile(pidfile: Path, timeout: float = 15) -> None:
         if not _signal(pid, 0):
             break
     pidfile.unlink(missing_ok=True)
+
+
+def _program(pid: int) -> str | None:
+    """The executable name of process `pid` (Linux /proc), None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
 
 
 def _signal(pid: int, sig: int) -> bool:

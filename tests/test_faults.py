@@ -178,7 +178,10 @@ def stages(tmp_path_factory, model_path) -> Stages:
 
 # ------------------------------------------------------------------ a. second run on a live folder
 
-LIVE_TRIALS = 80  # ~0.15 s each on 2 CPU cores: the study outlives the second run's start-up
+# ~0.15 s each on 2 CPU cores: the study must outlive the second run's start-up, which took over
+# 80 trials' time on a loaded CI machine (the study finished and the second run met its incomplete
+# output instead of the lock)
+LIVE_TRIALS = 300
 
 
 @pytest.mark.parametrize("via", ["symlink", "bind_mount"])
@@ -201,6 +204,8 @@ def test_second_run_on_a_live_runs_folder_is_refused(tmp_path, stages, model_pat
 
             second = wr.run(other, check=False)
             live = first.poll() is None
+            assert not (wd / f"{RES}/study/worker-0.json").exists(), (
+                "the study finished before the second run's lock check: raise LIVE_TRIALS")
             assert second.returncode != 0 and LOCK_MESSAGE in second.stderr and "--unlock" in second.stderr, (
                 f"the second run was not refused (first run still running: {live}):\n{second.stderr[-3000:]}")
             assert _locks(wd) == locks and all(p.exists() for p in locks), "the live run's locks were removed"

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from abliterate import selection
 from abliterate import study as st
-from abliterate.errors import ConfigError
+from abliterate.errors import ConfigError, NumericalError
 from optuna.trial import TrialState
 from study_space import SPACE
 
@@ -568,6 +568,20 @@ def test_tensor_results_are_stored_as_plain_numbers():
                                             "per_prompt": torch.tensor([0.5, 0.0])})
     assert (refusals, kl, attrs["per_prompt"]) == (3, 0.25, [0.5, 0.0])
     assert type(refusals) is int and type(kl) is float
+
+
+@pytest.mark.parametrize("kl", [-4.3e-9, -2.3e-8, 0.0])
+def test_a_kl_at_zero_within_rounding_is_a_result(kl):
+    """An edit that leaves the KL prompts' first tokens as they were measures zero as a rounding
+    error either side of it: the study takes it as computed (300 tiny-model trials failed two this
+    way), as kl.kl_divergence does."""
+    assert st._check_result({"refusals": 0, "kl": kl})[1] == kl
+
+
+@pytest.mark.parametrize("kl", [-1e-3, float("nan"), float("inf")])
+def test_a_kl_beyond_rounding_fails_the_trial(kl):
+    with pytest.raises(NumericalError):
+        st._check_result({"refusals": 0, "kl": kl})
 
 
 def test_a_trial_left_running_without_a_worker_id_is_failed_on_restart(db, monkeypatch):
