@@ -6,7 +6,7 @@ each trial ``--reps`` times (the median is kept). A profile of one more replay g
 the dense matrix products. Run it with nothing else on the machine.
 
     python benchmarks/trial_phases.py --work benchmarks/work/cpu-real-seed44 --trials 0 4 6 \\
-        --out benchmarks/results/trial-phases-cpu-real-seed44.json
+        --heads auto full --out benchmarks/results/trial-phases-cpu-real-seed44-heads.json
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="a compare.py working folder with ours/ in it")
     ap.add_argument("--trials", type=int, nargs="+", required=True, help="trial numbers to replay")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--heads", nargs="+", choices=("auto", "full"), default=["auto"],
+                    help="output layer of the decode steps: auto (screened where it fits, "
+                         "abliterate.greedy_head) or full; several are replayed in turn, rep by rep")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -37,7 +40,8 @@ def main(argv=None) -> int:
     import optuna
     import torch
     import yaml
-    from abliterate import ablation, devices, session
+    from abliterate import ablation, devices, greedy_head, session
+    from abliterate.architecture import unwrap
     from abliterate import rule_settings as rs
     from abliterate import workflow_config as wc
     from abliterate.rule_settings import typed
@@ -78,10 +82,20 @@ def main(argv=None) -> int:
     out = {"work": str(args.work), "threads": torch.get_num_threads(), "device": str(devices.get_device()),
            "n_harmful": len(evaluator.harmful_texts), "n_harmless": len(evaluator.harmless_texts),
            "max_new_tokens": evaluator.max_new_tokens, "trials": {}}
+    out["heads"] = args.heads
+    decoded = unwrap(lm.model)
     for number in args.trials:
-        runs = [replay(number) for _ in range(args.reps)]
-        out["trials"][number] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        print(number, {k: round(v, 3) for k, v in out["trials"][number].items()})
+        runs: dict[str, list[dict]] = {head: [] for head in args.heads}
+        for _ in range(args.reps):  # in turn, so that a drifting machine slows every head alike
+            for head in args.heads:
+                greedy_head.set_screening(decoded, head == "auto")
+                runs[head].append(replay(number))
+        out["trials"][number] = {
+            head: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for head, rs in runs.items()
+        }
+        for head, medians in out["trials"][number].items():
+            print(number, head, {k: round(v, 3) for k, v in medians.items()})
+    greedy_head.set_screening(decoded, args.heads[0] == "auto")
     with torch.autograd.profiler.profile() as prof:
         replay(args.trials[0])
     ops = prof.key_averages()

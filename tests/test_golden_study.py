@@ -206,4 +206,6 @@ def test_a_short_study_on_a_tiny_model_gives_the_pinned_trials(tmp_path):
     if not GOLDEN:
         pytest.fail(f"GOLDEN = {got!r}")
     assert [(params, refusals) for params, refusals, _ in got] == [(p, r) for p, r, _ in GOLDEN]
-    assert [kl for *_, kl in got] == pytest.approx([kl for *_, kl in GOLDEN], rel=1e-3, abs=1e-7)
+    # abs: float32 rounding, which differs between CPUs' kernels (an AMD EPYC with AVX-512 gives
+    # every KL here 1e-7 to 4e-7 below the pinned values, with the same sampled points and refusals)
+    assert [kl for *_, kl in got] == pytest.approx([kl for *_, kl in GOLDEN], rel=1e-3, abs=1e-6)

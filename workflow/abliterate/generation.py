@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from . import hf_compat
+from . import greedy_head, hf_compat
 from .architecture import text_config, unwrap
 from .fixed_decoding import _MASKS, FixedShapeBatch
 from .prompting import encode, length_order
@@ -342,6 +342,8 @@ class ContinuousDecoder(BatchDecoder):
     waiting prompts are prefilled and join the running batch, so it stays full and later steps
     compute only live sequences. When the cache cannot take new rows, a batch runs to its end before
     the next one starts. Without early stops the tokens are those of ``model.generate(do_sample=False)``.
+    On a CPU the steps may take each token from an output layer screened in bfloat16
+    (:mod:`abliterate.greedy_head`): the same tokens, up to float32 rounding.
     """
 
     def _run(self, texts, order, responses, prefill_fn):
@@ -349,6 +351,7 @@ class ContinuousDecoder(BatchDecoder):
         device = hf_compat.input_device(model)
         kwargs = hf_compat.forward_kwargs(model)
         use_pos = hf_compat.accepts_position_ids(model)
+        head = greedy_head.screened_head(model)
         queue = list(order)
         alive: list[int] = []  # batch row -> index into texts
         cache = mask = pos = next_tok = None
@@ -370,17 +373,17 @@ class ContinuousDecoder(BatchDecoder):
                 if alive:
                     pos = pos + 1
                     mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-                    step_kwargs = dict(kwargs, position_ids=pos) if use_pos else kwargs
-                    out = model(
-                        input_ids=next_tok[:, None].to(device),
-                        attention_mask=mask,
-                        **hf_compat.cache_arg(cache),
-                        use_cache=True,
-                        **step_kwargs,
-                    )
-                    cache = hf_compat.output_cache(out)
-                    next_tok = out.logits[:, -1].argmax(-1)
-                    del out
+                    step = dict(input_ids=next_tok[:, None].to(device), attention_mask=mask,
+                                **hf_compat.cache_arg(cache), use_cache=True)
+                    if use_pos:
+                        step["position_ids"] = pos
+                    if head is not None:
+                        next_tok, cache = greedy_head.greedy_step(model, head, **step)
+                    else:
+                        out = model(**step, **kwargs)
+                        cache = hf_compat.output_cache(out)
+                        next_tok = out.logits[:, -1].argmax(-1)
+                        del out
             free = batch_size - len(alive)
             refill = appendable and free >= min(refill_threshold(batch_size), len(queue))
             if queue and (not alive or refill):
