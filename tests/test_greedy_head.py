@@ -100,3 +100,15 @@ def test_a_model_whose_logits_are_not_the_products_keeps_the_full_product(bf16_c
 def test_no_screening_without_bfloat16_instructions(monkeypatch):
     monkeypatch.setattr(greedy_head, "cpu_has_bf16", lambda: False)
     assert greedy_head.screened_head(tiny_models.tiny_llama()) is None
+
+
+def test_a_decoder_that_fails_alone_keeps_the_full_product(bf16_cpu, monkeypatch, caplog):
+    model = tiny_models.tiny_llama()
+
+    def broken(*args, **kwargs):
+        raise TypeError("this decoder wants other arguments")
+
+    monkeypatch.setattr(model, "get_decoder", lambda: broken)
+    with caplog.at_level("INFO", logger="abliterate.greedy_head"):
+        assert greedy_head.screened_head(model) is None
+    assert "failed on a probe" in caplog.text

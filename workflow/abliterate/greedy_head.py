@@ -116,11 +116,11 @@ def screened_head(model) -> ScreenedHead | None:
 
 
 def set_screening(model, enabled: bool) -> None:
-    """Turn screening off for ``model`` (its steps take the full product), or back on where it fits."""
+    """Turn screening off for ``model`` (its steps take the full product), or back on where it fits
+    (a head already made is kept meanwhile, so that turning it on again costs nothing)."""
     if enabled:
         _UNFIT.discard(model)
     else:
-        _FIT.pop(model, None)
         _UNFIT.add(model)
 
 
@@ -132,7 +132,12 @@ def _fit(model) -> ScreenedHead | None:
     if type(out) is not nn.Linear or out.bias is not None or decoder is None or out.weight.dtype != torch.float32:
         return None
     head = ScreenedHead(out)
-    if not _probe(model, decoder, head):
+    try:
+        fits = _probe(model, decoder, head)
+    except Exception as error:  # noqa: BLE001 - a decoder that cannot be called like a Llama's
+        log.info("decode steps take the full output product: the decoder alone failed on a probe (%s)", error)
+        return None
+    if not fits:
         log.info("decode steps take the full output product: this model's logits are not its "
                  "decoder's states times the output weight")
         return None
@@ -143,13 +148,17 @@ def _fit(model) -> ScreenedHead | None:
 
 @torch.inference_mode()
 def _probe(model, decoder, head: ScreenedHead) -> bool:
-    """The screened tokens of a short sequence must be the model's own greedy ones at every position."""
+    """The screened tokens of a short sequence must be the model's own greedy ones at every position,
+    the decoder called as :func:`greedy_step` calls it (mask, positions, a KV cache)."""
     vocab = head.weight.shape[0]
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, 16), generator=generator).to(hf_compat.input_device(model))
-    logits = model(input_ids=ids, use_cache=False).logits[0]  # every position's
-    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
-    return bool(torch.equal(head.tokens(hidden), logits.argmax(-1)))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if hf_compat.accepts_position_ids(model):
+        inputs["position_ids"] = torch.arange(ids.shape[1], device=ids.device)[None]
+    logits = model(**inputs, use_cache=False).logits[0]  # every position's
+    out = decoder(**inputs, **hf_compat.cache_arg(hf_compat.new_cache(model)), use_cache=True)
+    return bool(torch.equal(head.tokens(out.last_hidden_state[0]), logits.argmax(-1)))
 
 
 def greedy_step(model, head: ScreenedHead, **inputs) -> tuple[torch.Tensor, object]:

@@ -63,6 +63,28 @@ def forward_kwargs(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+def contiguous_output_inputs(model) -> bool:
+    """Hand the output layer contiguous states; True where the hook was added (once per model).
+
+    ``logits_to_keep`` gives the output layer a strided slice of the last states, and on a CPU a
+    linear layer takes a strided (rows, 1, hidden) input through a batched product against its weight
+    expanded per row: for a 151,936-token vocabulary five times the time of the same product on a
+    contiguous copy (benchmarks/README.md, "The screened output layer"). The copy is rows × hidden.
+    """
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None or getattr(out, "_abliterate_contiguous", False):
+        return False
+
+    def contiguous(_module, args):
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    out.register_forward_pre_hook(contiguous)
+    out._abliterate_contiguous = True
+    return True
+
+
 def accepts_position_ids(model) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 

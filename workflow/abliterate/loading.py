@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import dtypes, quantization
+from . import dtypes, hf_compat, quantization
 from .devices import free_memory
 from .errors import ModelLoadError
 from .model_source import ModelSource, Resolved, resolve
@@ -236,6 +236,7 @@ def load_model(source: ModelSource, device: torch.device,
         drop_gguf_state(model)
         model.eval()
         model.requires_grad_(False)
+        hf_compat.contiguous_output_inputs(model)
         weights_s = time.perf_counter() - start
         if _probe(model, tokenizer):
             seconds = time.perf_counter() - start
