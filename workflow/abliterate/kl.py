@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from .architecture import unwrap
-from .errors import NumericalError
 from .generation import prefill
 from .hf_compat import input_device
+from .kl_value import checked
 from .prompting import batches, encode, length_order
 
 log = logging.getLogger(__name__)
 
-NEGATIVE_TOLERANCE = 1e-6
 
 
 @torch.inference_mode()
@@ -86,18 +85,3 @@ def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     # F.kl_div(input, target) is KL(target ‖ input): the base distribution is the target
     value = F.kl_div(logprobs, base_logprobs, reduction="batchmean", log_target=True).item()
     return checked(value)
-
-
-def checked(value: float) -> float:
-    """``value`` as computed, or :class:`NumericalError` for NaN, infinity or a negative beyond rounding."""
-    if not torch.isfinite(torch.tensor(value)):
-        raise NumericalError(
-            f"KL divergence is {value}: the edited model produced NaN or -inf log-probabilities "
-            "(check the ablation weights and the model dtype)"
-        )
-    if value < -NEGATIVE_TOLERANCE:
-        raise NumericalError(
-            f"KL divergence is negative ({value:.3g}); the log-probabilities are not normalised "
-            "or base and edited rows do not correspond"
-        )
-    return value

@@ -47,7 +47,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from abliterate import io, study_ledger
 from abliterate.errors import ConfigError
-from abliterate.kl import checked as kl_checked
+from abliterate.kl_value import checked as kl_checked
 
 logger = logging.getLogger(__name__)
 
