@@ -352,6 +352,7 @@ class ContinuousDecoder(BatchDecoder):
         kwargs = hf_compat.forward_kwargs(model)
         use_pos = hf_compat.accepts_position_ids(model)
         head = greedy_head.screened_head(model)
+        decoder = model.get_decoder() if head is not None else None
         queue = list(order)
         alive: list[int] = []  # batch row -> index into texts
         cache = mask = pos = next_tok = None
@@ -378,7 +379,7 @@ class ContinuousDecoder(BatchDecoder):
                     if use_pos:
                         step["position_ids"] = pos
                     if head is not None:
-                        next_tok, cache = greedy_head.greedy_step(model, head, **step)
+                        next_tok, cache = greedy_head.greedy_step(decoder, head, **step)
                     else:
                         out = model(**step, **kwargs)
                         cache = hf_compat.output_cache(out)

@@ -161,7 +161,8 @@ def _probe(model, decoder, head: ScreenedHead) -> bool:
     return bool(torch.equal(head.tokens(out.last_hidden_state[0]), logits.argmax(-1)))
 
 
-def greedy_step(model, head: ScreenedHead, **inputs) -> tuple[torch.Tensor, object]:
-    """One decode step through the decoder and ``head``: ``(next tokens, KV cache)``."""
-    out = model.get_decoder()(**inputs)
+def greedy_step(decoder, head: ScreenedHead, **inputs) -> tuple[torch.Tensor, object]:
+    """One decode step through ``decoder`` (the model's ``get_decoder()``) and ``head``:
+    ``(next tokens, KV cache)``."""
+    out = decoder(**inputs)
     return head.tokens(out.last_hidden_state[:, -1]), hf_compat.output_cache(out)

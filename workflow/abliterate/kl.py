@@ -17,7 +17,6 @@ from .prompting import batches, encode, length_order
 log = logging.getLogger(__name__)
 
 
-
 @torch.inference_mode()
 def first_token_logprobs(
     model, tokenizer, texts: Sequence[str], batch_size: int, prefill_fn: Callable | None = None
