@@ -127,6 +127,9 @@ class Protocol:
     judge_tools: tuple = ("base", "ours", "heretic")
     # the judge reads at most this many tokens of each answer
     judge_response_tokens: int = 256
+    # Our study's trial count when it differs from Heretic's (``n_trials``): a comparison at equal
+    # study time gives ours as many more trials as its trials per hour allow (--ours-trials).
+    ours_n_trials: int | None = None
 
 
 PROTOCOLS = {
@@ -534,7 +537,8 @@ def our_config(
     )
     config.setdefault("directions", {})["batch_size"] = protocol.batch_size
     config.setdefault("study", {}).update(
-        n_trials=protocol.n_trials, n_startup_trials=protocol.n_startup_trials
+        n_trials=protocol.ours_n_trials or protocol.n_trials,
+        n_startup_trials=protocol.n_startup_trials,
     )
     if protocol.fixed_length:
         config["study"]["stop_dominated"] = False
@@ -1172,6 +1176,12 @@ def main(argv=None) -> int:
         "costs seconds per answer on a CPU)",
     )
     ap.add_argument(
+        "--ours-trials",
+        type=int,
+        help="our study's trial count (default: the protocol's, Heretic's too); for a comparison at "
+        "equal study time, Heretic's count times the trials-per-hour ratio",
+    )
+    ap.add_argument(
         "--seed",
         type=int,
         help="replicate with another seed (prompt pools and splits, both tools' samplers); "
@@ -1189,6 +1199,11 @@ def main(argv=None) -> int:
         protocol = replace(protocol, quantization=args.quantization)
     if args.no_judge:
         protocol = replace(protocol, judge=None)
+    if args.ours_trials is not None:
+        if args.ours_trials < protocol.n_startup_trials:
+            ap.error(f"--ours-trials must be at least the protocol's {protocol.n_startup_trials} "
+                     "start-up trials")
+        protocol = replace(protocol, ours_n_trials=args.ours_trials)
     if protocol.real_model and not args.model:
         converted_real_model(protocol)
     model = args.model or protocol.model

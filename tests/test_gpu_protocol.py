@@ -41,6 +41,17 @@ def test_gpu_protocol_generates_every_token(bench):
     assert demo["model"]["quantization"] == "none"
 
 
+def test_ours_trials_changes_our_study_only(bench):
+    from dataclasses import replace
+
+    compare, _ = bench
+    protocol = replace(compare.PROTOCOLS["cpu-real"], ours_n_trials=40)
+    config = compare.our_config(protocol, "M", "bench-cpu-real", None)
+    assert config["study"]["n_trials"] == 40
+    assert config["study"]["n_startup_trials"] == protocol.n_startup_trials
+    assert protocol.n_trials == 20  # Heretic's study keeps the protocol's count
+
+
 def test_quantized_protocol_is_a_valid_workflow_config(bench):
     from dataclasses import replace
 
