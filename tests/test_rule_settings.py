@@ -106,6 +106,7 @@ CHANGES: dict[str, tuple] = {
     "study.n_startup_trials": (1, _STUDY),
     "study.n_ei_candidates": (8, _STUDY),
     "study.stop_dominated": (False, _STUDY),
+    "study.refusal_constraint": (0.2, _STUDY),
     "study.objective_kl": ("answer", {"study", "export"}),
     "study.workers": (2, _STUDY),
     "study.storage": (
@@ -267,6 +268,7 @@ def test_the_study_name_follows_what_the_study_makes(tiny_model_path):
         ("seed", 1),
         ("study.space.direction_scope", ["per_layer"]),
         ("model.system_prompt", "Be brief."),
+        ("study.refusal_constraint", 0.1),  # unset (null) it leaves the name as it was before the key
     ):
         assert rs.study_name(_set(config, path, value)) != name, path
 

@@ -331,6 +331,43 @@ def test_failing_trials_are_recorded_and_too_many_raise(db):
     assert st.study_stats(url, name + "-2")["n_failed"] == 3
 
 
+def test_refusal_constraint_tells_tpe_which_trials_refuse_past_the_target(db):
+    url, name = db
+    st.run_worker(url, name, cheap_objective, 10, sampler_kwargs=FAST, n_layers=N_LAYERS, progress=False,
+                  space=SPACE, refusal_constraint=0.25)
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 10
+    for t in trials:
+        (value,) = t.constraints.values()
+        assert value == pytest.approx(t.values[0] / 20 - 0.25, abs=1e-9)
+        assert (value > 0) == (t.values[0] > 5)
+
+
+def test_a_trial_exactly_at_the_refusal_constraint_is_feasible():
+    study = optuna.create_study(directions=list(st.DIRECTIONS))
+    for refusals, feasible in ((3, True), (4, False)):
+        trial = study.ask()
+        # the export's target as a share that rounds
+        assert st._finish(study, trial, {}, [refusals, 0.1], st._past_share(refusals, 32, 3 / 32))
+        (value,) = study.trials[-1].constraints.values()
+        assert (value <= 0) == feasible
+
+
+def test_refusal_constraint_needs_the_prompt_count_and_a_share(db):
+    url, name = db
+
+    def no_n(params, number):
+        return {"refusals": 1, "kl": 0.1}
+
+    with pytest.raises(RuntimeError, match="trials failed in a row"):
+        st.run_worker(url, name, no_n, 2, max_failures=1, n_layers=N_LAYERS, progress=False, space=SPACE,
+                      refusal_constraint=0.1)
+    assert "a refusal constraint needs the prompt count" in st.trials_frame(url, name)["error"].iloc[0]
+    with pytest.raises(ConfigError, match=r"study.refusal_constraint must be a share in \[0, 1\), got 1.5"):
+        st.run_worker(url, name + "-2", cheap_objective, 2, n_layers=N_LAYERS, progress=False, space=SPACE,
+                      refusal_constraint=1.5)
+
+
 def test_surplus_check_counts_lower_numbered_trials():
     study = optuna.create_study(directions=list(st.DIRECTIONS))
     trials = [study.ask() for _ in range(3)]

@@ -52,7 +52,7 @@ READS: dict[str, tuple[str, ...]] = {
     "baseline": (*_MODEL, *_EVALUATION),
     "directions": (*_MODEL, "directions"),
     "study": (*_MODEL, *_EVALUATION, *_ABLATION, "study.n_startup_trials", "study.n_ei_candidates",
-              "study.stop_dominated", "study.space", "study.objective_kl"),
+              "study.stop_dominated", "study.space", "study.objective_kl", "study.refusal_constraint"),
     "trials": (),
     # the confirmation measures the study's KL
     "export": (*_MODEL, *_EVALUATION, *_ABLATION, "export", "study.objective_kl"),
@@ -177,7 +177,10 @@ ANSWER_KL_KEYS = ("evaluation.kl_tokens", "evaluation.kl_top_k", "study.objectiv
 
 def _not_hashed(config: dict, rule: str) -> list[str]:
     answer = config.get("study", {}).get("objective_kl", "first_token") == "answer" and rule != "baseline"
-    return [*NOT_HASHED, *(() if answer else ANSWER_KL_KEYS)]
+    # part of the study's name only when set: a study exploring the whole front keeps its name
+    unconstrained = config.get("study", {}).get("refusal_constraint") is None
+    return [*NOT_HASHED, *(() if answer else ANSWER_KL_KEYS),
+            *(("study.refusal_constraint",) if unconstrained else ())]
 
 
 def model_rule(config: dict) -> str | None:

@@ -20,6 +20,10 @@ Design choices (Optuna 5):
 * ``stop_dominated``: the objective may stop evaluating a trial once an earlier one with lower KL
   refuses no more (:func:`refusal_cap`); such a trial keeps a lower bound for its refusals and a
   ``dominated_by`` attribute, and is never on the front, so TPE's "good" group does not change.
+* ``refusal_constraint``: a trial refusing more than this share of its prompts is told to TPE as
+  infeasible (``Trial.set_constraint``), so that its "good" group is the best of the trials within
+  the export's refusal target, where the export chooses, instead of the whole front's best, most of
+  which refuses more than any user would keep.
 * Ask/tell instead of ``study.optimize``: the worker controls the trial budget across processes
   (exactly ``n_trials`` COMPLETE trials) and re-queues trials of killed jobs.
 """
@@ -436,13 +440,15 @@ def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[
 
 
 def _finish(study: optuna.Study, trial: optuna.Trial, attrs: Mapping[str, Any],
-            values: list[float] | None) -> bool:
-    """Store ``attrs`` and tell ``values`` (FAIL if ``None``). Returns False, instead of crashing,
-    if another worker failed and re-queued the trial meanwhile: that happens when its heartbeats
-    stopped for longer than the grace period."""
+            values: list[float] | None, constraint: float | None = None) -> bool:
+    """Store ``attrs`` (and ``constraint``, see :func:`_past_share`) and tell ``values`` (FAIL if
+    ``None``). Returns False, instead of crashing, if another worker failed and re-queued the trial
+    meanwhile: that happens when its heartbeats stopped for longer than the grace period."""
     try:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        if constraint is not None:
+            trial.set_constraint(CONSTRAINT, constraint)
         if values is None:
             study.tell(trial, state=TrialState.FAIL)
         else:
@@ -535,6 +541,7 @@ def run_worker(
     progress: bool = True,
     stop_dominated: bool = False,
     ledger: str | os.PathLike | None = None,
+    refusal_constraint: float | None = None,
 ) -> dict[str, Any]:
     """Run trials until the study holds ``n_trials`` COMPLETE trials; safe to restart and to run
     in several processes at once (each with its own ``worker_id``).
@@ -545,7 +552,9 @@ def run_worker(
     :func:`suggest_params` and returns at least ``refusals`` (int) and ``kl`` (float); every
     returned key is stored as a user attribute (``n``, timings, ...). With ``stop_dominated`` it
     is called as ``objective(params, trial_number, refusal_cap(study))`` (see :func:`refusal_cap`)
-    and may return ``dominated_by`` (a trial number) with a lower-bound ``refusals``.
+    and may return ``dominated_by`` (a trial number) with a lower-bound ``refusals``. With
+    ``refusal_constraint`` (a share of ``n``, which the objective must then return) a trial refusing
+    more is infeasible to the sampler.
 
     Restart (:func:`_open_worker`), the budget across workers (:func:`_ask`) and failures
     (:func:`_evaluate`) are described where they happen. With ``ledger`` (a
@@ -557,7 +566,7 @@ def run_worker(
     """
     from tqdm.auto import tqdm
 
-    sampler_kwargs, space = _checked_inputs(n_trials, n_layers, sampler_kwargs, space)
+    sampler_kwargs, space = _checked_inputs(n_trials, n_layers, sampler_kwargs, space, refusal_constraint)
     worker = str(worker_id)
     started = time.perf_counter()
     book, storage, study = _open_worker(storage_url, study_name, ledger, heartbeat_interval, grace_period, worker)
@@ -584,7 +593,8 @@ def run_worker(
                 continue
             trial, params = asked
             extra = (refusal_cap(study),) if stop_dominated else ()
-            if not _evaluate(study, storage, trial, params, objective, extra, counts, max_failures, worker):
+            if not _evaluate(study, storage, trial, params, objective, extra, counts, max_failures, worker,
+                             refusal_constraint):
                 continue
             complete = len(_count(study, (TrialState.COMPLETE,)))
             if book is not None:
@@ -607,11 +617,14 @@ class _Counts:
 
 
 def _checked_inputs(n_trials: int, n_layers: int, sampler_kwargs: Mapping[str, Any] | None,
-                    space: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+                    space: Mapping[str, Any], refusal_constraint: float | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     if int(n_trials) < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
     if int(n_layers) < 1:
         raise ConfigError(f"n_layers must be >= 1, got {n_layers}")
+    if refusal_constraint is not None and not 0.0 <= refusal_constraint < 1.0:
+        raise ConfigError(f"study.refusal_constraint must be a share in [0, 1), got {refusal_constraint!r}")
     # Merged, not replaced: a caller that sets n_startup_trials keeps multivariate TPE.
     sampler_kwargs = {**DEFAULT_SAMPLER_KWARGS, **(sampler_kwargs or {})}
     if "seed" in sampler_kwargs:
@@ -679,7 +692,7 @@ def _ask(study: optuna.Study, worker: str, n_trials: int, space: Mapping[str, An
 
 
 def _evaluate(study, storage, trial, params: dict, objective, extra: tuple, counts: _Counts, max_failures: int,
-              worker: str) -> bool:
+              worker: str, refusal_constraint: float | None = None) -> bool:
     """Run the objective on one trial and tell the study; True when the trial completed.
 
     An exception from the objective fails the trial (user attribute ``error``) and the loop goes on;
@@ -690,6 +703,8 @@ def _evaluate(study, storage, trial, params: dict, objective, extra: tuple, coun
         with _heartbeat(storage, trial._trial_id):
             result = objective(dict(params), trial.number, *extra)
         refusals, kl, attrs = _check_result(result)
+        constraint = (None if refusal_constraint is None
+                      else _past_share(refusals, attrs.get("n"), refusal_constraint))
     except Exception as exc:  # a failed trial must not end the study
         seconds = time.perf_counter() - start
         counts.consecutive += 1
@@ -708,7 +723,7 @@ def _evaluate(study, storage, trial, params: dict, objective, extra: tuple, coun
     stored = {f"objective_{k}" if k in _RESERVED_ATTRS else k: v for k, v in attrs.items()}
     stored["seconds"] = seconds
     counts.consecutive = 0
-    if not _finish(study, trial, stored, [refusals, kl]):
+    if not _finish(study, trial, stored, [refusals, kl], constraint):
         return False
     counts.done += 1
     n, dominated = attrs.get("n"), attrs.get(DOMINATED_BY)
@@ -717,6 +732,21 @@ def _evaluate(study, storage, trial, params: dict, objective, extra: tuple, coun
                 f"{refusals}/{n}" if n is not None else refusals, kl,
                 f" (dominated by trial {dominated}: stopped)" if dominated is not None else "", seconds)
     return True
+
+
+CONSTRAINT = "refusal_share"
+
+
+def _past_share(refusals: int, n: int | None, share: float) -> float:
+    """How far a trial refuses past ``share`` of its ``n`` prompts: the constraint TPE reads
+    (> 0: infeasible).
+
+    The margin matches the export's comparison, so a trial exactly at the target is feasible. A
+    trial stopped once dominated has a lower bound for its refusals, which may call it feasible; it
+    is dominated either way, so it never joins TPE's good group ahead of the trial dominating it."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the objective returned n={n!r}; a refusal constraint needs the prompt count")
+    return refusals / n - share - 1e-12
 
 
 def _summary(study: optuna.Study, worker: str, counts: _Counts, n_trials: int, started: float) -> dict[str, Any]:

@@ -125,6 +125,7 @@ def run(config: dict, worker: int, harmful: str, harmless: str, directions_path:
                             "n_ei_candidates": config.study.n_ei_candidates},
             n_layers=layout.n_layers, space=search_space(config.study.space, kinds),
             stop_dominated=config.study.stop_dominated, ledger=ledger,
+            refusal_constraint=config.study.refusal_constraint,
         )
     io.write_json({**result, "worker": worker, "study_name": study_name, "config_hash": config_hash,
                    **lm.metadata()}, out_done)
