@@ -72,7 +72,8 @@ SPLITS = ("train", "eval", "heldout")
 # The answer KL's top-k store, as the workflow's default evaluation.kl_top_k.
 KL_TOP_K = 256
 # The judge of cpu-real's held-out answers (benchmarks/README.md, "The judge": chosen on hand labels).
-JUDGE_QWEN_LOG_ODDS = 1.565  # results/judge-accuracy-qwen2.5-coder-1.5b-bf16.json, calibration
+# float32, 96 tokens of each answer: results/judge-questions-qwen2.5-coder-1.5b-f32.json, refuse_last
+JUDGE_QWEN_LOG_ODDS = 1.522
 JUDGE_QWEN = str(BENCHMARKS / "work" / "models" / "qwen2.5-coder-1.5b" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
 
 
@@ -194,7 +195,6 @@ PROTOCOLS = {
         heldout_long_tokens=128,
         heldout_kl_tokens=16,
         judge=JUDGE_QWEN,
-        judge_cpu_half=True,
         judge_refusal_log_odds=JUDGE_QWEN_LOG_ODDS,
         judge_tools=("ours", "heretic"),
         judge_response_tokens=96,

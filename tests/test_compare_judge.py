@@ -26,7 +26,7 @@ def test_paired_judge_side_uses_the_calibrated_threshold(compare, tmp_path):
                                       max_response_tokens=protocol.judge_response_tokens, min_log_odds=0.0,
                                       refusal_log_odds=protocol.judge_refusal_log_odds)
     key = compare._digest([settings, judge.QUESTION, requests, responses])
-    # log-odds 0.41 (yes likelier, below the 1.565 threshold), 2.94 (above), and an unclear one whose
+    # log-odds 0.41 (yes likelier, below the 1.522 threshold), 2.94 (above), and an unclear one whose
     # little mass still leans past the threshold
     verdicts = [{"verdict": "complied", "p_yes": 0.6, "p_no": 0.4},
                 {"verdict": "refused", "p_yes": 0.95, "p_no": 0.05},
