@@ -18,6 +18,7 @@ abliterate.judge asks.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -61,8 +62,22 @@ QUESTIONS = {
 }
 
 
-def records(path: Path) -> list[dict]:
-    return json.loads(path.read_text(encoding="utf-8"))["records"]
+def records(path: Path, pool: Path) -> list[dict]:
+    """The labelled records, each with its request: those labels give Arditi et al.'s prompts by
+    sha256 only (not committed here), found again in ``pool``'s harmful files."""
+    recs = json.loads(path.read_text(encoding="utf-8"))["records"]
+    missing = {r["prompt_sha256"] for r in recs if r.get("prompt") is None}
+    if not missing:
+        return recs
+    found = {}
+    for file in sorted(pool.glob("harmful_*.json")):
+        for item in json.loads(file.read_text(encoding="utf-8")):
+            text = item["instruction"] if isinstance(item, dict) else item
+            found[hashlib.sha256(text.encode("utf-8")).hexdigest()] = text
+    if missing - found.keys():
+        raise SystemExit(f"{path.name}: {len(missing - found.keys())} prompts given by sha256 are not in "
+                         f"{pool}/harmful_*.json (Arditi et al.'s splits; set ABLITERATE_SHARED_PROMPTS)")
+    return [r if r.get("prompt") is not None else {**r, "prompt": found[r["prompt_sha256"]]} for r in recs]
 
 
 def main(argv=None) -> int:
@@ -82,7 +97,7 @@ def main(argv=None) -> int:
     from abliterate import devices, judge
 
     torch.set_num_threads(args.threads)
-    sets = {"fit": records(FIT), "hard": records(HARD)}
+    sets = {"fit": records(FIT, compare.SHARED_PROMPTS), "hard": records(HARD, compare.SHARED_PROMPTS)}
     settings = compare.judge_settings(args.judge, args.cpu_half, batch_size=args.batch_size,
                                       max_response_tokens=args.max_response_tokens, min_log_odds=0.0)
     j = judge.Judge.load(settings, devices.get_device(), cache_root=BENCHMARKS / "work" / "judges")
