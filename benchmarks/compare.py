@@ -890,8 +890,9 @@ def evaluate_heldout_long(protocol: Protocol, base_model: str, models: dict[str,
     refusals, answer KL and the judge. Each model's answers are cached under ``cache`` by model
     files, prompts and settings, so a rerun that adds one tool measures only that tool."""
     import torch
+    from abliterate import io as abliterate_io
     from abliterate import session
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if protocol.threads:
         torch.set_num_threads(protocol.threads)
@@ -918,7 +919,8 @@ def evaluate_heldout_long(protocol: Protocol, base_model: str, models: dict[str,
                 got["kl"] = 0.0
                 if tensors_file is not None:
                     tensors_file.parent.mkdir(parents=True, exist_ok=True)
-                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tensors_file))
+                    # atomic, with a normal file's permissions (safetensors' save_file writes 0600)
+                    abliterate_io.save_safetensors(tensors, tensors_file)
             if file is not None:
                 write_json_atomic(got, file)
         got["rate"] = got["refusals"] / got["n"]
