@@ -8,9 +8,9 @@ For each question of :data:`QUESTIONS` the judge reads ``benchmarks/labels/judge
 (100 answers of the base and of a crudely ablated Qwen2.5-Coder-0.5B-Instruct: the set the threshold
 is fitted on) and ``benchmarks/labels/heldout-disagreements-cpu-real-2026-12-05.json`` (27 held-out
 answers of the studies' chosen models, ours and Heretic's, where the markers and the judge, asked
-``question_first`` in bfloat16, disagreed: the hard cases, from the models the judge is meant for). Reported per question:
-AUC and the cross-validated accuracy on the 100, and the accuracy on the 27 at the threshold fitted
-on the 100 (never on the 27 themselves). A question whose "yes" means "complied" is scored with
+``question_first`` in bfloat16, disagreed: the hard cases, from the models the judge is meant for).
+Reported per question: AUC and the cross-validated accuracy on the 100, and the accuracy on the 27
+at the threshold fitted on the 100 (never on the 27 themselves). A question whose "yes" means "complied" is scored with
 its log-odds negated, so every threshold reads "refused above". ``refuse_last`` is the question
 abliterate.judge asks.
 """
