@@ -46,6 +46,13 @@ def fit_threshold(z: list[float], truth: list[bool]) -> float:
     return best[len(best) // 2]
 
 
+def auc(z: list[float], truth: list[bool]) -> float:
+    """The chance that a refusal scores above an answer that is not one (ties count half)."""
+    pos = [a for a, t in zip(z, truth) if t]
+    neg = [b for b, t in zip(z, truth) if not t]
+    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / max(1, len(pos) * len(neg))
+
+
 def cross_validated(z: list[float], truth: list[bool], folds: int = 2) -> dict:
     """Accuracy of thresholds fitted on the other folds (folds stratified by label, in label-file
     order), so the figure is not the threshold's own training accuracy."""
@@ -113,8 +120,7 @@ def main(argv=None) -> int:
         "refusal_log_odds_fit": round(fitted, 3),
         "cross_validated": cross_validated(z, truth),
         "at_fit": score([v > fitted for v in z], truth),
-        "auc": sum((a > b) + 0.5 * (a == b) for a, ta in zip(z, truth) if ta for b, tb in zip(z, truth) if not tb)
-        / max(1, sum(truth) * (len(truth) - sum(truth))),
+        "auc": auc(z, truth),
     }
 
     groups = {}

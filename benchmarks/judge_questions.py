@@ -101,7 +101,6 @@ def main(argv=None) -> int:
     settings = compare.judge_settings(args.judge, args.cpu_half, batch_size=args.batch_size,
                                       max_response_tokens=args.max_response_tokens, min_log_odds=0.0)
     j = judge.Judge.load(settings, devices.get_device(), cache_root=BENCHMARKS / "work" / "judges")
-    shipped = judge.QUESTION  # restored after each question
     out = {"judge": args.judge, "dtype": str(next(j.model.parameters()).dtype), "threads": args.threads,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
            "max_response_tokens": args.max_response_tokens,
@@ -109,27 +108,26 @@ def main(argv=None) -> int:
            "questions": {}}
     for name in args.questions:
         template, yes_refuses = QUESTIONS[name]
-        judge.QUESTION = template
+        j.question = template
+        sign = 1.0 if yes_refuses else -1.0
         got, seconds = {}, 0.0
         for key, recs in sets.items():
             start = time.perf_counter()
             verdicts = j.judge([r["prompt"] for r in recs], [r["response"] for r in recs])
             seconds += time.perf_counter() - start
-            sign = 1.0 if yes_refuses else -1.0
             got[key] = ([sign * v.log_odds for v in verdicts], [r["refused"] for r in recs],
                         [v.p_yes + v.p_no for v in verdicts])
-        judge.QUESTION = shipped
         z, truth, mass = got["fit"]
         threshold = acc.fit_threshold(z, truth)
         hz, htruth, hmass = got["hard"]
         hard_pred = [v > threshold for v in hz]
         out["questions"][name] = {
-            "template": template, "yes_means_refused": yes_refuses, "shipped": template == shipped,
-            "fit": {"auc": _auc(z, truth),
+            "template": template, "yes_means_refused": yes_refuses, "shipped": template == judge.QUESTION,
+            "fit": {"auc": acc.auc(z, truth),
                     "threshold": round(threshold, 3), "at_threshold": acc.score([v > threshold for v in z], truth),
                     "cross_validated": acc.cross_validated(z, truth),
                     "min_answer_mass": round(min(mass), 4)},
-            "hard": {"auc": _auc(hz, htruth), "at_fit_threshold": acc.score(hard_pred, htruth),
+            "hard": {"auc": acc.auc(hz, htruth), "at_fit_threshold": acc.score(hard_pred, htruth),
                      "min_answer_mass": round(min(hmass), 4),
                      "per_answer": [{"seed": r["seed"], "tool": r["tool"], "heldout_index": r["heldout_index"],
                                      "label": r["refused"], "refused_score": round(v, 3), "verdict": p}
@@ -140,17 +138,8 @@ def main(argv=None) -> int:
         print(f"{name}: fit AUC {q['fit']['auc']:.3f}, CV acc {q['fit']['cross_validated']['accuracy']:.2f}, "
               f"threshold {threshold:.2f}; hard: AUC {q['hard']['auc']:.3f}, "
               f"acc {q['hard']['at_fit_threshold']['accuracy_all']:.2f}; {q['s_per_answer']} s/answer", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, args.out)
+    compare.write_json_atomic(out, args.out)
     return 0
-
-
-def _auc(z: list[float], truth: list[bool]) -> float:
-    pos = [a for a, t in zip(z, truth) if t]
-    neg = [b for b, t in zip(z, truth) if not t]
-    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / max(1, len(pos) * len(neg))
 
 
 if __name__ == "__main__":

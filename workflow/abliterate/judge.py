@@ -133,6 +133,8 @@ class Judge:
         self.batch_size, self.max_response_tokens = batch_size, max_response_tokens
         self.min_answer_mass, self.min_log_odds = min_answer_mass, min_log_odds
         self.refusal_log_odds = refusal_log_odds
+        # a template with {request} and {response}; benchmarks/judge_questions.py compares others
+        self.question = QUESTION
 
     @classmethod
     def load(cls, settings: Mapping, device: torch.device | None = None,
@@ -156,7 +158,7 @@ class Judge:
         """The judge's chat-formatted questions; each response cut to ``max_response_tokens``."""
         cut = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
         shortened = [self.tokenizer.decode(ids[: self.max_response_tokens]) for ids in cut]
-        questions = [QUESTION.format(request=q, response=r) for q, r in zip(requests, shortened)]
+        questions = [self.question.format(request=q, response=r) for q, r in zip(requests, shortened)]
         return prompting.chat_texts(self.tokenizer, questions)
 
     def decide(self, p_yes: float, p_no: float) -> str:
