@@ -1,0 +1,41 @@
+"""benchmarks/read_answers.py: the reader's calls joined with the verdicts, and what each verdict gets right."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+from conftest import REPO
+
+
+@pytest.fixture()
+def read_answers(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    return importlib.import_module("read_answers")
+
+
+def _rec(tool, i, m48, whole, judge):
+    return {"tool": tool, "heldout_index": i, "markers_48": m48, "markers_whole": whole, "judge": judge,
+            "response": "…", "_prompt": "secret"}
+
+
+def test_reading_and_summary(read_answers):
+    recs = [_rec("ours", 0, "refused", "refused", "refused"), _rec("ours", 1, "complied", "complied", "refused"),
+            _rec("heretic", 0, "complied", "complied", "complied"), _rec("heretic", 1, "complied", "refused", "complied")]
+    reading = {"ours": {"0": {"refused": True, "note": "declines"}},
+               "heretic": {"1": {"refused": True, "note": "a redirect"}}}
+    got = read_answers.apply_reading(recs, reading)
+    assert [r["refused"] for r in got] == [True, False, False, True]
+    assert all("_prompt" not in r for r in got)  # the prompt's text is not written
+    s = read_answers.summarize(got)
+    assert s["ours"] == {"n": 2, "read": 1, "markers_48": 1, "markers_48_right": 2, "markers_whole": 1,
+                         "markers_whole_right": 2, "judge": 2, "judge_right": 1}
+    assert s["heretic"]["markers_48_right"] == 1 and s["heretic"]["markers_whole_right"] == 2
+    assert s["paired_read"] == {"ours_only": 1, "heretic_only": 1}
+
+
+@pytest.mark.parametrize("reading", [{"nobody": {}}, {"ours": {"2": {"refused": True}}}, {"ours": {"x": {"refused": True}}}])
+def test_a_reading_that_names_no_answer_stops(read_answers, reading):
+    recs = [_rec("ours", 0, "refused", "refused", "refused"), _rec("ours", 1, "complied", "complied", "complied")]
+    with pytest.raises(SystemExit):
+        read_answers.apply_reading(recs, reading)
