@@ -10,6 +10,10 @@ person to read; ``labels`` joins that person's calls with the verdicts into a la
         --work work/cpu-real-seed43 --reading /tmp/seed43-reading.json \\
         --out labels/heldout-cpu-real-2026-12-06-seed43.json
 
+A second reader can read the same answers blind (``sheet --blind-key KEY``: shuffled, without tools
+or verdicts); ``agree`` then sets that reading against the labels (agreement, Cohen's kappa, and the
+answers called differently).
+
 The reading file names only the answers the reader calls refused or borderline:
 ``{"ours": {"7": {"refused": false, "note": "a clarifying question"}}, "heretic": {...}}``;
 every answer it does not name was read as an attempt. The answers themselves come from compare.py's
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 from pathlib import Path
 
 import compare
@@ -83,9 +88,41 @@ def records(result: Path, work: Path) -> list[dict]:
 
 
 def sheet(args) -> None:
-    for r in records(args.result, args.work):
-        verdicts = f"m48={r['markers_48'][0]} mwhole={r['markers_whole'][0]} judge={r['judge'][0]}"
-        print(f"=== {r['tool']} {r['heldout_index']} [{verdicts}]\nQ: {r['_prompt']}\nA: {r['response']}\n")
+    recs = records(args.result, args.work)
+    if args.blind_key is None:
+        for r in recs:
+            verdicts = f"m48={r['markers_48'][0]} mwhole={r['markers_whole'][0]} judge={r['judge'][0]}"
+            print(f"=== {r['tool']} {r['heldout_index']} [{verdicts}]\nQ: {r['_prompt']}\nA: {r['response']}\n")
+        return
+    # a second reader sees neither the tool nor any verdict, in an order that mixes the tools
+    order = list(range(len(recs)))
+    random.Random(args.shuffle_seed).shuffle(order)
+    key = {f"a{k:03d}": {"tool": recs[i]["tool"], "heldout_index": recs[i]["heldout_index"]}
+           for k, i in enumerate(order)}
+    compare.write_json_atomic(key, args.blind_key)
+    for name, i in zip(key, order):
+        print(f"=== {name}\nQ: {recs[i]['_prompt']}\nA: {recs[i]['response']}\n")
+
+
+def agreement(labels: dict, blind: dict, key: dict) -> dict:
+    """How a second, blind reading (``{answer id: {"refused": bool}}`` over ``key``'s ids) agrees with
+    the labels: counts per tool, raw agreement and Cohen's kappa, and the answers called differently."""
+    if set(blind) != set(key):
+        raise SystemExit(f"blind reading: {len(set(key) - set(blind))} answers not called, "
+                         f"{len(set(blind) - set(key))} unknown ids")
+    first = {(r["tool"], r["heldout_index"]): r["refused"] for r in labels["records"]}
+    pairs = [(first[(k["tool"], k["heldout_index"])], bool(blind[i]["refused"]), k, i) for i, k in key.items()]
+    n = len(pairs)
+    agree = sum(a == b for a, b, _, _ in pairs) / n
+    pa, pb = sum(a for a, *_ in pairs) / n, sum(b for _, b, *_ in pairs) / n
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    by_tool = {t: {"first": sum(a for a, _, k, _ in pairs if k["tool"] == t),
+                   "second": sum(b for _, b, k, _ in pairs if k["tool"] == t)} for t in TOOLS}
+    return {"n": n, "agreement": round(agree, 4),
+            "kappa": round((agree - chance) / (1 - chance), 4) if chance < 1 else None,
+            "refused_by_tool": by_tool,
+            "differ": [{**k, "first": a, "second": b, "second_note": blind[i].get("note", "")}
+                       for a, b, k, i in pairs if a != b]}
 
 
 def apply_reading(recs: list[dict], reading: dict) -> list[dict]:
@@ -125,6 +162,14 @@ def summarize(recs: list[dict]) -> dict:
     return summary
 
 
+def agree(args) -> None:
+    got = agreement(json.loads(args.labels.read_text()), json.loads(args.blind.read_text()),
+                    json.loads(args.key.read_text()))
+    got |= {"labels": str(args.labels), "reader": args.reader}
+    compare.write_json_atomic(got, args.out)
+    print(json.dumps({k: v for k, v in got.items() if k != "differ"}, indent=1))
+
+
 def labels(args) -> None:
     recs = apply_reading(records(args.result, args.work), json.loads(args.reading.read_text()))
     summary = summarize(recs)
@@ -137,17 +182,26 @@ def labels(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("agree", help="a second, blind reading against the labels")
+    a.add_argument("--labels", type=Path, required=True, help="the labels file (read_answers.py labels)")
+    a.add_argument("--blind", type=Path, required=True, help='{"a000": {"refused": true, "note": "…"}, …}')
+    a.add_argument("--key", type=Path, required=True, help="the key sheet --blind-key wrote")
+    a.add_argument("--reader", required=True, help="who read blind")
+    a.add_argument("--out", type=Path, required=True)
     for name in ("sheet", "labels"):
         s = sub.add_parser(name)
         s.add_argument("--result", type=Path, required=True, help="compare.py's result JSON (cpu-real, judged)")
         s.add_argument("--work", type=Path, required=True, help="that run's work folder (benchmarks/work/cpu-real-seedN)")
+        if name == "sheet":
+            s.add_argument("--blind-key", type=Path, help="shuffle, hide tools and verdicts, write the key here")
+            s.add_argument("--shuffle-seed", type=int, default=0)
         if name == "labels":
             s.add_argument("--reading", type=Path, required=True, help="the reader's calls (see above)")
             s.add_argument("--out", type=Path, required=True)
             s.add_argument("--date", required=True, help="when the answers were read")
             s.add_argument("--description", required=True, help="who read what, by which rule")
     args = p.parse_args()
-    {"sheet": sheet, "labels": labels}[args.command](args)
+    {"sheet": sheet, "labels": labels, "agree": agree}[args.command](args)
 
 
 if __name__ == "__main__":

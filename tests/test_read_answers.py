@@ -39,3 +39,22 @@ def test_a_reading_that_names_no_answer_stops(read_answers, reading):
     recs = [_rec("ours", 0, "refused", "refused", "refused"), _rec("ours", 1, "complied", "complied", "complied")]
     with pytest.raises(SystemExit):
         read_answers.apply_reading(recs, reading)
+
+
+def test_blind_agreement(read_answers):
+    labels = {"records": [{"tool": "ours", "heldout_index": 0, "refused": True},
+                          {"tool": "ours", "heldout_index": 1, "refused": False},
+                          {"tool": "heretic", "heldout_index": 0, "refused": False},
+                          {"tool": "heretic", "heldout_index": 1, "refused": False}]}
+    key = {"a000": {"tool": "heretic", "heldout_index": 1}, "a001": {"tool": "ours", "heldout_index": 0},
+           "a002": {"tool": "ours", "heldout_index": 1}, "a003": {"tool": "heretic", "heldout_index": 0}}
+    blind = {"a000": {"refused": True, "note": "a redirect"}, "a001": {"refused": True},
+             "a002": {"refused": False}, "a003": {"refused": False}}
+    got = read_answers.agreement(labels, blind, key)
+    assert got["agreement"] == 0.75
+    assert got["kappa"] == 0.5  # chance 0.5: both readers call a quarter and a half refused
+    assert got["refused_by_tool"] == {"ours": {"first": 1, "second": 1}, "heretic": {"first": 0, "second": 1}}
+    assert got["differ"] == [{"tool": "heretic", "heldout_index": 1, "first": False, "second": True,
+                              "second_note": "a redirect"}]
+    with pytest.raises(SystemExit):
+        read_answers.agreement(labels, {"a000": {"refused": True}}, key)
