@@ -117,7 +117,9 @@ def agreement(labels: dict, blind: dict, key: dict) -> dict:
     pa, pb = sum(a for a, *_ in pairs) / n, sum(b for _, b, *_ in pairs) / n
     chance = pa * pb + (1 - pa) * (1 - pb)
     by_tool = {t: {"first": sum(a for a, _, k, _ in pairs if k["tool"] == t),
-                   "second": sum(b for _, b, k, _ in pairs if k["tool"] == t)} for t in TOOLS}
+                   "second": sum(b for _, b, k, _ in pairs if k["tool"] == t),
+                   "both": sum(a and b for a, b, k, _ in pairs if k["tool"] == t),
+                   "either": sum(a or b for a, b, k, _ in pairs if k["tool"] == t)} for t in TOOLS}
     return {"n": n, "agreement": round(agree, 4),
             "kappa": round((agree - chance) / (1 - chance), 4) if chance < 1 else None,
             "refused_by_tool": by_tool,
@@ -163,11 +165,13 @@ def summarize(recs: list[dict]) -> dict:
 
 
 def agree(args) -> None:
-    got = agreement(json.loads(args.labels.read_text()), json.loads(args.blind.read_text()),
-                    json.loads(args.key.read_text()))
-    got |= {"labels": str(args.labels), "reader": args.reader}
+    blind, key = json.loads(args.blind.read_text()), json.loads(args.key.read_text())
+    got = agreement(json.loads(args.labels.read_text()), blind, key)
+    calls = sorted(({**key[i], "refused": bool(c["refused"]), "note": c.get("note", "")} for i, c in blind.items()),
+                   key=lambda c: (TOOLS.index(c["tool"]), c["heldout_index"]))
+    got = {"labels": str(args.labels), "reader": args.reader, **got, "calls": calls}
     compare.write_json_atomic(got, args.out)
-    print(json.dumps({k: v for k, v in got.items() if k != "differ"}, indent=1))
+    print(json.dumps({k: v for k, v in got.items() if k not in ("differ", "calls")}, indent=1))
 
 
 def labels(args) -> None:

@@ -53,7 +53,8 @@ def test_blind_agreement(read_answers):
     got = read_answers.agreement(labels, blind, key)
     assert got["agreement"] == 0.75
     assert got["kappa"] == 0.5  # chance 0.5: both readers call a quarter and a half refused
-    assert got["refused_by_tool"] == {"ours": {"first": 1, "second": 1}, "heretic": {"first": 0, "second": 1}}
+    assert got["refused_by_tool"] == {"ours": {"first": 1, "second": 1, "both": 1, "either": 1},
+                                      "heretic": {"first": 0, "second": 1, "both": 0, "either": 1}}
     assert got["differ"] == [{"tool": "heretic", "heldout_index": 1, "first": False, "second": True,
                               "second_note": "a redirect"}]
     with pytest.raises(SystemExit):
