@@ -12,7 +12,7 @@ person to read; ``labels`` joins that person's calls with the verdicts into a la
 
 A second reader can read the same answers blind (``sheet --blind-key KEY``: shuffled, without tools
 or verdicts); ``agree`` then sets that reading against the labels (agreement, Cohen's kappa, and the
-answers called differently).
+answers called differently); ``pool`` adds runs up (each reading, both, either, with the paired test).
 
 The reading file names only the answers the reader calls refused or borderline:
 ``{"ours": {"7": {"refused": false, "note": "a clarifying question"}}, "heretic": {...}}``;
@@ -174,6 +174,45 @@ def agree(args) -> None:
     print(json.dumps({k: v for k, v in got.items() if k not in ("differ", "calls")}, indent=1))
 
 
+def pooled_reading(labels: list[dict], seconds: list[dict]) -> dict:
+    """Refusals by reading, per tool, pooled over runs (one labels file and, optionally, its second
+    reading each): the first reader, the second, both and either; each with the answers refused for one
+    tool only and the exact McNemar p of that split."""
+    import paired
+
+    if seconds and len(seconds) != len(labels):
+        raise SystemExit(f"{len(labels)} labels files but {len(seconds)} second readings: give one per labels file")
+    calls = {"first": [], "second": [], "both": [], "either": []}
+    for i, lab in enumerate(labels):
+        first = {(r["tool"], r["heldout_index"]): r["refused"] for r in lab["records"]}
+        second = ({(c["tool"], c["heldout_index"]): c["refused"] for c in seconds[i]["calls"]} if seconds else None)
+        n = sum(t == "ours" for t, _ in first)
+        for idx in range(n):
+            a = {t: first[(t, idx)] for t in TOOLS}
+            calls["first"].append(a)
+            if second is not None:
+                b = {t: second[(t, idx)] for t in TOOLS}
+                calls["second"].append(b)
+                calls["both"].append({t: a[t] and b[t] for t in TOOLS})
+                calls["either"].append({t: a[t] or b[t] for t in TOOLS})
+    out = {}
+    for reading, pairs in calls.items():
+        if not pairs:
+            continue
+        ours_only = sum(p["ours"] and not p["heretic"] for p in pairs)
+        heretic_only = sum(p["heretic"] and not p["ours"] for p in pairs)
+        out[reading] = {"n": len(pairs), **{t: sum(p[t] for p in pairs) for t in TOOLS},
+                        "ours_only": ours_only, "heretic_only": heretic_only,
+                        "p": round(paired.mcnemar_exact(ours_only, heretic_only), 4)}
+    return out
+
+
+def pool(args) -> None:
+    got = pooled_reading([json.loads(p.read_text()) for p in args.labels],
+                         [json.loads(p.read_text()) for p in args.second])
+    print(json.dumps(got, indent=1))
+
+
 def labels(args) -> None:
     recs = apply_reading(records(args.result, args.work), json.loads(args.reading.read_text()))
     summary = summarize(recs)
@@ -186,6 +225,9 @@ def labels(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("pool", help="refusals by reading pooled over runs, with the paired test")
+    q.add_argument("--labels", type=Path, nargs="+", required=True)
+    q.add_argument("--second", type=Path, nargs="*", default=[], help="each labels file's second reading, in order")
     a = sub.add_parser("agree", help="a second, blind reading against the labels")
     a.add_argument("--labels", type=Path, required=True, help="the labels file (read_answers.py labels)")
     a.add_argument("--blind", type=Path, required=True, help='{"a000": {"refused": true, "note": "…"}, …}')
@@ -205,7 +247,7 @@ def main() -> None:
             s.add_argument("--date", required=True, help="when the answers were read")
             s.add_argument("--description", required=True, help="who read what, by which rule")
     args = p.parse_args()
-    {"sheet": sheet, "labels": labels, "agree": agree}[args.command](args)
+    {"sheet": sheet, "labels": labels, "agree": agree, "pool": pool}[args.command](args)
 
 
 if __name__ == "__main__":

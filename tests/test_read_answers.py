@@ -59,3 +59,22 @@ def test_blind_agreement(read_answers):
                               "second_note": "a redirect"}]
     with pytest.raises(SystemExit):
         read_answers.agreement(labels, {"a000": {"refused": True}}, key)
+
+
+def test_pooled_reading(read_answers):
+    def labels(ours, heretic):
+        return {"records": [{"tool": t, "heldout_index": i, "refused": v}
+                            for t, calls in (("ours", ours), ("heretic", heretic)) for i, v in enumerate(calls)]}
+
+    def second(ours, heretic):
+        return {"calls": labels(ours, heretic)["records"]}
+
+    runs = [labels([True, False], [True, True]), labels([False], [True])]
+    got = read_answers.pooled_reading(runs, [second([True, True], [False, True]), second([False], [False])])
+    assert got["first"] | {"p": None} == {"n": 3, "ours": 1, "heretic": 3, "ours_only": 0, "heretic_only": 2, "p": None}
+    assert (got["second"]["ours"], got["second"]["heretic"]) == (2, 1)
+    assert (got["both"]["ours"], got["both"]["heretic"]) == (1, 1)
+    assert (got["either"]["ours"], got["either"]["heretic"]) == (2, 3)
+    assert set(read_answers.pooled_reading(runs, [])) == {"first"}
+    with pytest.raises(SystemExit):
+        read_answers.pooled_reading(runs, [second([True, True], [False, True])])
