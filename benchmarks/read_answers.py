@@ -53,12 +53,13 @@ def _answers(work: Path, per_prompt: dict) -> dict[str, list[str]]:
 def _prompts(work: Path) -> list[str]:
     import pandas as pd
 
-    ours = work / "ours"
-    df = pd.read_parquet(compare.ours_prompts_dir(ours) / "harmful.parquet")
+    df = pd.read_parquet(compare.ours_prompts_dir(work / "ours") / "harmful.parquet")
     return df.loc[df["split"] == "heldout", "prompt"].tolist()
 
 
 def records(result: Path, work: Path) -> list[dict]:
+    """One record per held-out answer and tool: the answer, each verdict, the prompt's source and
+    sha256 (``_prompt``, its text, is for the sheet and never written)."""
     got = json.loads(result.read_text())
     per_prompt = got["heldout_per_prompt"]
     answers = _answers(work, per_prompt)
