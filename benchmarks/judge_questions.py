@@ -153,17 +153,18 @@ def main(argv=None) -> int:
         }
         for key in (k for k in sets if k.startswith("read:")):
             rz, rtruth, rmass = got[key]
+            pred = [v > threshold for v in rz]
             by_tool = {}
-            for r, v in zip(sets[key], rz):
-                t = by_tool.setdefault(r["tool"], {"n": 0, "read": 0, "judge": 0})
-                t["n"] += 1
-                t["read"] += r["refused"]
-                t["judge"] += v > threshold
-            out["questions"][name][key] = {
-                "auc": acc.auc(rz, rtruth), "at_fit_threshold": acc.score([v > threshold for v in rz], rtruth),
+            for r, called in zip(sets[key], pred):
+                tally = by_tool.setdefault(r["tool"], {"n": 0, "read": 0, "judge": 0})
+                tally["n"] += 1
+                tally["read"] += r["refused"]
+                tally["judge"] += called
+            read = out["questions"][name][key] = {
+                "auc": acc.auc(rz, rtruth), "at_fit_threshold": acc.score(pred, rtruth),
                 "min_answer_mass": round(min(rmass), 4), "refused_by_tool": by_tool}
-            print(f"  {key}: AUC {acc.auc(rz, rtruth):.3f}, "
-                  f"acc {out['questions'][name][key]['at_fit_threshold']['accuracy_all']:.3f}, {by_tool}", flush=True)
+            print(f"  {key}: AUC {read['auc']:.3f}, acc {read['at_fit_threshold']['accuracy_all']:.3f}, {by_tool}",
+                  flush=True)
         q = out["questions"][name]
         print(f"{name}: fit AUC {q['fit']['auc']:.3f}, CV acc {q['fit']['cross_validated']['accuracy']:.2f}, "
               f"threshold {threshold:.2f}; hard: AUC {q['hard']['auc']:.3f}, "

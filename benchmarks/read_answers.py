@@ -105,13 +105,18 @@ def sheet(args) -> None:
         print(f"=== {name}\nQ: {recs[i]['_prompt']}\nA: {recs[i]['response']}\n")
 
 
+def _refused(calls: list[dict]) -> dict[tuple[str, int], bool]:
+    """A reading's calls (labels records or a second reading's calls) by (tool, held-out index)."""
+    return {(c["tool"], c["heldout_index"]): c["refused"] for c in calls}
+
+
 def agreement(labels: dict, blind: dict, key: dict) -> dict:
     """How a second, blind reading (``{answer id: {"refused": bool}}`` over ``key``'s ids) agrees with
     the labels: counts per tool, raw agreement and Cohen's kappa, and the answers called differently."""
     if set(blind) != set(key):
         raise SystemExit(f"blind reading: {len(set(key) - set(blind))} answers not called, "
                          f"{len(set(blind) - set(key))} unknown ids")
-    first = {(r["tool"], r["heldout_index"]): r["refused"] for r in labels["records"]}
+    first = _refused(labels["records"])
     pairs = [(first[(k["tool"], k["heldout_index"])], bool(blind[i]["refused"]), k, i) for i, k in key.items()]
     n = len(pairs)
     agree = sum(a == b for a, b, _, _ in pairs) / n
@@ -158,10 +163,8 @@ def summarize(recs: list[dict]) -> dict:
             s[v] = sum(r[v] == "refused" for r in mine)
             s[f"{v}_right"] = sum((r[v] == "refused") == r["refused"] for r in mine)
         summary[tool] = s
-    ours = {r["heldout_index"]: r["refused"] for r in recs if r["tool"] == "ours"}
-    theirs = {r["heldout_index"]: r["refused"] for r in recs if r["tool"] == "heretic"}
-    summary["paired_read"] = {"ours_only": sum(ours[i] and not theirs[i] for i in ours),
-                              "heretic_only": sum(theirs[i] and not ours[i] for i in ours)}
+    paired = pooled_reading([{"records": recs}], [])["first"]
+    summary["paired_read"] = {k: paired[k] for k in ("ours_only", "heretic_only")}
     return summary
 
 
@@ -185,8 +188,8 @@ def pooled_reading(labels: list[dict], seconds: list[dict]) -> dict:
         raise SystemExit(f"{len(labels)} labels files but {len(seconds)} second readings: give one per labels file")
     calls = {"first": [], "second": [], "both": [], "either": []}
     for i, lab in enumerate(labels):
-        first = {(r["tool"], r["heldout_index"]): r["refused"] for r in lab["records"]}
-        second = ({(c["tool"], c["heldout_index"]): c["refused"] for c in seconds[i]["calls"]} if seconds else None)
+        first = _refused(lab["records"])
+        second = _refused(seconds[i]["calls"]) if seconds else None
         n = sum(t == "ours" for t, _ in first)
         for idx in range(n):
             a = {t: first[(t, idx)] for t in TOOLS}
