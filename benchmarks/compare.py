@@ -245,13 +245,12 @@ PROTOCOLS["cpu-real-cross-arditi"] = replace(
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    """The workflow's atomic write (a plain write's permissions, no stale temporaries); ``default=str``
+    because result files carry paths and other objects JSON has no type for."""
+    from abliterate import io
+
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def ratio(ours, theirs):
@@ -574,10 +573,10 @@ def prepare_ours(
     ours_dir = work / "ours"
     ours_dir.mkdir(parents=True, exist_ok=True)
     config = our_config(protocol, model, run, prompt_pools(protocol, work / "prompts"), base_config)
+    from abliterate import io
+
     # Snakefile's `configfile: "config.yaml"` is read from the working directory too.
-    tmp = ours_dir / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, ours_dir / "config.yaml")
+    io.write_text(yaml.safe_dump(config, sort_keys=False), ours_dir / "config.yaml")
     return ours_dir
 
 

@@ -144,10 +144,7 @@ def main(argv=None) -> int:
                         "p_no": round(v.p_no, 4), "markers": w}
                        for r, t, v, w in zip(records, truth, verdicts, whole)],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, args.out)
+    compare.write_json_atomic(out, args.out)
     print(json.dumps({k: out[k] for k in ("judge", "dtype", "judge_scores", "markers_whole", "markers_first_tokens",
                                           "calibration", "judge_s_per_answer")}, indent=1))
     return 0

@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_POLICY: dict[str, Any] = {"name": "min_kl_under_target", "refusal_target": 0.1, "fallback": "knee"}
 POLICIES = ("min_kl_under_target", "min_refusals")
 FALLBACKS = ("knee", "min_refusals")
+# A count exactly at the target (3 of 30 prompts at 0.1) is within it: 3 / 30 is 0.1 plus a rounding
+# error in floating point, which this slack absorbs; it is far below any real step (1 / n).
+RATE_SLACK = 1e-12
 
 
 def _finished(df: pd.DataFrame) -> pd.DataFrame:
@@ -172,7 +175,7 @@ def select_trial(df: pd.DataFrame, policy: Mapping[str, Any] | None = None) -> t
 
     target = float(policy["refusal_target"])
     rate = refusal_rate(done)
-    ok = done[rate <= target + 1e-12]
+    ok = done[rate <= target + RATE_SLACK]
     if not ok.empty:
         row = ok.sort_values(["kl", "number"]).iloc[0]
         stopped = int(_stopped(_finished(df)).sum())
@@ -227,7 +230,7 @@ def confirmation_candidates(df: pd.DataFrame, policy: Mapping[str, Any] | None =
         return done.iloc[:0]
     target = float(policy["refusal_target"])
     front = pareto_front(done)
-    near = front[refusal_rate(front) <= target + 1e-12]
+    near = front[refusal_rate(front) <= target + RATE_SLACK]
     return near.sort_values(["kl", "number"]).reset_index(drop=True)
 
 
@@ -268,8 +271,8 @@ def select_confirmed(measured: pd.DataFrame,
         pooled_kl=_pooled_kl(measured["kl"], measured["kl_n"], measured["confirm_kl"], measured["confirm_kl_n"]),
     )
     stopped = pooled["confirm_stopped"].astype(bool)
-    on_eval = measured["refusals"] / measured["n"] <= target + 1e-12
-    ok = pooled[~stopped & on_eval & (pooled["pooled_rate"] <= target + 1e-12)]
+    on_eval = measured["refusals"] / measured["n"] <= target + RATE_SLACK
+    ok = pooled[~stopped & on_eval & (pooled["pooled_rate"] <= target + RATE_SLACK)]
     if ok.empty:
         pool = pooled if stopped.all() else pooled[~stopped]
         best = pool.sort_values(["pooled_rate", "pooled_kl", "number"]).iloc[0]

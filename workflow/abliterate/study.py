@@ -746,7 +746,9 @@ def _past_share(refusals: int, n: int | None, share: float) -> float:
     is dominated either way, so it never joins TPE's good group ahead of the trial dominating it."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"the objective returned n={n!r}; a refusal constraint needs the prompt count")
-    return refusals / n - share - 1e-12
+    from abliterate.selection import RATE_SLACK  # pandas with it: not at import (the trials rule starts faster)
+
+    return refusals / n - share - RATE_SLACK
 
 
 def _summary(study: optuna.Study, worker: str, counts: _Counts, n_trials: int, started: float) -> dict[str, Any]:
