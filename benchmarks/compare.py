@@ -569,12 +569,11 @@ def prepare_ours(
     protocol: Protocol, model: str, work: Path, run: str, base_config: Path | None = None
 ) -> Path:
     import yaml
+    from abliterate import io
 
     ours_dir = work / "ours"
     ours_dir.mkdir(parents=True, exist_ok=True)
     config = our_config(protocol, model, run, prompt_pools(protocol, work / "prompts"), base_config)
-    from abliterate import io
-
     # Snakefile's `configfile: "config.yaml"` is read from the working directory too.
     io.write_text(yaml.safe_dump(config, sort_keys=False), ours_dir / "config.yaml")
     return ours_dir
