@@ -80,7 +80,7 @@ def filtered_directions(ours: Path, run: str) -> dict:
 
     from abliterate import devices, directions, io, residuals, session
     from abliterate.evaluation import measure
-    from abliterate.rule_settings import typed
+    from abliterate.rule_settings import settings as rule_slice, typed
     from abliterate.steps.common import eval_settings, resolve_batch_size
 
     os.chdir(ours)  # the config's relative paths (results/...) are the workflow's, from its folder
@@ -89,8 +89,8 @@ def filtered_directions(ours: Path, run: str) -> dict:
     if len(tables) != 1:
         raise SystemExit(f"expected one results/prompts/*/harmful.parquet in {ours}, found {len(tables)}")
     harmful, harmless = str(tables[0]), str(tables[0].with_name("harmless.parquet"))
-    base = typed("baseline", config)
-    cfg = typed("directions", config).directions
+    base = typed("baseline", rule_slice(config, "baseline"))
+    cfg = typed("directions", rule_slice(config, "directions")).directions
     lm = session.open_model(base)
     raw, texts = session.chats(base, lm.tokenizer, harmful, "train")
     settings = eval_settings(base.evaluation, lm, texts)
