@@ -83,6 +83,7 @@ CHANGES: dict[str, tuple] = {
         }.items()
     },
     "directions.orthogonalize": (True, {"directions"}),
+    "directions.refused_only": (True, {"directions"}),
     "directions.winsorize_quantile": (0.99, {"directions"}),
     "directions.batch_size": (4, {"directions"}),
     "directions.n_directions": (2, {"directions"}),

@@ -43,6 +43,8 @@ _MODEL = ("run", *_SOURCE, "model.chat_template", "model.system_prompt", "model.
           "model.device_map", "model.quantization")
 _EVALUATION = ("evaluation",)
 _ABLATION = ("seed", "ablation")
+# the study's refusal verdict, which picks the harmful prompts directions.refused_only keeps
+_VERDICT = ("evaluation.max_new_tokens", "evaluation.batch_size", "evaluation.cuda_graphs", "evaluation.markers")
 
 READS: dict[str, tuple[str, ...]] = {
     "prompts": ("seed", "prompts"),
@@ -50,7 +52,7 @@ READS: dict[str, tuple[str, ...]] = {
     "demo_model": ("demo_model", "prompts.harmful", "evaluation.markers"),
     "gguf_model": (*_SOURCE, "merge.max_ram_gib"),
     "baseline": (*_MODEL, *_EVALUATION),
-    "directions": (*_MODEL, "directions"),
+    "directions": (*_MODEL, "directions", *_VERDICT),
     "study": (*_MODEL, *_EVALUATION, *_ABLATION, "study.n_startup_trials", "study.n_ei_candidates",
               "study.stop_dominated", "study.space", "study.objective_kl", "study.refusal_constraint"),
     "trials": (),
@@ -69,6 +71,12 @@ READS: dict[str, tuple[str, ...]] = {
 # model's held-out answers, which evaluate judges.
 _HELDOUT = ("evaluation.heldout_max_new_tokens", "evaluation.judge")
 SKIPS: dict[str, tuple[str, ...]] = {"baseline": ("evaluation.judge",), "study": _HELDOUT, "export": _HELDOUT}
+
+# Keys a rule reads only while a switch is on. Off, they reach it as None and are left out of its
+# hash with the switch itself: a new evaluation budget then neither reruns the directions rule (its
+# params do not change) nor renames what follows it, and a run that leaves the switch off keeps the
+# names it had before the switch existed.
+WHEN_ON: dict[str, tuple[str, tuple[str, ...]]] = {"directions": ("directions.refused_only", _VERDICT)}
 
 
 class Section(Mapping):
@@ -180,7 +188,17 @@ def _not_hashed(config: dict, rule: str) -> list[str]:
     # part of the study's name only when set: a study exploring the whole front keeps its name
     unconstrained = config.get("study", {}).get("refusal_constraint") is None
     return [*NOT_HASHED, *(() if answer else ANSWER_KL_KEYS),
-            *(("study.refusal_constraint",) if unconstrained else ())]
+            *(("study.refusal_constraint",) if unconstrained else ()), *_switched_off(config, rule)]
+
+
+def _switched_off(config: dict, rule: str) -> tuple[str, ...]:
+    """The switch of ``rule`` (:data:`WHEN_ON`) and the keys it governs, when it is off."""
+    if rule not in WHEN_ON:
+        return ()
+    switch, keys = WHEN_ON[rule]
+    if functools.reduce(lambda node, part: node.get(part, {}), switch.split("."), config) is True:
+        return ()
+    return (switch, *keys)
 
 
 def model_rule(config: dict) -> str | None:
@@ -226,6 +244,8 @@ def settings(config: dict, rule: str) -> dict:
     for path in SKIPS.get(rule, ()):
         *parents, last = path.split(".")
         functools.reduce(operator.getitem, parents, out).pop(last, None)
+    for path in _switched_off(config, rule)[1:]:
+        _put(out, path, None)
     return out
 
 
@@ -242,6 +262,11 @@ def fingerprint(config: dict, rule: str, upstream_of: str | None = None) -> str:
         for part in parents:
             node = node.get(part, {})
         node.pop(last, None)
+    for path in _switched_off(config, rule)[1:]:
+        # the section that held only switched-off keys goes too, as if never read
+        section = path.split(".")[0]
+        if hashed.get(section) == {}:
+            del hashed[section]
     template = hashed.get("model", {}).get("chat_template")
     if template is not None and chat_template(template) != template:
         # a template file: its text decides the prompts, so an edited file counts as a new setting
