@@ -76,7 +76,7 @@ def test_directions_come_from_the_refused_prompts_only(setup, tmp_path):
                                   n_directions=config["directions"]["n_directions"])
     torch.testing.assert_close(tensors["directions"], expected["directions"])
     torch.testing.assert_close(tensors["harmless_mean"], expected["harmless_mean"])
-    everything = _run(_settings(model), tables, tmp_path / "all")[1]
+    everything = _run(_settings(model, refused_only=False), tables, tmp_path / "all")[1]
     assert not torch.equal(tensors["harmful_mean"], everything["harmful_mean"])
 
 
@@ -88,14 +88,14 @@ def test_a_model_that_refuses_nothing_falls_back_to_every_prompt_with_a_warning(
         meta, tensors = _run(config, tables, tmp_path / "none")
     assert "refuses none of the" in caplog.text and "directions come from all of them" in caplog.text
     assert meta["harmful_kept"] == "all" and meta["n_harmful"] == len(PROMPTS)
-    off_meta, off = _run(_settings(model), tables, tmp_path / "off")
+    off_meta, off = _run(_settings(model, refused_only=False), tables, tmp_path / "off")
     assert off_meta["refused_only"] is False and "harmful_kept" not in off_meta
     torch.testing.assert_close(tensors["directions"], off["directions"], rtol=0, atol=0)
 
 
 def test_the_switch_off_keeps_the_names_and_the_verdict_out_of_the_directions_rule(setup):
     _, model, _ = setup
-    off = _settings(model)
+    off = _settings(model, refused_only=False)
     assert set(rs.settings(off, "directions")["evaluation"].values()) == {None}
     budget = copy.deepcopy(off)
     budget["evaluation"]["max_new_tokens"] = 3
