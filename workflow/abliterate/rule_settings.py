@@ -196,9 +196,11 @@ def _switched_off(config: dict, rule: str) -> tuple[str, ...]:
     if rule not in WHEN_ON:
         return ()
     switch, keys = WHEN_ON[rule]
-    if functools.reduce(lambda node, part: node.get(part, {}), switch.split("."), config) is True:
-        return ()
-    return (switch, *keys)
+    *parents, last = switch.split(".")
+    section = functools.reduce(lambda node, part: node.get(part, {}), parents, config)
+    # a configuration not yet validated lacks the schema's defaults; the switch's is then the one used
+    default = functools.reduce(lambda node, part: node["properties"][part], switch.split("."), _schema())["default"]
+    return () if section.get(last, default) is True else (switch, *keys)
 
 
 def model_rule(config: dict) -> str | None:
