@@ -30,6 +30,10 @@ the same held-out prompts against our shipped defaults (the ``-read`` result fil
 refuses no more (markers within 48 tokens) at a first-token KL interval below zero, or fewer with
 p < 0.05 at a KL not higher (``benchmarks/versus.py``). Otherwise the measurement and its reason go
 into benchmarks/README.md and the workflow stays as it is.
+
+Adopted (benchmarks/README.md, "Directions from the refused prompts"): the workflow's
+``directions.refused_only``, on by default since, makes these directions itself, bit for bit; this
+script stays as the record of how the measurement was made.
 """
 
 from __future__ import annotations
