@@ -535,6 +535,9 @@ def our_config(
         heldout_max_new_tokens=protocol.max_response_length, kl_tokens=1,
     )
     config.setdefault("directions", {})["batch_size"] = protocol.batch_size
+    if protocol.real_model:
+        # as the real-model configs (configs/qwen2.5-coder-*.yaml) set it; the demo model's config.yaml does not
+        config["directions"]["refused_only"] = True
     config.setdefault("study", {}).update(
         n_trials=protocol.ours_n_trials or protocol.n_trials,
         n_startup_trials=protocol.n_startup_trials,

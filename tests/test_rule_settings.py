@@ -83,15 +83,15 @@ CHANGES: dict[str, tuple] = {
         }.items()
     },
     "directions.orthogonalize": (True, {"directions"}),
-    "directions.refused_only": (False, {"directions"}),
+    "directions.refused_only": (True, {"directions"}),
     "directions.winsorize_quantile": (0.99, {"directions"}),
     "directions.batch_size": (4, {"directions"}),
     "directions.n_directions": (2, {"directions"}),
-    # the study's verdict also picks the prompts of directions.refused_only (on by default)
-    "evaluation.max_new_tokens": (9, _EVAL | {"directions"}),
-    "evaluation.batch_size": (4, _EVAL | {"directions"}),
-    "evaluation.cuda_graphs": (False, _EVAL | {"directions"}),
-    "evaluation.markers": (["i can't"], _EVAL | {"directions"}),
+    # directions.refused_only (off by default) reads these too: directions then reruns with them
+    "evaluation.max_new_tokens": (9, _EVAL),
+    "evaluation.batch_size": (4, _EVAL),
+    "evaluation.cuda_graphs": (False, _EVAL),
+    "evaluation.markers": (["i can't"], _EVAL),
     # held-out only: the study and the export skip them (rule_settings.SKIPS); the baseline's held-out
     # answers still rerun the chain after it, under the same study name
     "evaluation.heldout_max_new_tokens": (12, {"baseline", "evaluate"}),
