@@ -32,8 +32,9 @@ p < 0.05 at a KL not higher (``benchmarks/versus.py``). Otherwise the measuremen
 into benchmarks/README.md and the workflow stays as it is.
 
 Adopted (benchmarks/README.md, "Directions from the refused prompts"): the workflow's
-``directions.refused_only``, on by default since, makes these directions itself, bit for bit; this
-script stays as the record of how the measurement was made.
+``directions.refused_only`` makes these directions itself, bit for bit; it is on in the real-model
+configs and in compare.py's real-model protocols, off for the demo model. This script stays as the
+record of how the measurement was made.
 """
 
 from __future__ import annotations
@@ -79,7 +80,6 @@ def prepare(source: Path, work: Path, protocol_name: str, seed: int, run: str) -
 
 
 def filtered_directions(ours: Path, run: str) -> dict:
-    import torch
     import yaml
 
     from abliterate import devices, directions, io, residuals, session
@@ -98,8 +98,7 @@ def filtered_directions(ours: Path, run: str) -> dict:
     lm = session.open_model(base)
     raw, texts = session.chats(base, lm.tokenizer, harmful, "train")
     settings = eval_settings(base.evaluation, lm, texts)
-    with torch.inference_mode():
-        found = measure(lm.model, lm.tokenizer, settings, harmful=texts, progress=True)
+    found = measure(lm.model, lm.tokenizer, settings, harmful=texts, progress=True)
     refused = [t for t, r in zip(texts, found.refused) if r]
     log.info("the base model refuses %d of %d harmful train prompts within %d tokens", len(refused), len(texts),
              base.evaluation.max_new_tokens)
