@@ -28,6 +28,19 @@ def test_local_folder_loads_in_float32_on_cpu(tiny_model_path, caplog):
     assert lm.metadata()["dtype"] == "float32"
 
 
+def test_a_model_folder_replaced_at_the_same_path_gives_its_own_config(tmp_path):
+    """The config is read once per file, not once per path: a process that builds a model where another
+    one was (pytest reuses a passing test's folder name) gets the new model's config."""
+    import shutil
+
+    tiny_model_dir(tmp_path / "model", layers=3)
+    source = loading.ModelSource(path=str(tmp_path / "model"))
+    assert loading.load_config(source).num_hidden_layers == 3
+    shutil.rmtree(tmp_path / "model")
+    tiny_model_dir(tmp_path / "model", layers=2)
+    assert loading.load_config(source).num_hidden_layers == 2
+
+
 def test_checkpoint_dtype_reads_dtype_and_only_old_configs_torch_dtype(capfd):
     from types import SimpleNamespace
 

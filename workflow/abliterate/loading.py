@@ -82,17 +82,27 @@ def pretrained_kwargs(res: Resolved, source: ModelSource) -> dict:
 
 
 def load_config(source: ModelSource):
-    """The model's transformers config (a fresh copy each call; the file is read once per process)."""
-    return copy.deepcopy(_read_config(source))
+    """The model's transformers config (a fresh copy each call; the file is read once per process
+    while it stays the same file)."""
+    res = resolve(source)
+    return copy.deepcopy(_read_config(source, res, _file_stamp(res)))
+
+
+def _file_stamp(res: Resolved) -> tuple | None:
+    """What tells a local config file from the one read before at the same path: a process that
+    replaces a model folder (a test, a notebook) must not be handed the old model's config."""
+    if res.kind not in ("local", "gguf"):
+        return None
+    stat = (Path(res.location) / (res.gguf_file or "config.json")).stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=4)
-def _read_config(source: ModelSource):
+def _read_config(source: ModelSource, res: Resolved, stamp: tuple | None):
     # Cached because a GGUF file's metadata takes seconds to parse (12 s for Gemma 3 270M's 262k-token
     # vocabulary) and a job asks for the config more than once (merge: the card, the RAM estimate, the load).
     from transformers import AutoConfig
 
-    res = resolve(source)
     with _gguf_errors(res), _remote_code_errors():
         try:
             return AutoConfig.from_pretrained(res.location, **pretrained_kwargs(res, source))
