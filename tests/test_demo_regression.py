@@ -35,8 +35,7 @@ def rate(block: dict) -> float:
 
 
 # The targets of the demo-model issue, on held-out prompts neither the fine-tune nor the study saw.
-# Measured on 2 CPU cores (README): baseline 33/45 harmful and 8/138 harmless refused; merged 3/45
-# and 2/138, first-token KL 0.085.
+# What the default run measured, run by run: README.md, "Measured on the default config".
 
 
 def test_demo_model_refuses_heldout_harmful_prompts(summary):
