@@ -31,10 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workflow"))
 from abliterate import greedy_head, io  # noqa: E402
 
 
-def candidates(scr: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    return (scr + bound >= (scr - bound).amax(1, keepdim=True)).sum(1)
-
-
 @torch.inference_mode()
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,9 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         "int8_error_over_per_tensor_bound_max": round((err / bounds["per_tensor"]).max().item(), 4),
         "candidates_per_row": {name: {"mean": round(c.float().mean().item(), 1), "min": int(c.min()),
                                       "max": int(c.max())}
-                               for name, c in ((k, candidates(screened, b)) for k, b in bounds.items())},
-        "bfloat16_screen_candidates_per_row_mean": round(candidates(low, greedy_head.MARGIN * greedy_head.UNIT_ROUNDOFF * (
-            2 * x.norm(dim=1, keepdim=True) * weight.norm(dim=1) + low.abs())).float().mean().item(), 1),
+                               for name, c in ((k, greedy_head.candidates(screened, b).sum(1))
+                                               for k, b in bounds.items())},
+        "bfloat16_screen_candidates_per_row_mean": round(greedy_head.candidates(
+            low, greedy_head.rounding_bound(x, weight.norm(dim=1), low)).sum(1).float().mean().item(), 1),
     }
     io.write_json(result, args.out)
     print(json.dumps(result, indent=1))

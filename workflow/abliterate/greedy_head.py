@@ -88,17 +88,25 @@ class ScreenedHead:
         self._prepare()
         x = hidden.to(self.weight.dtype)
         screened = F.linear(x.to(torch.bfloat16), self.low).float()
-        bound = MARGIN * UNIT_ROUNDOFF * (
-            2 * torch.linalg.vector_norm(x, dim=1, keepdim=True) * self.norms + screened.abs()
-        )
-        floor = (screened - bound).amax(dim=1, keepdim=True)
-        candidate = screened + bound >= floor
+        candidate = candidates(screened, rounding_bound(x, self.norms, screened))
         union = candidate.any(0).nonzero().squeeze(1)  # ascending: ties go to the lowest id, as argmax's
         exact = F.linear(x, self.weight[union])
         exact = exact.masked_fill(~candidate[:, union], float("-inf"))
         self.candidates += union.numel()
         self.rows += x.shape[0]
         return union[exact.argmax(dim=1)]
+
+
+def rounding_bound(x: torch.Tensor, norms: torch.Tensor, screened: torch.Tensor) -> torch.Tensor:
+    """How far each bfloat16-screened logit can be from the float32 one (module doc), padded by
+    :data:`MARGIN`: ``x`` the float32 states, ``norms`` the weight rows' norms."""
+    return MARGIN * UNIT_ROUNDOFF * (2 * torch.linalg.vector_norm(x, dim=1, keepdim=True) * norms + screened.abs())
+
+
+def candidates(screened: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Per row, the tokens whose logit, within ``bound`` of ``screened``, can still be the largest."""
+    floor = (screened - bound).amax(dim=1, keepdim=True)
+    return screened + bound >= floor
 
 
 def screened_head(model) -> ScreenedHead | None:
